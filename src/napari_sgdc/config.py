@@ -1,0 +1,164 @@
+"""Configuration dataclasses that travel inside every checkpoint.
+
+`ModelConfig` fully describes a network (``build_model(cfg)`` needs nothing else),
+`TrainConfig` describes one training run, and `PRESETS` holds the fine-tuning
+presets used by the GUI's correct-and-retrain loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENCODERS = ("efficientnet_lite0", "resnet50", "mini")
+BLOCKS = ("sgdc", "pooling", "static")
+TASKS = ("semantic", "instance")
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    """Builds dataclass `cls` from `data`, turning lists back into tuples.
+
+    Raises:
+        ValueError: if `data` holds keys that `cls` does not know.
+    """
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}")
+    kwargs = {}
+    for name, value in data.items():
+        if isinstance(value, list) and "tuple" in str(known[name].type):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build an `SGDCSegmenter`.
+
+    Attributes:
+        encoder: ``efficientnet_lite0`` (ImageNet weights shipped offline), ``resnet50``
+            (as in the paper) or ``mini`` (a small random-init CNN for tests and quick runs).
+        pretrained: load the encoder's ImageNet weights where the package ships them.
+        block: guided decoder block: ``sgdc`` (the paper), ``pooling`` (pooling-based
+            dynamic convolution, the paper's baseline) or ``static`` (plain convolution).
+        task: ``semantic`` (one mask) or ``instance`` (mask + boundary split into instances).
+        n_classes: mask-head channels (1 for a binary foreground).
+        decoder_channels: decoder widths at strides 16, 8, 4, 2, 1.
+        sge_channels: SGE bottleneck and fused width (``bottleneck`` and ``mid``).
+        guide_channels: channels of the SGE guidance map.
+        kernel_size: SGDC dynamic kernel size k.
+        heads: SGDC kernel heads h (kernels are shared by the channels of a head).
+        pool_grid: grid size of the adaptive average pooling in the pooling baseline.
+        edge_supervision: whether the SGE edge output is supervised (ablation switch).
+        class_names: names of the mask classes.
+        norm_mean: per-channel input mean, in 0..255 units, subtracted inside the model.
+        norm_std: per-channel input std, in 0..255 units.
+    """
+
+    encoder: str = "efficientnet_lite0"
+    pretrained: bool = True
+    block: str = "sgdc"
+    task: str = "semantic"
+    n_classes: int = 1
+    decoder_channels: tuple[int, ...] = (128, 64, 48, 32, 16)
+    sge_channels: int = 64
+    guide_channels: int = 16
+    kernel_size: int = 7
+    heads: int = 4
+    pool_grid: int = 4
+    edge_supervision: bool = True
+    class_names: tuple[str, ...] = ("foreground",)
+    norm_mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
+    norm_std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if len(self.decoder_channels) != 5:
+            raise ValueError("decoder_channels needs 5 widths (strides 16, 8, 4, 2, 1)")
+        if self.kernel_size % 2 != 1:
+            raise ValueError("kernel_size must be odd")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class TrainConfig:
+    """One training or fine-tuning run.
+
+    Attributes:
+        epochs: passes over the training set (an epoch is `steps_per_epoch` steps when set).
+        max_steps: stop after this many optimiser steps (0 = no limit); fine-tuning uses it.
+        steps_per_epoch: fixed epoch length in steps (0 = one pass over the dataset).
+        batch_size: images per step.
+        crop_size: square training crop, a multiple of 32.
+        lr_encoder: AdamW learning rate of the encoder.
+        lr_decoder: AdamW learning rate of everything else.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up before the cosine decay.
+        grad_clip: max gradient norm (0 = off).
+        amp: bf16 autocast on CUDA.
+        freeze_encoder: keep the encoder's weights (and BatchNorm statistics) fixed.
+        seed: seeds Python, NumPy and torch; the run is deterministic for a seed on CPU.
+        val_every: validate every this many epochs (0 = never).
+        edge_weight: weight of the edge (boundary) loss in the total loss.
+        boundary_width: width in pixels of the semantic boundary band target.
+        stain_jitter: H&E stain augmentation (histology) instead of plain colour jitter only.
+        num_workers: DataLoader workers.
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        select_metric: validation metric that picks the best checkpoint.
+    """
+
+    epochs: int = 30
+    max_steps: int = 0
+    steps_per_epoch: int = 0
+    batch_size: int = 8
+    crop_size: int = 256
+    lr_encoder: float = 3e-4
+    lr_decoder: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    amp: bool = False
+    freeze_encoder: bool = False
+    seed: int = 0
+    val_every: int = 1
+    edge_weight: float = 0.5
+    boundary_width: int = 3
+    stain_jitter: bool = False
+    num_workers: int = 0
+    device: str = "auto"
+    select_metric: str = "iou"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, data)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # Fine-tuning presets for the GUI's correct-and-retrain loop (frozen encoder, small LR).
+    "quick": TrainConfig(
+        epochs=1, max_steps=30, steps_per_epoch=30, batch_size=4, crop_size=256,
+        lr_encoder=0.0, lr_decoder=3e-4, warmup_steps=3, freeze_encoder=True, val_every=0,
+    ),
+    "standard": TrainConfig(
+        epochs=1, max_steps=120, steps_per_epoch=120, batch_size=4, crop_size=256,
+        lr_encoder=3e-5, lr_decoder=3e-4, warmup_steps=10, freeze_encoder=True, val_every=0,
+    ),
+}
