@@ -1,0 +1,108 @@
+"""Checkpoints: round trip, metadata, safety, atomicity, clear errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from napari_sgdc.config import TrainConfig
+from napari_sgdc.io import (
+    CheckpointError, atomic_write, load_checkpoint, load_model, read_metadata, save_checkpoint,
+)
+from napari_sgdc.model import build_model, tiny_config
+
+
+def test_round_trip_restores_weights_and_metadata(tiny_model, tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_model, train_config=TrainConfig(epochs=3),
+                           metrics={"iou": 0.5}, provenance={"base": "none"})
+    model, metadata = load_checkpoint(path)
+    for name, tensor in tiny_model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert metadata["model_config"]["encoder"] == "mini"
+    assert metadata["train_config"]["epochs"] == 3
+    assert metadata["metrics"] == {"iou": 0.5} and metadata["provenance"] == {"base": "none"}
+    assert metadata["normalisation"]["mean"] == [127.0, 127.0, 127.0]
+    assert metadata["package_version"]
+    assert model.config == tiny_model.config and not model.training
+
+
+def test_fp16_storage_loads_back_as_float32(tiny_model, tmp_path):
+    path = save_checkpoint(tmp_path / "m16.safetensors", tiny_model, dtype=torch.float16)
+    model = load_model(str(path), device="cpu")
+    weight = model.mask_head.weight
+    assert weight.dtype == torch.float32
+    assert torch.allclose(weight, tiny_model.mask_head.weight, atol=1e-3)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open(%r, 'w').write('pwned')" % self.marker,))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    payload = _RunsCode()
+    payload.marker = str(marker)
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as stream:
+        pickle.dump({"model_config": {}, "state_dict": payload}, stream)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_plain_tensor_pth_checkpoint_loads(tiny_model, tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save({"model_config": tiny_model.config.to_dict(), "state_dict": tiny_model.state_dict()}, path)
+    model, _ = load_checkpoint(path)
+    assert torch.equal(model.mask_head.weight, tiny_model.mask_head.weight)
+
+
+def test_mismatched_config_names_the_keys(tiny_model, tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_model)
+    other = build_model(tiny_config(decoder_channels=(32, 16, 16, 8, 4)))
+    from napari_sgdc.io import _read_tensors, load_state_checked
+
+    tensors, _ = _read_tensors(path)
+    with pytest.raises(CheckpointError, match=r"shape mismatch: .*decoder\.4\.fuse"):
+        load_state_checked(other, tensors)
+    with pytest.raises(CheckpointError, match=r"unexpected: .*proj_guidance"):
+        load_state_checked(build_model(tiny_config(block="static")), tensors)
+
+
+def test_failed_write_keeps_the_existing_file(tmp_path):
+    target = tmp_path / "keep.safetensors"
+    target.write_bytes(b"original")
+
+    def failing_write(tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, failing_write)
+    assert target.read_bytes() == b"original"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
+
+
+def test_unknown_model_name_lists_builtins():
+    with pytest.raises(FileNotFoundError, match="built-in models"):
+        load_model("no-such-model")
+
+
+def test_non_checkpoint_files_give_one_clear_error(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        load_checkpoint(junk)
+    with pytest.raises(CheckpointError, match="unsupported"):
+        (tmp_path / "m.onnx").write_bytes(b"x")
+        load_checkpoint(tmp_path / "m.onnx")
+
+
+def test_metadata_is_plain_json(tiny_model, tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_model)
+    metadata = read_metadata(path)
+    assert json.loads(json.dumps(metadata)) == metadata
