@@ -1,0 +1,31 @@
+"""Data loading, boundary targets and augmentation (headless: no napari or Qt)."""
+
+from .datasets import (
+    CONSEP_VAL_PARENTS,
+    LAYOUTS,
+    SPLITS,
+    Sample,
+    SegmentationDataset,
+    load_samples,
+    read_image,
+    read_mask,
+)
+from .targets import boundary_target
+from .transforms import augment_pair, color_jitter, stain_jitter, to_float_rgb, to_uint8_rgb
+
+__all__ = [
+    "CONSEP_VAL_PARENTS",
+    "LAYOUTS",
+    "SPLITS",
+    "Sample",
+    "SegmentationDataset",
+    "augment_pair",
+    "boundary_target",
+    "color_jitter",
+    "load_samples",
+    "read_image",
+    "read_mask",
+    "stain_jitter",
+    "to_float_rgb",
+    "to_uint8_rgb",
+]

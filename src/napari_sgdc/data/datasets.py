@@ -1,0 +1,407 @@
+"""Loading image/label pairs and serving them as training tensors.
+
+Layouts understood by `load_samples` (see ``shared/data/README.md``):
+
+* ``ph2``: ``images/*.jpg`` + ``masks/*.png`` (0/255) + ``splits.json`` (train/val/test).
+* ``consep``: ``{train,test}/images/*.jpg`` + ``{train,test}/instances/*.png`` (uint16).
+  CoNSeP has no validation split; ``val`` is the train patches of parent tiles
+  `CONSEP_VAL_PARENTS` (19 and 20, 32 patches) and ``train`` excludes them, so the
+  split is by parent tile (neighbouring patches share nuclei).
+* ``monuseg``: ``train/images/*.jpg`` + ``train/instances/*.png`` where present, else
+  ``train/masks/*.png``. Training set only (``val``/``test`` are empty).
+* ``folders``: ``<root>/images`` with ``<root>/masks`` (or ``labels``/``instances``);
+  when ``<root>/<split>/images`` exists that folder is used instead. Masks are matched
+  by stem, optionally with a ``_mask``/``_label``/``_labels``/``_segmentation`` suffix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from skimage import io as skio
+from skimage.measure import label as connected_components
+from torch.utils.data import Dataset
+
+from .targets import boundary_target
+from .transforms import augment_pair, center_crop, to_float_rgb, to_uint8_rgb
+
+__all__ = [
+    "Sample",
+    "SegmentationDataset",
+    "load_samples",
+    "read_image",
+    "read_mask",
+    "LAYOUTS",
+    "SPLITS",
+    "CONSEP_VAL_PARENTS",
+]
+
+LAYOUTS = ("ph2", "consep", "monuseg", "folders")
+SPLITS = ("train", "val", "test", "all")
+CONSEP_VAL_PARENTS = (19, 20)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+_MASK_STEM_SUFFIXES = ("", "_mask", "_label", "_labels", "_segmentation", "_instances")
+_DEFAULT_TASK = {"ph2": "semantic", "consep": "instance", "monuseg": "instance", "folders": None}
+
+
+@dataclass
+class Sample:
+    """One image with its labels.
+
+    Attributes:
+        name: identifier (the file stem).
+        image: (H, W, 3) uint8 RGB.
+        mask: (H, W) bool for semantic samples, or int32 instance ids (0 = background).
+    """
+
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def is_instance(self) -> bool:
+        return self.mask.dtype != bool
+
+
+def _natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _imread(path: Path) -> np.ndarray:
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        return tifffile.imread(str(path))
+    return skio.imread(str(path))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Reads an image file as RGB uint8.
+
+    Gray, RGBA, uint16 and float files are converted with `to_float_rgb` rules.
+
+    Args:
+        path: image file (.jpg, .png, .tif, ...).
+
+    Returns:
+        (H, W, 3) uint8 array.
+
+    Raises:
+        ValueError: naming the file when it cannot be read or has an unsupported shape.
+    """
+    path = Path(path)
+    try:
+        raw = _imread(path)
+    except Exception as error:  # noqa: BLE001 - any reader failure is a bad file
+        raise ValueError(f"cannot read image {path}: {error}") from None
+    try:
+        return to_uint8_rgb(raw)
+    except ValueError as error:
+        raise ValueError(f"bad image {path}: {error}") from None
+
+
+def read_mask(path: str | Path, instance: bool = False) -> np.ndarray:
+    """Reads a label file as a semantic mask or an instance map.
+
+    Args:
+        path: single-channel label file (0/255 or 0/1 mask, label PNG/TIFF, uint16
+            instance map). RGB(A) masks are accepted: any non-zero colour is foreground.
+        instance: return instance ids; binary masks are split into connected components.
+
+    Returns:
+        (H, W) bool mask, or (H, W) int32 instance ids when `instance` is True.
+
+    Raises:
+        ValueError: naming the file when it cannot be read or is not 2D.
+    """
+    path = Path(path)
+    try:
+        raw = np.asarray(_imread(path))
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"cannot read mask {path}: {error}") from None
+    if raw.ndim == 3 and raw.shape[2] in (3, 4):
+        raw = (raw[:, :, :3] > 0).any(axis=2).astype(np.uint8)
+    elif raw.ndim == 3 and raw.shape[2] == 1:
+        raw = raw[:, :, 0]
+    if raw.ndim != 2 or raw.size == 0:
+        raise ValueError(f"bad mask {path}: expected a 2D label image, got shape {raw.shape}")
+    if not np.issubdtype(raw.dtype, np.integer) and raw.dtype != bool:
+        if np.issubdtype(raw.dtype, np.floating) and np.all(raw == np.round(raw)):
+            raw = raw.astype(np.int64)
+        else:
+            raise ValueError(f"bad mask {path}: labels must be integers, got {raw.dtype}")
+    if not instance:
+        return raw > 0
+    if raw.dtype == bool or np.unique(raw).size <= 2:
+        return connected_components(raw > 0, connectivity=1).astype(np.int32)
+    return raw.astype(np.int32)
+
+
+def _make_sample(image_path: Path, mask_path: Path, instance: bool) -> Sample:
+    image = read_image(image_path)
+    mask = read_mask(mask_path, instance=instance)
+    if mask.shape != image.shape[:2]:
+        raise ValueError(
+            f"mask {mask_path} has shape {mask.shape} but image {image_path} has {image.shape[:2]}"
+        )
+    return Sample(name=image_path.stem, image=image, mask=mask)
+
+
+def _find_mask(mask_dirs: Sequence[Path], stem: str) -> Path | None:
+    for mask_dir in mask_dirs:
+        for suffix in _MASK_STEM_SUFFIXES:
+            for extension in MASK_SUFFIXES:
+                candidate = mask_dir / f"{stem}{suffix}{extension}"
+                if candidate.is_file():
+                    return candidate
+    return None
+
+
+def _list_images(folder: Path) -> list[Path]:
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def _pairs_ph2(root: Path, split: str) -> list[tuple[Path, Path]]:
+    splits_file = root / "splits.json"
+    if not splits_file.is_file():
+        raise ValueError(f"ph2 layout needs {splits_file}")
+    splits = json.loads(splits_file.read_text())
+    ids = sorted(splits["train"] + splits["val"] + splits["test"]) if split == "all" else splits[split]
+    return [(root / "images" / f"{i}.jpg", root / "masks" / f"{i}.png") for i in ids]
+
+
+def _consep_parent(stem: str) -> int:
+    match = re.match(r"^[a-z]+_(\d+)_\d+$", stem)
+    return int(match.group(1)) if match else -1
+
+
+def _pairs_consep(root: Path, split: str) -> list[tuple[Path, Path]]:
+    folders = {"train": ["train"], "val": ["train"], "test": ["test"], "all": ["train", "test"]}[split]
+    pairs = []
+    for folder in folders:
+        image_dir = root / folder / "images"
+        if not image_dir.is_dir():
+            raise ValueError(f"consep layout needs {image_dir}")
+        for image_path in _list_images(image_dir):
+            parent = _consep_parent(image_path.stem)
+            if split == "train" and parent in CONSEP_VAL_PARENTS:
+                continue
+            if split == "val" and parent not in CONSEP_VAL_PARENTS:
+                continue
+            pairs.append((image_path, root / folder / "instances" / f"{image_path.stem}.png"))
+    return pairs
+
+
+def _pairs_monuseg(root: Path, split: str) -> list[tuple[Path, Path]]:
+    if split in ("val", "test"):
+        return []
+    image_dir = root / "train" / "images"
+    if not image_dir.is_dir():
+        raise ValueError(f"monuseg layout needs {image_dir}")
+    pairs = []
+    for image_path in _list_images(image_dir):
+        instance_path = root / "train" / "instances" / f"{image_path.stem}.png"
+        mask_path = root / "train" / "masks" / f"{image_path.stem}.png"
+        pairs.append((image_path, instance_path if instance_path.is_file() else mask_path))
+    return pairs
+
+
+def _pairs_folders(root: Path, split: str) -> list[tuple[Path, Path]]:
+    base = root / split if (root / split / "images").is_dir() else root
+    if base is root and split in ("val", "test"):
+        return []
+    image_dir = base / "images"
+    if not image_dir.is_dir():
+        raise ValueError(f"folders layout needs an images/ folder in {base}")
+    mask_dirs = [base / name for name in ("masks", "labels", "instances") if (base / name).is_dir()]
+    if not mask_dirs:
+        raise ValueError(f"folders layout needs a masks/, labels/ or instances/ folder in {base}")
+    pairs = []
+    for image_path in _list_images(image_dir):
+        mask_path = _find_mask(mask_dirs, image_path.stem)
+        if mask_path is None:
+            raise ValueError(f"no mask for image {image_path} in {', '.join(map(str, mask_dirs))}")
+        pairs.append((image_path, mask_path))
+    return pairs
+
+
+def _guess_instance(mask_path: Path) -> bool:
+    """Folders layout with task=None: instance when the file looks like an instance map."""
+    if mask_path.parent.name == "instances":
+        return True
+    raw = np.asarray(_imread(mask_path))
+    return raw.ndim == 2 and raw.dtype not in (np.uint8, bool) and np.unique(raw).size > 2
+
+
+def load_samples(
+    root: str | Path,
+    layout: str,
+    split: str = "train",
+    max_images: int | None = None,
+    task: str | None = None,
+) -> list[Sample]:
+    """Loads image/label pairs of a dataset layout into memory.
+
+    Args:
+        root: dataset folder (for example ``shared/data/ph2``).
+        layout: ``ph2``, ``consep``, ``monuseg`` or ``folders`` (see the module docstring).
+        split: ``train``, ``val``, ``test`` or ``all``. Layouts without the split
+            (monuseg val/test, folders without ``<root>/<split>/images``) return ``[]``.
+        max_images: keep only the first N pairs (in sorted order).
+        task: ``semantic`` (bool masks) or ``instance`` (int32 ids; binary masks are split
+            into connected components). None: the layout's default (ph2 semantic,
+            consep/monuseg instance, folders guessed from the first label file).
+
+    Returns:
+        the samples, sorted by name (natural order).
+
+    Raises:
+        ValueError: for an unknown layout/split/task, a missing folder, or a file that
+            cannot be read or does not match its image (the message names the file).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if task not in (None, "semantic", "instance"):
+        raise ValueError(f"task must be 'semantic', 'instance' or None, got {task!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"dataset folder {root} does not exist")
+    pairs = {
+        "ph2": _pairs_ph2,
+        "consep": _pairs_consep,
+        "monuseg": _pairs_monuseg,
+        "folders": _pairs_folders,
+    }[layout](root, split)
+    if max_images is not None:
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        pairs = pairs[:max_images]
+    if not pairs:
+        return []
+    task = task or _DEFAULT_TASK[layout]
+    if task is None:
+        instance = _guess_instance(pairs[0][1])
+    else:
+        instance = task == "instance"
+    for image_path, mask_path in pairs:
+        if not image_path.is_file():
+            raise ValueError(f"image file {image_path} is missing")
+        if not mask_path.is_file():
+            raise ValueError(f"mask file {mask_path} is missing")
+    return [_make_sample(image_path, mask_path, instance) for image_path, mask_path in pairs]
+
+
+class SegmentationDataset(Dataset):
+    """Serves samples as float tensors with mask and boundary targets.
+
+    With ``augment=True`` every item is a random scale-crop of ``crop_size`` with flips,
+    90-degree rotations, colour jitter and (``stain_jitter=True``) H&E stain jitter. The
+    randomness of item ``i`` comes only from ``(seed, epoch, i)``, so a run is
+    reproducible whatever the number of DataLoader workers; `set_epoch` changes it.
+    With ``augment=False`` an item is the central ``crop_size`` window, or the whole image
+    when ``crop_size`` is None (validation on full images; sizes then vary per item).
+    Images smaller than the crop are reflect-padded.
+
+    Args:
+        samples: the samples.
+        crop_size: crop side in pixels, or None for whole images (only without augment).
+        augment: apply random augmentation.
+        boundary_width: width of the boundary band target (see `boundary_target`).
+        stain_jitter: add H&E stain jitter (histology).
+        task: ``semantic`` or ``instance`` (boundaries between touching instances are
+            part of the edge target); None: instance when the samples carry instance ids.
+        scale_range: random zoom range of the scale-crop.
+        base_scale: fixed zoom (0.5 = train at half resolution); also applied when not
+            augmenting.
+        foreground_prob: probability that a random crop is centred on foreground.
+        seed: base seed of the per-item generators.
+
+    Items:
+        dict with ``image`` (3, h, w) float32 in [0, 1], ``mask`` (1, h, w) float32 {0, 1}
+        and ``edge`` (1, h, w) float32 {0, 1}.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        crop_size: int | None = 256,
+        augment: bool = True,
+        boundary_width: int = 3,
+        stain_jitter: bool = False,
+        task: str | None = None,
+        *,
+        scale_range: tuple[float, float] = (0.75, 1.33),
+        base_scale: float = 1.0,
+        foreground_prob: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        if not samples:
+            raise ValueError("SegmentationDataset needs at least one sample")
+        if augment and not crop_size:
+            raise ValueError("augment=True needs a crop_size")
+        if task not in (None, "semantic", "instance"):
+            raise ValueError(f"task must be 'semantic', 'instance' or None, got {task!r}")
+        self.samples = list(samples)
+        self.crop_size = crop_size
+        self.augment = augment
+        self.boundary_width = boundary_width
+        self.stain_jitter = stain_jitter
+        self.instance = (task == "instance") if task else self.samples[0].is_instance
+        self.scale_range = scale_range
+        self.base_scale = base_scale
+        self.foreground_prob = foreground_prob
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        """Selects the random stream of an epoch (and optionally a new base seed)."""
+        self.epoch = int(epoch)
+        if seed is not None:
+            self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _rescale(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from skimage.transform import rescale
+
+        image = rescale(image, self.base_scale, order=1, channel_axis=2, preserve_range=True,
+                        anti_aliasing=self.base_scale < 1)
+        mask = rescale(mask, self.base_scale, order=0, preserve_range=True,
+                       anti_aliasing=False).astype(mask.dtype)
+        return np.clip(image + 0.5, 0, 255).astype(np.uint8), mask
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[index]
+        image, mask = sample.image, sample.mask
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            image_float, mask = augment_pair(
+                image, mask, self.crop_size, rng,
+                stain=self.stain_jitter, scale_range=self.scale_range,
+                base_scale=self.base_scale, foreground_prob=self.foreground_prob,
+            )
+        else:
+            if self.base_scale != 1.0:
+                image, mask = self._rescale(image, mask)
+            if self.crop_size:
+                image, mask = center_crop(image, mask, self.crop_size)
+            image_float = to_float_rgb(image)
+        if not self.instance:
+            mask = mask > 0
+        edge = boundary_target(mask, self.boundary_width, instance=self.instance)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image_float.transpose(2, 0, 1))),  # (3, h, w)
+            "mask": torch.from_numpy((mask > 0)[None].astype(np.float32)),  # (1, h, w)
+            "edge": torch.from_numpy(edge[None].astype(np.float32)),  # (1, h, w)
+        }

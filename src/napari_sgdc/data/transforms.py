@@ -1,0 +1,326 @@
+"""Input conversion and training augmentation (NumPy, no torch).
+
+Everything random takes a ``numpy.random.Generator`` so that a run is reproducible
+from its seed. Geometric transforms act on an image and its mask together; the mask
+may be a boolean semantic mask or an integer instance map (nearest-neighbour
+resampling keeps instance ids intact). Photometric transforms act on float RGB images
+in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from skimage.color import hed2rgb, rgb2hed
+from skimage.transform import resize
+
+__all__ = [
+    "to_float_rgb",
+    "to_uint8_rgb",
+    "pad_to_size",
+    "pad_to_multiple",
+    "random_scale_crop",
+    "center_crop",
+    "random_flip_rot90",
+    "color_jitter",
+    "stain_jitter",
+    "augment_pair",
+]
+
+
+def to_float_rgb(image: np.ndarray) -> np.ndarray:
+    """Converts any supported 2D image to float32 RGB in [0, 1].
+
+    Accepted inputs:
+        * shapes ``(H, W)`` (gray, repeated to 3 channels), ``(H, W, 1)``, ``(H, W, 3)``
+          and ``(H, W, 4)`` (RGBA: the alpha channel is dropped); channels must be last;
+        * dtypes bool, uint8 (divided by 255), uint16 (divided by 65535), other integers
+          (divided by 255 when the maximum is at most 255, by 65535 when at most 65535,
+          else by the maximum) and floats (kept when within [0, 1], divided by 255 when the
+          maximum is at most 255, else min-max scaled). NaN becomes 0. The result is
+          clipped to [0, 1].
+
+    Args:
+        image: the image array.
+
+    Returns:
+        float32 array (H, W, 3) in [0, 1].
+
+    Raises:
+        ValueError: for empty arrays, other numbers of dimensions or channels
+            (for example 4D stacks or 2-channel images), or non-numeric dtypes.
+    """
+    array = np.asarray(image)
+    if array.size == 0:
+        raise ValueError(f"image is empty (shape {array.shape})")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.ndim != 3:
+        raise ValueError(
+            f"image must be 2D (H, W) or (H, W, C) with C in 1, 3, 4; got shape {array.shape}"
+        )
+    channels = array.shape[2]
+    if channels not in (1, 3, 4):
+        hint = ""
+        if array.shape[0] in (3, 4) and channels > 4:
+            hint = " (channels must be last: use numpy.moveaxis(image, 0, -1))"
+        raise ValueError(
+            f"image must have 1 (gray), 3 (RGB) or 4 (RGBA) channels last; got shape {array.shape}{hint}"
+        )
+    if channels == 4:
+        array = array[:, :, :3]
+    if array.dtype == bool:
+        out = array.astype(np.float32)
+    elif array.dtype == np.uint8:
+        out = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:
+        out = array.astype(np.float32) / 65535.0
+    elif np.issubdtype(array.dtype, np.integer):
+        peak = float(array.max())
+        scale = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+        out = array.astype(np.float32) / scale
+    elif np.issubdtype(array.dtype, np.floating):
+        out = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(out.min()), float(out.max())
+        if low >= 0.0 and high <= 1.0:
+            pass
+        elif low >= 0.0 and high <= 255.0:
+            out = out / 255.0
+        elif high > low:
+            out = (out - low) / (high - low)
+        else:
+            out = np.zeros_like(out)
+    else:
+        raise ValueError(f"image dtype {array.dtype} is not a number type")
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
+
+
+def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
+    """Like `to_float_rgb` but returns uint8 (H, W, 3); uint8 RGB input is returned as is."""
+    array = np.asarray(image)
+    if array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3:
+        return np.ascontiguousarray(array)
+    return (to_float_rgb(array) * 255.0 + 0.5).astype(np.uint8)
+
+
+def pad_to_size(array: np.ndarray, height: int, width: int, mode: str = "reflect") -> np.ndarray:
+    """Pads the first two axes at the bottom/right up to at least (height, width).
+
+    Args:
+        array: (H, W) or (H, W, C) array.
+        height: minimum output height.
+        width: minimum output width.
+        mode: `numpy.pad` mode (``reflect`` mirrors content, also for pads larger than the array).
+
+    Returns:
+        the padded array (unchanged when already large enough).
+    """
+    pad_h = max(0, height - array.shape[0])
+    pad_w = max(0, width - array.shape[1])
+    if pad_h == 0 and pad_w == 0:
+        return array
+    if mode == "reflect" and (array.shape[0] == 1 or array.shape[1] == 1):
+        mode = "edge"  # reflect needs at least 2 pixels along an axis
+    pads = [(0, pad_h), (0, pad_w)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, pads, mode=mode)
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int = 32, mode: str = "reflect") -> np.ndarray:
+    """Pads the first two axes at the bottom/right up to the next multiple of `multiple`."""
+    height = int(math.ceil(array.shape[0] / multiple) * multiple)
+    width = int(math.ceil(array.shape[1] / multiple) * multiple)
+    return pad_to_size(array, height, width, mode)
+
+
+def _resize_pair(
+    image: np.ndarray, mask: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resizes a square window to size x size: bilinear image, nearest-neighbour mask."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image, mask
+    downscale = image.shape[0] > size
+    image_out = resize(
+        image, (size, size), order=1, preserve_range=True, anti_aliasing=downscale
+    ).astype(image.dtype if image.dtype != np.uint8 else np.float32)
+    if image.dtype == np.uint8:
+        image_out = np.clip(image_out + 0.5, 0, 255).astype(np.uint8)
+    mask_out = resize(
+        mask, (size, size), order=0, preserve_range=True, anti_aliasing=False
+    ).astype(mask.dtype)
+    return image_out, mask_out
+
+
+def random_scale_crop(
+    image: np.ndarray,
+    mask: np.ndarray,
+    crop_size: int,
+    rng: np.random.Generator,
+    scale_range: tuple[float, float] = (0.75, 1.33),
+    base_scale: float = 1.0,
+    foreground_prob: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cuts a random square window and resamples it to crop_size x crop_size.
+
+    The scale factor is ``base_scale * s`` with ``s`` log-uniform in `scale_range`
+    (a factor above 1 enlarges the content). The window is ``crop_size / factor`` source
+    pixels wide. With probability `foreground_prob` it is centred (with jitter of a
+    quarter window) on a random foreground pixel, otherwise placed uniformly. Images
+    smaller than the window are reflect-padded first.
+
+    Args:
+        image: (H, W, 3) image (uint8 or float).
+        mask: (H, W) bool mask or integer instance map.
+        crop_size: output side in pixels.
+        rng: random generator.
+        scale_range: range of the random zoom factor.
+        base_scale: fixed zoom applied on top (e.g. 0.5 trains at half resolution).
+        foreground_prob: probability of centring the window on foreground.
+
+    Returns:
+        (image crop (crop, crop, 3), mask crop (crop, crop)) with the input dtypes.
+    """
+    low, high = scale_range
+    factor = base_scale * math.exp(rng.uniform(math.log(low), math.log(high)))
+    window = max(1, int(round(crop_size / factor)))
+    image = pad_to_size(image, window, window)
+    mask = pad_to_size(mask, window, window)
+    height, width = mask.shape[:2]
+    use_foreground = rng.random() < foreground_prob
+    if use_foreground and mask.any():
+        rows, cols = np.nonzero(mask)
+        pick = rng.integers(len(rows))
+        jitter = rng.uniform(-0.25, 0.25, size=2) * window
+        top = int(round(rows[pick] + jitter[0] - window / 2))
+        left = int(round(cols[pick] + jitter[1] - window / 2))
+    else:
+        top = int(rng.integers(0, height - window + 1))
+        left = int(rng.integers(0, width - window + 1))
+    top = min(max(top, 0), height - window)
+    left = min(max(left, 0), width - window)
+    image_crop = image[top : top + window, left : left + window]
+    mask_crop = mask[top : top + window, left : left + window]
+    return _resize_pair(image_crop, mask_crop, crop_size)
+
+
+def center_crop(
+    image: np.ndarray, mask: np.ndarray, crop_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Central crop_size x crop_size window (reflect-padded when the image is smaller)."""
+    image = pad_to_size(image, crop_size, crop_size)
+    mask = pad_to_size(mask, crop_size, crop_size)
+    top = (mask.shape[0] - crop_size) // 2
+    left = (mask.shape[1] - crop_size) // 2
+    return (
+        image[top : top + crop_size, left : left + crop_size],
+        mask[top : top + crop_size, left : left + crop_size],
+    )
+
+
+def random_flip_rot90(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Applies one of the 8 dihedral transforms (flips and 90-degree rotations)."""
+    turns = int(rng.integers(4))
+    flip = bool(rng.integers(2))
+    if flip:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    if turns:
+        image, mask = np.rot90(image, turns, axes=(0, 1)), np.rot90(mask, turns, axes=(0, 1))
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+def color_jitter(
+    image: np.ndarray, rng: np.random.Generator, strength: float = 1.0
+) -> np.ndarray:
+    """Random brightness, contrast, saturation and per-channel gain.
+
+    Args:
+        image: float (H, W, 3) in [0, 1].
+        rng: random generator.
+        strength: scales all jitter ranges (0 = identity).
+
+    Returns:
+        float32 (H, W, 3) clipped to [0, 1].
+    """
+    out = image.astype(np.float32, copy=True)
+    brightness = 1.0 + rng.uniform(-0.2, 0.2) * strength
+    contrast = 1.0 + rng.uniform(-0.2, 0.2) * strength
+    saturation = 1.0 + rng.uniform(-0.2, 0.2) * strength
+    gains = 1.0 + rng.uniform(-0.05, 0.05, size=3).astype(np.float32) * strength
+    out *= brightness
+    mean = out.mean()
+    out = (out - mean) * contrast + mean
+    gray = out.mean(axis=2, keepdims=True)
+    out = (out - gray) * saturation + gray
+    out *= gains
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def stain_jitter(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    sigma_scale: float = 0.05,
+    sigma_shift: float = 0.01,
+) -> np.ndarray:
+    """H&E stain augmentation in HED colour-deconvolution space (Tellez et al. 2018).
+
+    Each of the haematoxylin, eosin and DAB channels ``c`` becomes
+    ``c * a + b`` with ``a ~ U(1 - sigma_scale, 1 + sigma_scale)`` and
+    ``b ~ U(-sigma_shift, sigma_shift)``, then the image is converted back to RGB.
+
+    Args:
+        image: float (H, W, 3) RGB in [0, 1].
+        rng: random generator.
+        sigma_scale: half-range of the multiplicative stain factor.
+        sigma_shift: half-range of the additive stain offset (HED optical-density units).
+
+    Returns:
+        float32 (H, W, 3) clipped to [0, 1].
+    """
+    hed = rgb2hed(np.clip(image, 0.0, 1.0))  # (H, W, 3) stain concentrations
+    scale = rng.uniform(1.0 - sigma_scale, 1.0 + sigma_scale, size=3)
+    shift = rng.uniform(-sigma_shift, sigma_shift, size=3)
+    rgb = hed2rgb(hed * scale + shift)
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+
+
+def augment_pair(
+    image: np.ndarray,
+    mask: np.ndarray,
+    crop_size: int,
+    rng: np.random.Generator,
+    *,
+    stain: bool = False,
+    scale_range: tuple[float, float] = (0.75, 1.33),
+    base_scale: float = 1.0,
+    foreground_prob: float = 0.5,
+    color_strength: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The full training augmentation: scale-crop, flips/rotations, colour and stain jitter.
+
+    Args:
+        image: (H, W, 3) uint8 or float RGB image.
+        mask: (H, W) bool mask or integer instance map.
+        crop_size: output side.
+        rng: random generator (the only source of randomness).
+        stain: also apply H&E stain jitter (histology), with probability 0.8.
+        scale_range: random zoom range.
+        base_scale: fixed zoom.
+        foreground_prob: probability of centring the crop on foreground.
+        color_strength: scales the colour jitter ranges.
+
+    Returns:
+        (float32 image (crop, crop, 3) in [0, 1], mask (crop, crop) with the input dtype).
+    """
+    image, mask = random_scale_crop(
+        image, mask, crop_size, rng, scale_range, base_scale, foreground_prob
+    )
+    image, mask = random_flip_rot90(image, mask, rng)
+    image_float = to_float_rgb(image)
+    if stain and rng.random() < 0.8:
+        image_float = stain_jitter(image_float, rng)
+    image_float = color_jitter(image_float, rng, color_strength)
+    return image_float, mask

@@ -1,0 +1,109 @@
+"""Fine-tuning on a few user-corrected images (the GUI's correct-and-retrain loop)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..config import PRESETS, TrainConfig
+from ..data.datasets import Sample, SegmentationDataset
+from ..data.transforms import to_uint8_rgb
+from .fit import History, fit
+
+__all__ = ["finetune", "FOCUS_PROBABILITY"]
+
+FOCUS_PROBABILITY = 0.9
+"""Probability that a fine-tuning patch is centred on (jittered) labelled foreground."""
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def _prepare_pairs(
+    images: Sequence[np.ndarray], labels: Sequence[np.ndarray], instance: bool
+) -> list[Sample]:
+    if len(images) == 0 or len(labels) == 0:
+        raise ValueError("finetune needs at least one (image, labels) pair; got none")
+    if len(images) != len(labels):
+        raise ValueError(f"finetune got {len(images)} images but {len(labels)} label arrays")
+    samples = []
+    for index, (image, label) in enumerate(zip(images, labels)):
+        try:
+            image_rgb = to_uint8_rgb(image)
+        except ValueError as error:
+            raise ValueError(f"image {index}: {error}") from None
+        label = np.asarray(label)
+        if label.ndim != 2:
+            raise ValueError(f"labels {index} must be 2D (H, W), got shape {label.shape}")
+        if label.shape != image_rgb.shape[:2]:
+            raise ValueError(
+                f"labels {index} have shape {label.shape} but image {index} is {image_rgb.shape[:2]}"
+            )
+        if not np.any(label > 0):
+            raise ValueError(f"labels {index} are all background; paint or correct some objects first")
+        if instance and label.dtype != bool:
+            mask = label.astype(np.int32)
+        else:
+            mask = label > 0
+        samples.append(Sample(name=f"pair_{index}", image=image_rgb, mask=mask))
+    return samples
+
+
+def finetune(
+    model: torch.nn.Module,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    preset: str | TrainConfig = "quick",
+    *,
+    callbacks: Sequence[Callable[[dict], Any]] | None = None,
+    cancel=None,
+) -> History:
+    """Fine-tunes `model` in place on corrected images.
+
+    Training patches of ``cfg.crop_size`` are centred on labelled foreground (with a
+    quarter-window jitter, so object borders and nearby background are included) with
+    probability `FOCUS_PROBABILITY`, and placed anywhere otherwise; they get flips,
+    rotations, mild scale and colour jitter (plus stain jitter when
+    ``cfg.stain_jitter``). Images smaller than the crop are reflect-padded. For instance
+    models (``model.config.task == "instance"``) integer labels are used as instances,
+    so boundaries between touching objects are learnt; otherwise ``labels > 0`` is the mask.
+
+    With the default ``device="auto"`` of the presets, training runs on the device the
+    model is already on. No validation and no checkpoint files; the model ends in eval mode.
+
+    Args:
+        model: the segmenter to update.
+        images: images (H, W), (H, W, 3) or (H, W, 4) of any dtype `to_float_rgb` accepts.
+        labels: per image (H, W) labels: a mask or an instance map (> 0 = foreground).
+        preset: ``quick`` or ``standard`` (see `napari_sgdc.config.PRESETS`) or a `TrainConfig`.
+        callbacks: forwarded to `fit` (step and epoch events).
+        cancel: `threading.Event`; honoured within one step.
+
+    Returns:
+        the `History` (``losses`` holds the loss of every step).
+
+    Raises:
+        ValueError: one clear line for no pairs, a count or shape mismatch, labels that are
+            all background, or an unknown preset.
+    """
+    if isinstance(preset, TrainConfig):
+        cfg = preset
+    elif preset in PRESETS:
+        cfg = PRESETS[preset]
+    else:
+        raise ValueError(f"unknown fine-tuning preset {preset!r}; choose one of {sorted(PRESETS)} or pass a TrainConfig")
+    config = getattr(model, "config", None)
+    instance = getattr(config, "task", "semantic") == "instance"
+    samples = _prepare_pairs(images, labels, instance)
+    dataset = SegmentationDataset(
+        samples, crop_size=cfg.crop_size, augment=True, boundary_width=cfg.boundary_width,
+        stain_jitter=cfg.stain_jitter, task="instance" if instance else "semantic",
+        scale_range=(0.85, 1.18), foreground_prob=FOCUS_PROBABILITY, seed=cfg.seed,
+    )
+    device = _model_device(model) if cfg.device == "auto" else None
+    return fit(model, dataset, None, cfg, callbacks=callbacks, cancel=cancel, out=None, device=device)
