@@ -1,0 +1,404 @@
+"""Inference: `segment()` any 2D image or stack with a trained SGDC model.
+
+Pipeline for one plane:
+    1. Input conversion with `napari_sgdc.data.transforms.to_float_rgb` (uint8, uint16,
+       float; gray, RGB, RGBA; channels last) to float32 RGB in [0, 1].
+    2. The image is cut into square tiles of ``tile`` pixels (rounded up to a multiple of
+       32) whose origins are multiples of 32 and overlap by about ``overlap``; an image
+       that fits in one tile is run in a single pass. Tiles and the single pass are
+       reflect-padded at the bottom/right image border to multiples of 32.
+    3. Each tile's probabilities (sigmoid of mask channel 0 and of the edge logits) are
+       blended into image-sized float32 accumulators with a Gaussian weight
+       (sigma = tile / 8, as MONAI's ``sliding_window_inference``), so memory is bounded
+       by one tile plus a few float32 arrays of the image size.
+    4. Optional gates: for each guided block, the channel means of gate1 and gate2 at the
+       block's native stride are blended the same way at that stride, then stored as
+       float16 ``GateMap``s with the stride recorded.
+    5. `postprocess` thresholds the probability into the mask and, for instance models,
+       splits it into labelled instances with a seeded watershed.
+
+Stacks (Z or T, H, W [, C]) are processed plane by plane and every output gains a
+leading plane axis.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+from skimage.segmentation import relabel_sequential, watershed
+
+__all__ = ["SegmentationResult", "GateMap", "Cancelled", "segment", "postprocess", "tile_origins"]
+
+SIZE_MULTIPLE = 32
+GAUSSIAN_SIGMA_SCALE = 0.125
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+class Cancelled(RuntimeError):
+    """Raised by `segment` when its ``cancel`` event is set."""
+
+
+@dataclass
+class GateMap:
+    """Mean gate activations of one guided decoder block.
+
+    Attributes:
+        name: block name, e.g. ``sgdc@s16``.
+        stride: the block's stride relative to the input image.
+        data: float16 (2, h, w) with h = ceil(H / stride), w = ceil(W / stride): channel
+            means of gate1 and gate2 (a leading plane axis is added for stacks).
+    """
+
+    name: str
+    stride: int
+    data: np.ndarray
+
+
+@dataclass
+class SegmentationResult:
+    """Everything `segment` computes for one image (leading plane axis for stacks).
+
+    Attributes:
+        probability: float32 (H, W) foreground probability.
+        mask: bool (H, W), probability > threshold.
+        boundary: float32 (H, W) boundary probability.
+        labels: int32 (H, W) instance labels (0 = background) for instance models, else None.
+        gates: one `GateMap` per guided block (deepest first) when requested, else None.
+    """
+
+    probability: np.ndarray
+    mask: np.ndarray
+    boundary: np.ndarray
+    labels: np.ndarray | None = None
+    gates: list[GateMap] | None = None
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def tile_origins(length: int, tile: int, step: int) -> list[int]:
+    """Tile start positions along one axis of padded length `length`.
+
+    Args:
+        length: padded axis length (a multiple of 32).
+        tile: tile length along the axis (<= length).
+        step: distance between consecutive origins.
+
+    Returns:
+        Sorted origins; the last tile ends exactly at `length`.
+    """
+    last = length - tile
+    origins = list(range(0, last + 1, step))
+    if origins[-1] != last:
+        origins.append(last)
+    return origins
+
+
+def _gaussian_weight(height: int, width: int) -> np.ndarray:
+    """Separable Gaussian importance map (float32, max 1, strictly positive)."""
+
+    def axis_weight(size: int) -> np.ndarray:
+        sigma = max(size * GAUSSIAN_SIGMA_SCALE, 1e-3)
+        position = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+        return np.exp(-0.5 * (position / sigma) ** 2)
+
+    weight = np.outer(axis_weight(height), axis_weight(width))
+    weight /= weight.max()
+    return np.maximum(weight, 1e-6).astype(np.float32)
+
+
+def _plane_input(plane: np.ndarray, y0: int, x0: int, height: int, width: int) -> np.ndarray:
+    """Crops a tile from `plane`, converts it to float RGB and reflect-pads it to (height, width)."""
+    from .data.transforms import to_float_rgb
+
+    crop = plane[y0:y0 + height, x0:x0 + width]
+    rgb = to_float_rgb(crop)  # (h, w, 3) float32 in [0, 1]
+    pad_rows, pad_cols = height - rgb.shape[0], width - rgb.shape[1]
+    if pad_rows or pad_cols:
+        rgb = np.pad(rgb, ((0, pad_rows), (0, pad_cols), (0, 0)), mode="reflect")
+    return rgb
+
+
+def _needs_global_conversion(dtype: np.dtype) -> bool:
+    """Whether `to_float_rgb` depends on the whole image (not pixel-wise) for this dtype."""
+    return not (dtype == np.uint8 or dtype == np.uint16 or dtype == bool)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _is_stack(image: np.ndarray, stack: bool | None) -> bool:
+    if stack is not None:
+        return bool(stack)
+    # A last axis of at most 4 is read as channels (so a 2-channel image gets a clear error
+    # instead of becoming a stack of 2-pixel-wide planes).
+    return image.ndim == 4 or (image.ndim == 3 and image.shape[-1] > 4)
+
+
+class _PlaneSegmenter:
+    """Runs the tiled forward pass of one model over planes, sharing progress state."""
+
+    def __init__(self, model, device, tile, overlap, return_gates, progress, cancel, total_tiles_per_plane,
+                 n_planes):
+        self.model = model
+        self.device = device
+        self.tile = tile
+        self.overlap = overlap
+        self.return_gates = return_gates
+        self.progress = progress
+        self.cancel = cancel
+        self.total = total_tiles_per_plane * n_planes
+        self.done = 0
+        self._weights: dict[tuple[int, int], np.ndarray] = {}
+
+    def weight(self, height: int, width: int) -> np.ndarray:
+        key = (height, width)
+        if key not in self._weights:
+            self._weights[key] = _gaussian_weight(height, width)
+        return self._weights[key]
+
+    def run(self, plane: np.ndarray):
+        """Returns (probability (H, W), boundary (H, W), gates list or None) for one plane."""
+        if _needs_global_conversion(plane.dtype):
+            from .data.transforms import to_float_rgb
+
+            plane = to_float_rgb(plane)  # (H, W, 3): value scaling depends on the whole plane
+        height, width = plane.shape[:2]
+        layout = _tile_layout(height, width, self.tile, self.overlap)
+        tile_h, tile_w, origins = layout
+        prob_acc = np.zeros((height, width), np.float32)
+        edge_acc = np.zeros((height, width), np.float32)
+        weight_acc = np.zeros((height, width), np.float32)
+        gate_acc: list[dict] | None = [] if self.return_gates else None
+        for y0, x0 in origins:
+            if self.cancel is not None and self.cancel.is_set():
+                raise Cancelled("segmentation cancelled")
+            rgb = _plane_input(plane, y0, x0, tile_h, tile_w)  # (tile_h, tile_w, 3)
+            batch = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device)  # (1, 3, tile_h, tile_w)
+            with torch.inference_mode():
+                out = self.model(batch, return_gates=self.return_gates)
+                prob = torch.sigmoid(out["mask"][0, 0]).float().cpu().numpy()  # (tile_h, tile_w)
+                edge = torch.sigmoid(out["edge"][0, 0]).float().cpu().numpy()  # (tile_h, tile_w)
+                gate_means = []
+                if self.return_gates:
+                    for block in out.get("gates", []):
+                        if "gate1" not in block or "gate2" not in block:
+                            continue
+                        means = torch.stack([block["gate1"][0].float().mean(dim=0),
+                                             block["gate2"][0].float().mean(dim=0)])  # (2, h, w)
+                        gate_means.append((block["name"], int(block["stride"]), means.cpu().numpy()))
+            valid_h, valid_w = min(tile_h, height - y0), min(tile_w, width - x0)
+            weight = self.weight(tile_h, tile_w)[:valid_h, :valid_w]
+            window = (slice(y0, y0 + valid_h), slice(x0, x0 + valid_w))
+            prob_acc[window] += prob[:valid_h, :valid_w] * weight
+            edge_acc[window] += edge[:valid_h, :valid_w] * weight
+            weight_acc[window] += weight
+            if gate_acc is not None:
+                self._blend_gates(gate_acc, gate_means, y0, x0, height, width)
+            del out, batch
+            self.done += 1
+            if self.progress is not None:
+                self.progress(self.done, self.total)
+        np.divide(prob_acc, weight_acc, out=prob_acc)  # in place: the accumulator becomes the probability
+        np.divide(edge_acc, weight_acc, out=edge_acc)
+        del weight_acc
+        gates = None
+        if gate_acc is not None:
+            gates = []
+            for entry in gate_acc:
+                data = entry["sum"] / entry["weight"][None]  # (2, h, w)
+                gates.append(GateMap(entry["name"], entry["stride"], data.astype(np.float16)))
+        return prob_acc, edge_acc, gates
+
+    def _blend_gates(self, gate_acc, gate_means, y0, x0, height, width):
+        if not gate_acc:
+            for name, stride, means in gate_means:
+                shape = (math.ceil(height / stride), math.ceil(width / stride))
+                gate_acc.append({"name": name, "stride": stride,
+                                 "sum": np.zeros((2, *shape), np.float32),
+                                 "weight": np.zeros(shape, np.float32)})
+        for entry, (_, stride, means) in zip(gate_acc, gate_means):
+            gy, gx = y0 // stride, x0 // stride
+            rows = min(means.shape[1], entry["weight"].shape[0] - gy)
+            cols = min(means.shape[2], entry["weight"].shape[1] - gx)
+            weight = self.weight(means.shape[1], means.shape[2])[:rows, :cols]
+            entry["sum"][:, gy:gy + rows, gx:gx + cols] += means[:, :rows, :cols] * weight[None]
+            entry["weight"][gy:gy + rows, gx:gx + cols] += weight
+
+
+def _tile_layout(height: int, width: int, tile: int | None, overlap: float):
+    """Tile size and origins for an image of (height, width).
+
+    Returns:
+        (tile_h, tile_w, [(y0, x0), ...]) in padded coordinates.
+    """
+    padded_h = _round_up(height, SIZE_MULTIPLE)
+    padded_w = _round_up(width, SIZE_MULTIPLE)
+    if not tile:
+        return padded_h, padded_w, [(0, 0)]
+    tile = _round_up(max(int(tile), SIZE_MULTIPLE), SIZE_MULTIPLE)
+    tile_h, tile_w = min(tile, padded_h), min(tile, padded_w)
+    step = max(SIZE_MULTIPLE, int(tile * (1.0 - overlap)) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    origins = [(y0, x0) for y0 in tile_origins(padded_h, tile_h, step) for x0 in tile_origins(padded_w, tile_w, step)]
+    return tile_h, tile_w, origins
+
+
+def segment(model: torch.nn.Module, image: np.ndarray, *, threshold: float = 0.5, tile: int | None = 512,
+            overlap: float = 0.25, device: str | torch.device | None = None, return_gates: bool = False,
+            boundary_threshold: float = 0.5, min_size: int = 20, instances: bool | None = None,
+            progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None,
+            stack: bool | None = None) -> SegmentationResult:
+    """Segments a 2D image or a stack of 2D planes of any size.
+
+    Args:
+        model: an SGDC segmenter (``model(x, return_gates)`` returning "mask"/"edge" logits).
+            It is switched to eval mode for the call (its training flag is restored after).
+        image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array of uint8, uint16 or float, or
+            a stack (N, H, W) / (N, H, W, C) of such planes.
+        threshold: probability threshold of the mask.
+        tile: tile size in pixels (rounded up to a multiple of 32); None or 0 runs the whole
+            image in one pass.
+        overlap: fraction of a tile shared with its neighbour, in [0, 1).
+        device: where to run; None uses the model's device. The model is moved there.
+        return_gates: also return the mean gate maps of the guided blocks.
+        boundary_threshold: boundary probability above which pixels do not seed instances.
+        min_size: instances smaller than this many pixels are removed.
+        instances: compute instance labels; None means ``model.config.task == "instance"``.
+        progress: called as ``progress(done, total)`` after every tile (all planes counted).
+        cancel: when set, the call stops before the next tile and raises `Cancelled`.
+        stack: treat the first axis as planes; None auto-detects (4D, or 3D whose last axis
+            is longer than 4, i.e. cannot be channels).
+
+    Returns:
+        A `SegmentationResult`; stacks get a leading plane axis on every array (and on
+        each `GateMap.data`); instance ids are unique across the whole stack.
+
+    Raises:
+        Cancelled: when `cancel` is set during the run.
+        ValueError: for unsupported image shapes or dtypes, or a bad `overlap`.
+    """
+    array = np.asarray(image)
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    is_stack = _is_stack(array, stack)
+    planes = array if is_stack else array[None]
+    if planes.ndim not in (3, 4) or planes.shape[0] == 0:
+        raise ValueError(f"cannot segment an array of shape {array.shape}")
+    _validate_plane(planes[0])
+    if instances is None:
+        config = getattr(model, "config", None)
+        instances = getattr(config, "task", "semantic") == "instance"
+    if device is None:
+        target_device = _model_device(model)
+    else:
+        from .device import resolve_device
+
+        target_device = resolve_device(device)
+        model.to(target_device)
+    height, width = planes.shape[1:3]
+    tiles_per_plane = len(_tile_layout(height, width, tile, overlap)[2])
+    runner = _PlaneSegmenter(model, target_device, tile, overlap, return_gates, progress, cancel,
+                             tiles_per_plane, planes.shape[0])
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = [runner.run(plane) for plane in planes]
+    finally:
+        model.train(was_training)
+
+    probability = np.stack([o[0] for o in outputs]) if is_stack else outputs[0][0]  # ([N,] H, W)
+    boundary = np.stack([o[1] for o in outputs]) if is_stack else outputs[0][1]
+    mask = probability > threshold
+    labels = None
+    if instances:
+        labels = postprocess(probability, boundary, threshold=threshold, boundary_threshold=boundary_threshold,
+                             min_size=min_size, instances=True)
+    gates = None
+    if return_gates:
+        gates = outputs[0][2]
+        if is_stack:
+            gates = [GateMap(g.name, g.stride, np.stack([o[2][i].data for o in outputs]))
+                     for i, g in enumerate(outputs[0][2])]
+    return SegmentationResult(probability=probability, mask=mask, boundary=boundary, labels=labels, gates=gates)
+
+
+def _validate_plane(plane: np.ndarray) -> None:
+    """Raises the converter's clear ValueError for unsupported plane shapes/dtypes."""
+    from .data.transforms import to_float_rgb
+
+    if plane.ndim not in (2, 3):
+        raise ValueError(f"image planes must be (H, W) or (H, W, C), got shape {plane.shape}")
+    to_float_rgb(plane[:2, :2])
+
+
+def _split_instances(mask: np.ndarray, boundary: np.ndarray, boundary_threshold: float,
+                     min_size: int) -> np.ndarray:
+    """Seeded watershed of one plane; returns int32 labels 1..K."""
+    seeds = mask & ~(boundary > boundary_threshold)
+    markers, n_seeds = ndimage.label(seeds, structure=_CROSS)
+    labels = watershed(boundary, markers, mask=mask, connectivity=1) if n_seeds else np.zeros(mask.shape, np.int32)
+    # Mask components that hold no seed (entirely boundary) become instances of their own.
+    unseeded = mask & (labels == 0)
+    if unseeded.any():
+        extra, n_extra = ndimage.label(unseeded, structure=_CROSS)
+        labels = np.where(extra > 0, extra + labels.max(), labels)
+    if min_size > 1 and labels.max() > 0:
+        sizes = np.bincount(labels.ravel())
+        too_small = sizes < min_size
+        too_small[0] = False
+        labels[too_small[labels]] = 0
+    labels, _, _ = relabel_sequential(labels.astype(np.int32))
+    return labels.astype(np.int32)
+
+
+def postprocess(probability: np.ndarray, boundary: np.ndarray, *, threshold: float = 0.5,
+                boundary_threshold: float = 0.5, min_size: int = 20, instances: bool = False) -> np.ndarray:
+    """Turns cached probabilities into a mask or instance labels without re-running the network.
+
+    Instances: seeds are the 4-connected components of (mask and not boundary >
+    boundary_threshold); a watershed on the boundary probability floods the mask from
+    them; mask components without any seed become their own instance; instances
+    smaller than `min_size` pixels are removed (set to background); ids are relabelled
+    1..K (unique across planes for stacks).
+
+    Args:
+        probability: float (H, W) or (N, H, W) foreground probability.
+        boundary: float array of the same shape, boundary probability.
+        threshold: mask threshold (mask = probability > threshold).
+        boundary_threshold: boundary threshold for the seeds.
+        min_size: minimum instance area in pixels.
+        instances: return int32 labels instead of the bool mask.
+
+    Returns:
+        bool mask, or int32 labels (0 = background), of the input's shape.
+    """
+    probability = np.asarray(probability)
+    mask = probability > threshold
+    if not instances:
+        return mask
+    boundary = np.asarray(boundary)
+    if boundary.shape != probability.shape:
+        raise ValueError(f"boundary shape {boundary.shape} differs from probability shape {probability.shape}")
+    if probability.ndim == 2:
+        return _split_instances(mask, boundary, boundary_threshold, min_size)
+    if probability.ndim != 3:
+        raise ValueError(f"expected (H, W) or (N, H, W) probabilities, got shape {probability.shape}")
+    labels = np.zeros(probability.shape, np.int32)
+    offset = 0
+    for index in range(probability.shape[0]):
+        plane = _split_instances(mask[index], boundary[index], boundary_threshold, min_size)
+        labels[index] = np.where(plane > 0, plane + offset, 0)
+        offset = int(labels[index].max()) if plane.max() > 0 else offset
+    return labels

@@ -1,0 +1,243 @@
+"""segment() and postprocess() on tiny models: inputs, tiling, progress, cancel, stacks, gates, instances."""
+
+from __future__ import annotations
+
+import math
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_sgdc.config import ModelConfig
+from napari_sgdc.inference import Cancelled, GateMap, SegmentationResult, postprocess, segment
+from napari_sgdc.model import build_model
+
+torch.set_num_threads(1)
+
+MINI = dict(encoder="mini", pretrained=False, decoder_channels=(32, 16, 16, 8, 8), sge_channels=16,
+            guide_channels=8, heads=4)
+
+
+@pytest.fixture(scope="module")
+def mini_model():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**MINI)).eval()
+    with torch.no_grad():  # make the random network's output vary visibly across the image
+        model.mask_head.weight.mul_(200.0)
+        model.edge_head.weight.mul_(200.0)
+    return model
+
+
+class PixelwiseModel(nn.Module):
+    """A model without spatial context: tiled and untiled outputs must agree exactly.
+
+    Its gate at stride 4 is a 4x4 average pool, so aligned tiles also give identical gates.
+    """
+
+    size_multiple = 32
+
+    def __init__(self, task: str = "semantic"):
+        super().__init__()
+        self.config = SimpleNamespace(task=task)
+        self.head = nn.Conv2d(3, 2, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[8.0, -8.0, 4.0], [-4.0, 6.0, 2.0]])[:, :, None, None])
+            self.head.bias.copy_(torch.tensor([-2.0, -1.0]))
+
+    def forward(self, x, return_gates=False):
+        assert x.shape[-1] % 32 == 0 and x.shape[-2] % 32 == 0
+        logits = self.head(x)  # (B, 2, H, W)
+        out = {"mask": logits[:, :1], "edge": logits[:, 1:]}
+        if return_gates:
+            pooled = F.avg_pool2d(x, 4)  # (B, 3, H/4, W/4)
+            out["gates"] = [{"name": "pix@s4", "stride": 4, "gate1": torch.sigmoid(pooled),
+                             "gate2": torch.sigmoid(-pooled)}]
+        return out
+
+
+def _image(height, width, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((height, width, 3)) * 255).astype(np.uint8)
+
+
+def test_result_types_and_non_multiple_of_32_size(mini_model):
+    image = _image(45, 77)
+    result = segment(mini_model, image)
+    assert isinstance(result, SegmentationResult)
+    assert result.probability.shape == result.mask.shape == result.boundary.shape == (45, 77)
+    assert result.probability.dtype == np.float32 and result.boundary.dtype == np.float32
+    assert result.mask.dtype == bool
+    assert result.labels is None and result.gates is None
+    np.testing.assert_array_equal(result.mask, result.probability > 0.5)
+    assert 0.0 <= result.probability.min() and result.probability.max() <= 1.0
+    assert result.probability.std() > 0.01  # the amplified head really varies
+
+
+def test_input_dtypes_and_channels_agree(mini_model):
+    rgb8 = _image(40, 50)
+    reference = segment(mini_model, rgb8).probability
+    variants = {
+        "uint16": rgb8.astype(np.uint16) * 257,
+        "float": rgb8.astype(np.float32) / 255.0,
+        "rgba": np.concatenate([rgb8, np.full((40, 50, 1), 7, np.uint8)], axis=2),
+    }
+    for name, image in variants.items():
+        np.testing.assert_allclose(segment(mini_model, image).probability, reference, atol=1e-4, err_msg=name)
+    gray8 = rgb8[..., 0]
+    gray_ref = segment(mini_model, np.repeat(gray8[..., None], 3, axis=2)).probability
+    for image in (gray8, gray8[..., None], gray8.astype(np.uint16) * 257):
+        result = segment(mini_model, image)
+        assert result.probability.shape == (40, 50)
+        np.testing.assert_allclose(result.probability, gray_ref, atol=1e-4)
+
+
+def test_bad_inputs_raise_value_error(mini_model):
+    with pytest.raises(ValueError, match="channels"):
+        segment(mini_model, np.zeros((40, 50, 2), np.uint8))
+    with pytest.raises(ValueError):
+        segment(mini_model, np.zeros((2, 3, 40, 50, 3), np.uint8))
+    with pytest.raises(ValueError, match="overlap"):
+        segment(mini_model, _image(40, 50), overlap=1.0)
+
+
+def test_tiled_equals_untiled_for_pixelwise_model():
+    model = PixelwiseModel()
+    image = _image(150, 230, seed=1)
+    whole = segment(model, image, tile=None, return_gates=True)
+    tiled = segment(model, image, tile=64, overlap=0.5, return_gates=True)
+    np.testing.assert_allclose(tiled.probability, whole.probability, atol=1e-5)
+    np.testing.assert_allclose(tiled.boundary, whole.boundary, atol=1e-5)
+    assert whole.probability.std() > 0.1
+    assert [g.stride for g in tiled.gates] == [4]
+    assert tiled.gates[0].data.shape == (2, math.ceil(150 / 4), math.ceil(230 / 4))
+    np.testing.assert_allclose(tiled.gates[0].data.astype(np.float32), whole.gates[0].data.astype(np.float32),
+                               atol=2e-3)
+
+
+def test_tiled_close_to_untiled_in_interior(mini_model):
+    image = _image(160, 224, seed=2)
+    whole = segment(mini_model, image, tile=None)
+    tiled = segment(mini_model, image, tile=96, overlap=0.5)
+    interior = (slice(32, -32), slice(32, -32))
+    difference = np.abs(tiled.probability - whole.probability)[interior]
+    spread = whole.probability[interior].std()
+    assert spread > 0.01
+    assert difference.mean() < 0.1 * spread
+    # and they are not trivially identical code paths: the tiles really differ somewhere
+    assert difference.max() > 0
+
+
+def test_progress_counts_every_tile(mini_model):
+    calls = []
+    # padded 128 x 160, tile 64, step 32 -> 3 x 4 = 12 tiles
+    segment(mini_model, _image(100, 150), tile=64, overlap=0.5, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 12) for i in range(1, 13)]
+    calls.clear()
+    segment(mini_model, _image(100, 150), tile=None, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 1)]
+
+
+def test_cancel_raises_and_restores_training_flag():
+    model = build_model(ModelConfig(**MINI)).train()
+    running_mean = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    cancel = threading.Event()
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if done == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        segment(model, _image(100, 150), tile=64, overlap=0.5, progress=progress, cancel=cancel)
+    assert calls == [1, 2]
+    assert model.training
+    after = [m.running_mean for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(running_mean, after))  # ran in eval mode
+    already = threading.Event()
+    already.set()
+    with pytest.raises(Cancelled):
+        segment(model, _image(40, 40), cancel=already)
+
+
+def test_stacks_plane_by_plane(mini_model):
+    planes = np.stack([_image(48, 70, seed=s) for s in range(3)])  # (3, 48, 70, 3)
+    calls = []
+    result = segment(mini_model, planes, return_gates=True, progress=lambda d, t: calls.append((d, t)))
+    assert result.probability.shape == result.mask.shape == result.boundary.shape == (3, 48, 70)
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    single = segment(mini_model, planes[1], return_gates=True)
+    np.testing.assert_allclose(result.probability[1], single.probability, atol=1e-6)
+    for stacked, plane in zip(result.gates, single.gates):
+        assert stacked.data.shape == (3, *plane.data.shape)
+        np.testing.assert_array_equal(stacked.data[1], plane.data)
+    gray_stack = planes[..., 0]  # (3, 48, 70) auto-detected as a stack
+    assert segment(mini_model, gray_stack).probability.shape == (3, 48, 70)
+    assert segment(mini_model, planes[0]).probability.shape == (48, 70)  # RGB is not a stack
+    assert segment(mini_model, planes[:, :, :, 0][:, :, :3], stack=True).probability.shape == (3, 48, 3)
+
+
+def test_gates_shapes_and_strides(mini_model):
+    result = segment(mini_model, _image(100, 130), return_gates=True, tile=64, overlap=0.25)
+    assert [g.stride for g in result.gates] == [16, 8, 4]
+    for gate in result.gates:
+        assert isinstance(gate, GateMap)
+        assert gate.name.endswith(f"s{gate.stride}")
+        assert gate.data.dtype == np.float16
+        assert gate.data.shape == (2, math.ceil(100 / gate.stride), math.ceil(130 / gate.stride))
+        assert 0.0 <= gate.data.min() and gate.data.max() <= 1.0
+    static = build_model(ModelConfig(**MINI, block="static")).eval()
+    assert segment(static, _image(64, 64), return_gates=True).gates == []
+
+
+def test_device_argument_and_instances_flag(mini_model):
+    result = segment(mini_model, _image(64, 64), device="cpu", instances=True, min_size=1)
+    assert result.labels is not None and result.labels.dtype == np.int32
+    assert result.labels.shape == (64, 64)
+    np.testing.assert_array_equal(result.labels > 0, result.mask)
+    instance_model = PixelwiseModel(task="instance")
+    labelled = segment(instance_model, _image(64, 64))
+    assert labelled.labels is not None and labelled.labels.dtype == np.int32
+
+
+def _touching_pair():
+    probability = np.zeros((20, 30), np.float32)
+    boundary = np.zeros((20, 30), np.float32)
+    probability[4:14, 4:24] = 0.9  # two 10x10 nuclei touching at column 14
+    boundary[4:14, 13:15] = 0.8    # the boundary between them
+    probability[17:19, 27:29] = 0.9  # a 4-pixel speck
+    return probability, boundary
+
+
+def test_postprocess_splits_touching_instances():
+    probability, boundary = _touching_pair()
+    labels = postprocess(probability, boundary, threshold=0.5, boundary_threshold=0.5, min_size=10, instances=True)
+    assert labels.dtype == np.int32
+    assert sorted(np.unique(labels)) == [0, 1, 2]
+    left, right = labels[8, 6], labels[8, 20]
+    assert left != right and left > 0 and right > 0
+    assert np.count_nonzero(labels == left) == np.count_nonzero(labels == right) == 100
+    assert labels[17, 27] == 0  # the speck is below min_size
+    # Without a boundary (or with a threshold above it) the pair stays one instance.
+    merged = postprocess(probability, boundary, threshold=0.5, boundary_threshold=0.85, min_size=10, instances=True)
+    assert sorted(np.unique(merged)) == [0, 1]
+    keep_speck = postprocess(probability, boundary, threshold=0.5, boundary_threshold=0.5, min_size=1, instances=True)
+    assert keep_speck.max() == 3
+    mask = postprocess(probability, boundary, threshold=0.5, boundary_threshold=0.5, min_size=10, instances=False)
+    assert mask.dtype == bool and mask.sum() == 204
+
+
+def test_postprocess_stack_ids_unique_and_unseeded_components():
+    probability, boundary = _touching_pair()
+    labels = postprocess(np.stack([probability, probability]), np.stack([boundary, boundary]),
+                         min_size=10, instances=True)
+    assert labels.shape == (2, 20, 30)
+    assert set(np.unique(labels[0])) == {0, 1, 2} and set(np.unique(labels[1])) == {0, 3, 4}
+    # A component that is boundary everywhere still becomes an instance.
+    boundary_only = np.ones_like(boundary)
+    labels = postprocess(probability, boundary_only, min_size=10, instances=True)
+    assert labels.max() == 1 and np.count_nonzero(labels) == 200
