@@ -1,0 +1,540 @@
+"""The "SGDC Fine-tune" dock widget: correct, retrain, re-segment, undo, save."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FloatSpinBox,
+    Label,
+    PushButton,
+    Select,
+    SpinBox,
+)
+from napari.layers import Image, Labels, Layer
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_info
+
+from napari_sgdc._napari._layers import (
+    image_of_mask,
+    image_planes,
+    mask_layer_of,
+    spatial_shape_of,
+)
+from napari_sgdc._napari._runner import (
+    Outcome,
+    Relay,
+    SegmentJob,
+    _guarded,
+    error_text,
+    notify_error,
+)
+from napari_sgdc._napari._session import ModelState, get_session
+
+if TYPE_CHECKING:
+    import napari
+
+MAX_UNDO = 10
+
+
+class InputError(ValueError):
+    """A user input problem, shown as a notification."""
+
+
+@dataclass
+class TrainingPair:
+    """One corrected image in the training list (copies, so later edits do not leak in).
+
+    Attributes:
+        image_name: name of the image layer.
+        labels_name: name of the corrected labels layer.
+        images: corrected planes, each (H, W[, C]).
+        labels: their labels, each (H, W) int.
+    """
+
+    image_name: str
+    labels_name: str
+    images: list[np.ndarray]
+    labels: list[np.ndarray]
+
+    @property
+    def title(self) -> str:
+        """Text in the training list."""
+        planes = f", {len(self.images)} planes" if len(self.images) > 1 else ""
+        return f"{self.image_name} ← {self.labels_name}{planes}"
+
+
+def collect_pair(viewer: Any, session: Any, image: Any, labels: Any) -> TrainingPair:
+    """Validates an image/labels pair and copies its corrected planes.
+
+    Raises:
+        InputError: wrong layer type, shape mismatch, all background, or no corrections.
+    """
+    if image is None or not isinstance(image, Image):
+        kind = type(image).__name__ if image is not None else "no layer"
+        raise InputError(f"Pick an Image layer to fine-tune on (got {kind}).")
+    if labels is None:
+        raise InputError("No corrections: segment an image, paint on its mask layer, then fine-tune.")
+    if not isinstance(labels, Labels):
+        raise InputError(
+            f"'{labels.name}' is a {type(labels).__name__} layer, not Labels: pick the '<image> mask' "
+            "Labels layer or convert your mask to Labels (right-click > Convert to Labels)."
+        )
+    image_shape, labels_shape = spatial_shape_of(image), tuple(labels.data.shape)
+    if image_shape != labels_shape:
+        raise InputError(
+            f"Labels '{labels.name}' have shape {labels_shape} but image '{image.name}' has shape "
+            f"{image_shape}: they must match pixel for pixel."
+        )
+    label_data = np.asarray(labels.data)
+    if not label_data.any():
+        raise InputError(f"Labels '{labels.name}' are all background (0): paint the objects first.")
+    planes = image_planes(image, "all")
+    label_planes = label_data.reshape((-1, *planes.spatial_shape))  # (N, H, W)
+    keep = label_planes.reshape(len(label_planes), -1).any(axis=1)
+    cache = session.results.get(image)
+    if cache is not None and mask_layer_of(viewer, image) is labels and cache.written_mask.shape == label_planes.shape:
+        changed = (label_planes != cache.written_mask).reshape(len(label_planes), -1).any(axis=1)
+        if not changed.any():
+            raise InputError(
+                f"No corrections in '{labels.name}': it still equals the model's prediction. "
+                "Paint or erase on it first."
+            )
+        keep &= changed
+    indices = np.flatnonzero(keep)
+    if len(indices) == 0:
+        raise InputError(f"No corrections in '{labels.name}': the edited planes are all background.")
+    return TrainingPair(
+        image_name=image.name,
+        labels_name=labels.name,
+        images=[np.array(planes.planes[i]) for i in indices],
+        labels=[np.array(label_planes[i]) for i in indices],
+    )
+
+
+class FinetuneWidget(Container):
+    """Fine-tunes the shared in-memory model on corrected labels.
+
+    Args:
+        napari_viewer: the viewer the widget is docked in.
+    """
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._session = get_session(napari_viewer)
+        self.pairs: list[TrainingPair] = []
+        self.losses: list[float] = []
+        self.history: Any = None
+        self.worker: Any = None
+        self.segment_jobs: list[SegmentJob] = []
+        self._cancel = threading.Event()
+        self._pbar: Any = None
+
+        from napari_sgdc.config import PRESETS
+
+        self._presets = PRESETS
+        self.image_layer = ComboBox(name="image_layer", label="image", choices=self._image_choices)
+        self.labels_layer = ComboBox(
+            name="labels_layer", label="corrections", choices=self._labels_choices, nullable=True,
+            tooltip="The corrected ground truth: paint/erase on '<image> mask' or pick any Labels layer.",
+        )
+        self.training_list = Select(name="training_list", label="training list", choices=self._pair_titles)
+        self.add_button = PushButton(name="add_button", text="Add pair")
+        self.remove_button = PushButton(name="remove_button", text="Remove selected")
+        list_buttons = Container(layout="horizontal", labels=False, widgets=[self.add_button, self.remove_button])
+        list_buttons.margins = (0, 0, 0, 0)
+        self.preset = ComboBox(name="preset", label="preset", choices=list(PRESETS), value="quick")
+        self.advanced = CheckBox(name="advanced", text="advanced", value=False)
+        self.steps = SpinBox(name="steps", label="steps", min=1, max=100_000)
+        self.learning_rate = FloatSpinBox(
+            name="learning_rate", label="learning rate", min=1e-6, max=1.0, step=1e-5,
+            options={"decimals": 6},
+        )
+        self.freeze_encoder = CheckBox(name="freeze_encoder", text="freeze encoder")
+        self.finetune_button = PushButton(name="finetune_button", text="Fine-tune")
+        self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
+        run_buttons = Container(layout="horizontal", labels=False, widgets=[self.finetune_button, self.cancel_button])
+        run_buttons.margins = (0, 0, 0, 0)
+        self.undo_button = PushButton(name="undo_button", text="Undo fine-tune")
+        self.save_button = PushButton(name="save_button", text="Save model…")
+        file_buttons = Container(layout="horizontal", labels=False, widgets=[self.undo_button, self.save_button])
+        file_buttons.margins = (0, 0, 0, 0)
+        self.status = Label(name="status", label="", value="")
+        self.extend([
+            self.image_layer, self.labels_layer, self.training_list, list_buttons, self.preset, self.advanced,
+            self.steps, self.learning_rate, self.freeze_encoder, run_buttons, file_buttons, self.status,
+        ])
+        self._build_plot()
+
+        self.preset.changed.connect(self._apply_preset)
+        self.advanced.changed.connect(self._show_advanced)
+        self.labels_layer.changed.connect(self._on_labels_picked)
+        self.image_layer.changed.connect(self._on_image_picked)
+        self.add_button.changed.connect(self.add_pair)
+        self.remove_button.changed.connect(self.remove_selected)
+        self.finetune_button.changed.connect(self.start_finetune)
+        self.cancel_button.changed.connect(self.cancel)
+        self.undo_button.changed.connect(self.undo)
+        self.save_button.changed.connect(self.save_dialog)
+        self._session.connect("segmented", self._on_segmented)
+        self._apply_preset(self.preset.value)
+        self._show_advanced(False)
+        self._on_image_picked(self.image_layer.value)
+
+    # -- plot --------------------------------------------------------------------------
+    def _build_plot(self) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(3.2, 2.0), dpi=100, tight_layout=True)
+        self.axes = self.figure.add_subplot(1, 1, 1)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(170)
+        self._draw_losses()
+        self.native.layout().addWidget(self.canvas)
+
+    def _draw_losses(self) -> None:
+        axes = self.axes
+        axes.clear()
+        axes.set_xlabel("step", fontsize=8)
+        axes.set_ylabel("loss", fontsize=8)
+        axes.tick_params(labelsize=7)
+        axes.set_title("fine-tune loss", fontsize=9)
+        if self.losses:
+            steps = np.arange(1, len(self.losses) + 1)
+            axes.plot(steps, self.losses, color="tab:orange", linewidth=1.2)
+        self.canvas.draw_idle()
+
+    # -- choices -----------------------------------------------------------------------
+    def _image_choices(self, _widget: Any = None) -> list[Image]:
+        return [layer for layer in self._viewer.layers if isinstance(layer, Image) and "sgdc" not in layer.metadata]
+
+    def _labels_choices(self, _widget: Any = None) -> list[Layer]:
+        """Labels layers first, then the other layers (picking one gives a clear error)."""
+        layers = [layer for layer in self._viewer.layers if "sgdc" not in layer.metadata
+                  or isinstance(layer, Labels)]
+        labels = [layer for layer in layers if isinstance(layer, Labels)]
+        image = self.image_layer.value if hasattr(self, "image_layer") else None
+        return labels + [layer for layer in layers if not isinstance(layer, Labels) and layer is not image]
+
+    def _pair_titles(self, _widget: Any = None) -> list[str]:
+        return [pair.title for pair in self.pairs]
+
+    def _on_image_picked(self, image: Image | None) -> None:
+        if image is None:
+            return
+        mask = mask_layer_of(self._viewer, image)
+        if mask is not None and self.labels_layer.value is not mask:
+            self.labels_layer.reset_choices()
+            self.labels_layer.value = mask
+
+    def _on_labels_picked(self, labels: Layer | None) -> None:
+        if labels is None:
+            return
+        image = image_of_mask(self._viewer, labels)
+        if image is not None and self.image_layer.value is not image:
+            self.image_layer.value = image
+
+    def _on_segmented(self, image: Image) -> None:
+        self.reset_choices()
+        if self.image_layer.value is image:
+            self._on_image_picked(image)
+
+    # -- training list ---------------------------------------------------------------------
+    def add_pair(self, *_: Any) -> bool:
+        """Adds the picked image/corrections pair (replacing an earlier entry of the same image).
+
+        Returns:
+            True when added; otherwise a notification says why not.
+        """
+        try:
+            pair = collect_pair(self._viewer, self._session, self.image_layer.value, self.labels_layer.value)
+        except InputError as exc:
+            notify_error(str(exc))
+            return False
+        self._put_pair(pair)
+        self.status.value = f"{len(self.pairs)} corrected image(s) in the list"
+        return True
+
+    def _put_pair(self, pair: TrainingPair) -> None:
+        self.pairs = [p for p in self.pairs if p.image_name != pair.image_name] + [pair]
+        self.training_list.reset_choices()
+
+    def remove_selected(self, *_: Any) -> None:
+        """Removes the selected entries from the training list."""
+        selected = set(self.training_list.value)
+        self.pairs = [pair for pair in self.pairs if pair.title not in selected]
+        self.training_list.reset_choices()
+
+    # -- settings ----------------------------------------------------------------------------
+    def _apply_preset(self, name: str) -> None:
+        preset = self._presets[name]
+        self.steps.value = int(preset.max_steps or preset.steps_per_epoch or 1)
+        self.learning_rate.value = float(preset.lr_decoder)
+        self.freeze_encoder.value = bool(preset.freeze_encoder)
+
+    def _show_advanced(self, show: bool) -> None:
+        for control in (self.steps, self.learning_rate, self.freeze_encoder):
+            control.visible = bool(show)
+
+    def train_config(self) -> Any:
+        """The TrainConfig of the next run: the preset with the advanced values applied."""
+        preset = self._presets[self.preset.value]
+        steps = int(self.steps.value)
+        lr = float(self.learning_rate.value)
+        ratio = preset.lr_encoder / preset.lr_decoder if preset.lr_decoder else 0.0
+        return replace(
+            preset,
+            max_steps=steps,
+            steps_per_epoch=steps,
+            epochs=1,
+            lr_decoder=lr,
+            lr_encoder=lr * ratio,
+            freeze_encoder=bool(self.freeze_encoder.value),
+            device=self._session.options.device,
+            extra=dict(preset.extra),
+        )
+
+    # -- fine-tune ------------------------------------------------------------------------------
+    def _training_pairs(self) -> list[TrainingPair]:
+        """The list plus the picked pair if it holds corrections (raises InputError if none)."""
+        try:
+            current = collect_pair(self._viewer, self._session, self.image_layer.value, self.labels_layer.value)
+        except InputError:
+            if not self.pairs:
+                raise
+            current = None
+        if current is not None:
+            self._put_pair(current)
+        return list(self.pairs)
+
+    def _model_state(self) -> ModelState:
+        state = self._session.current()
+        if state is not None:
+            return state
+        source = self._session.current_source
+        if source is None:
+            raise InputError("No model: pick one in SGDC Segment (or Load checkpoint…) and segment first.")
+        try:
+            return self._session.get_model(source, self._session.options.device)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            raise InputError(f"Could not load model: {error_text(exc)}") from exc
+
+    def start_finetune(self, *_: Any) -> Any:
+        """Starts fine-tuning the shared model on the corrections in a thread worker.
+
+        Returns:
+            The started worker, or None when an input is wrong (a notification says why).
+        """
+        if self._session.busy:
+            notify_error(f"SGDC is busy ({self._session.busy}); wait or press Cancel.")
+            return None
+        try:
+            state = self._model_state()
+            pairs = self._training_pairs()
+        except InputError as exc:
+            notify_error(str(exc))
+            return None
+        config = self.train_config()
+        images = [plane for pair in pairs for plane in pair.images]
+        instances = getattr(getattr(state.model, "config", None), "task", "semantic") == "instance"
+        labels = [
+            (plane.astype(np.int32) if instances else plane > 0) for pair in pairs for plane in pair.labels
+        ]
+        snapshot = state.snapshot()
+        self._cancel = threading.Event()
+        self.losses = []
+        self._draw_losses()
+        self._relay = Relay()
+        self._relay.event.connect(self._on_train_event)
+        self._pbar = progress(total=int(config.max_steps), desc="SGDC fine-tune")
+        self._session.busy = "fine-tuning"
+        self._set_running(True)
+        self.status.value = f"fine-tuning on {len(pairs)} image(s)…"
+        run_info = {
+            "images": [pair.image_name for pair in pairs],
+            "planes": len(images),
+            "preset": self.preset.value,
+        }
+
+        def job() -> Any:
+            from napari_sgdc.train import finetune
+
+            return finetune(
+                state.model, images, labels, preset=config, callbacks=[self._relay.event.emit], cancel=self._cancel
+            )
+
+        self.worker = create_worker(_guarded(job), _start_thread=False)
+        self.worker.returned.connect(
+            lambda outcome: self._on_finetuned(outcome, state, snapshot, config, run_info, pairs)
+        )
+        self.worker.start()
+        return self.worker
+
+    def _on_train_event(self, event: dict[str, Any]) -> None:
+        if event.get("kind") != "step":
+            return
+        if event.get("loss") is not None:
+            self.losses.append(float(event["loss"]))
+            self._draw_losses()
+        if self._pbar is not None:
+            total = int(event.get("total_steps") or self._pbar.total or 0)
+            if total and self._pbar.total != total:
+                self._pbar.total = total
+            self._pbar.update(max(0, int(event.get("step", 0)) - self._pbar.n))
+        loss = event.get("loss")
+        self.status.value = f"step {event.get('step')}/{event.get('total_steps')}" + (
+            f"  loss {loss:.4f}" if loss is not None else ""
+        )
+
+    def cancel(self, *_: Any) -> None:
+        """Stops fine-tuning (the weights are then restored) or the re-segmentation."""
+        self._cancel.set()
+        for job in self.segment_jobs:
+            job.cancel.set()
+        self.status.value = "cancelling…"
+
+    def _on_finetuned(
+        self, outcome: Outcome, state: ModelState, snapshot: dict, config: Any, run_info: dict, pairs: list
+    ) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self._session.busy = None
+        self._set_running(False)
+        history = outcome.value
+        cancelled = outcome.cancelled or bool(getattr(history, "cancelled", False))
+        if cancelled or outcome.error is not None:
+            state.restore(snapshot)
+            if cancelled:
+                show_info("Fine-tune cancelled; the model is unchanged.")
+                self.status.value = "cancelled; model unchanged"
+            else:
+                notify_error(f"Fine-tune failed (model unchanged): {error_text(outcome.error)}")
+                self.status.value = "failed; model unchanged"
+            return
+        self.history = history
+        losses = [float(x) for x in getattr(history, "losses", [])] or self.losses
+        if losses:
+            self.losses = losses
+            self._draw_losses()
+        state.undo.append(snapshot)
+        run_info["steps"] = int(getattr(history, "steps", len(losses)))
+        run_info["loss_first"] = losses[0] if losses else None
+        run_info["loss_last"] = losses[-1] if losses else None
+        state.runs.append(run_info)
+        state.last_train_config = config
+        if len(state.undo) > MAX_UNDO:
+            state.undo.pop(0)
+        self.status.value = (
+            f"fine-tuned {run_info['steps']} steps in {outcome.seconds:.1f} s"
+            + (f"; loss {losses[0]:.3f} → {losses[-1]:.3f}" if losses else "")
+        )
+        self._resegment([pair.image_name for pair in pairs])
+
+    # -- re-segmentation --------------------------------------------------------------------------
+    def _resegment(self, image_names: list[str]) -> None:
+        """Segments the named images again, one after the other, with the Segment widget's settings."""
+        queue = [self._viewer.layers[name] for name in dict.fromkeys(image_names)
+                 if name in self._viewer.layers and isinstance(self._viewer.layers[name], Image)]
+        self.segment_jobs = []
+        source = self._session.current_source
+
+        def next_job(*_: Any) -> None:
+            if not queue or source is None:
+                self._session.busy = None
+                self._set_running(False)
+                return
+            image = queue.pop(0)
+            try:
+                job = SegmentJob(self._viewer, self._session, image, source, on_done=on_done)
+            except Exception as exc:  # noqa: BLE001 - shown to the user
+                notify_error(f"Re-segmenting '{image.name}' failed: {error_text(exc)}")
+                next_job()
+                return
+            self.segment_jobs.append(job)
+
+        def on_done(job: SegmentJob, outcome: Outcome) -> None:
+            if outcome.cancelled:
+                queue.clear()
+            next_job()
+
+        if queue and source is not None:
+            self._session.busy = "re-segmenting"
+            self._set_running(True)
+        next_job()
+
+    def is_running(self) -> bool:
+        """Whether a fine-tune or its re-segmentation is still running."""
+        return self._session.busy is not None and self._session.busy in ("fine-tuning", "re-segmenting")
+
+    # -- undo / save ---------------------------------------------------------------------------------
+    def undo(self, *_: Any) -> bool:
+        """Restores the weights from before the last fine-tune, bit for bit, and re-segments.
+
+        Returns:
+            True when a fine-tune was undone.
+        """
+        state = self._session.current()
+        if self._session.busy:
+            notify_error(f"SGDC is busy ({self._session.busy}); wait or press Cancel.")
+            return False
+        if state is None or not state.undo:
+            notify_error("Nothing to undo: the model has not been fine-tuned.")
+            return False
+        state.restore(state.undo.pop())
+        run = state.runs.pop() if state.runs else {"images": []}
+        state.last_train_config = None
+        self.status.value = f"undone; {len(state.runs)} fine-tune run(s) kept"
+        show_info("Fine-tune undone: the previous weights are restored.")
+        self._resegment(run["images"])
+        return True
+
+    def save_dialog(self, *_: Any) -> None:
+        """Asks for a file name and saves the model."""
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getSaveFileName(
+            self.native, "Save SGDC model", "finetuned.safetensors", "SGDC checkpoints (*.safetensors)"
+        )
+        if path:
+            self.save_model(path)
+
+    def save_model(self, path: str) -> Any:
+        """Writes the in-memory model as a safetensors checkpoint with provenance.
+
+        Returns:
+            The written path, or None on failure (a notification says why).
+        """
+        state = self._session.current()
+        if state is None:
+            notify_error("No model to save: pick and use a model in SGDC Segment first.")
+            return None
+        from napari_sgdc.io import save_checkpoint
+
+        if not str(path).endswith(".safetensors"):
+            path = f"{path}.safetensors"
+        try:
+            written = save_checkpoint(
+                path, state.model, train_config=state.last_train_config, provenance=state.provenance()
+            )
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            notify_error(f"Could not save the model: {error_text(exc)}")
+            return None
+        show_info(f"Model saved to {written}")
+        self.status.value = f"saved {written}"
+        return written
+
+    def _set_running(self, running: bool) -> None:
+        self.finetune_button.enabled = not running
+        self.undo_button.enabled = not running
+        self.save_button.enabled = not running
+        self.cancel_button.enabled = running

@@ -1,0 +1,240 @@
+"""Layer helpers: image planes in, aligned result layers out.
+
+Every result layer copies the image layer's scale, translate, rotate, shear and
+affine, so it lies exactly on the image. Gate maps keep their native stride: their
+scale is the image scale times the stride, and their translate moves each gate
+pixel to the centre of the image pixels it covers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from napari.layers import Image, Labels, Layer
+
+KIND_PROBABILITY = "probability"
+KIND_MASK = "mask"
+KIND_BOUNDARY = "SGE boundary"
+KIND_GATES = "gates"
+
+
+def result_name(image_name: str, kind: str, block: str | None = None) -> str:
+    """Name of a result layer: ``"<image> mask"``, ``"<image> gates <block>"``..."""
+    name = f"{image_name} {kind}"
+    return f"{name} {block}" if block else name
+
+
+@dataclass
+class PlaneInput:
+    """An image layer's pixels, flattened to planes.
+
+    Attributes:
+        planes: (n, H, W) or (n, H, W, C) pixels of the planes to segment.
+        indices: flat plane index of each entry of `planes`.
+        lead_shape: the layer's plane axes (``()`` for one 2-D image).
+        spatial_shape: (H, W).
+    """
+
+    planes: np.ndarray
+    indices: list[int]
+    lead_shape: tuple[int, ...]
+    spatial_shape: tuple[int, int]
+
+    @property
+    def n_planes(self) -> int:
+        """Total number of planes of the layer."""
+        return int(np.prod(self.lead_shape)) if self.lead_shape else 1
+
+
+def layer_pixels(layer: Image) -> np.ndarray:
+    """The layer's full-resolution data as an array (level 0 of a multiscale image)."""
+    data = layer.data[0] if layer.multiscale else layer.data
+    return np.asarray(data)
+
+
+def spatial_shape_of(layer: Layer) -> tuple[int, ...]:
+    """The layer's data shape without the RGB(A) channel axis."""
+    shape = tuple((layer.data[0] if getattr(layer, "multiscale", False) else layer.data).shape)
+    if isinstance(layer, Image) and layer.rgb:
+        return shape[:-1]
+    return shape
+
+
+def image_planes(layer: Image, planes: str = "all", world_point: Sequence[float] | None = None) -> PlaneInput:
+    """Flattens an RGB or grayscale image layer (2-D or a stack) into planes.
+
+    Args:
+        layer: the image layer.
+        planes: ``"all"`` planes, or ``"current"`` (the plane shown at `world_point`).
+        world_point: the viewer's ``dims.point``; needed for ``"current"``.
+
+    Raises:
+        ValueError: the layer has fewer than two spatial axes.
+    """
+    data = layer_pixels(layer)
+    shape = spatial_shape_of(layer)
+    if len(shape) < 2:
+        raise ValueError(f"Image '{layer.name}' has shape {data.shape}: it needs at least 2 spatial axes.")
+    lead_shape, spatial = tuple(shape[:-2]), (int(shape[-2]), int(shape[-1]))
+    channel = data.shape[len(shape):]
+    flat = data.reshape((-1, *spatial, *channel))  # (N, H, W[, C])
+    if not lead_shape or planes == "all":
+        return PlaneInput(flat, list(range(flat.shape[0])), lead_shape, spatial)
+    point = np.asarray(world_point if world_point is not None else np.zeros(layer.ndim), dtype=float)
+    data_point = np.asarray(layer.world_to_data(point[-layer.ndim:]), dtype=float)
+    index = tuple(
+        int(np.clip(np.round(p), 0, n - 1)) for p, n in zip(data_point[: len(lead_shape)], lead_shape)
+    )
+    flat_index = int(np.ravel_multi_index(index, lead_shape))
+    return PlaneInput(flat[flat_index : flat_index + 1], [flat_index], lead_shape, spatial)
+
+
+def _find(viewer: Any, name: str, layer_type: type) -> Layer | None:
+    """The layer called `name` if it has type `layer_type`, else None."""
+    if name in viewer.layers and isinstance(viewer.layers[name], layer_type):
+        return viewer.layers[name]
+    return None
+
+
+def _transform_kwargs(image: Image) -> dict[str, Any]:
+    """The image layer's data-to-world transform, to copy onto a result layer."""
+    return {
+        "scale": np.asarray(image.scale, dtype=float),
+        "translate": np.asarray(image.translate, dtype=float),
+        "rotate": np.asarray(image.rotate, dtype=float),
+        "shear": np.asarray(image.shear, dtype=float),
+        "affine": image.affine.affine_matrix,
+    }
+
+
+def gate_transform_kwargs(image: Image, stride: int) -> dict[str, Any]:
+    """Transform of a gate layer with data (2, *planes, h, w) at `stride`.
+
+    A gate pixel i covers image pixels [i * stride, (i + 1) * stride), whose centre
+    is at image pixel ``i * stride + (stride - 1) / 2``.
+    """
+    scale = np.asarray(image.scale, dtype=float)
+    translate = np.asarray(image.translate, dtype=float)
+    linear = _rotate_shear_matrix(image)
+    offset = np.zeros_like(scale)
+    offset[-2:] = (stride - 1) / 2.0
+    gate_scale = scale.copy()
+    gate_scale[-2:] *= stride
+    gate_translate = translate + linear @ (scale * offset)
+    return {
+        "scale": np.concatenate([[1.0], gate_scale]),
+        "translate": np.concatenate([[0.0], gate_translate]),
+        "affine": _pad_affine(image.affine.affine_matrix),
+    }
+
+
+def _rotate_shear_matrix(image: Image) -> np.ndarray:
+    """The rotate-and-shear part of the image's data-to-physical transform."""
+    from napari.utils.transforms import Affine
+
+    ndim = image.ndim
+    return Affine(rotate=image.rotate, shear=image.shear, ndim=ndim).linear_matrix
+
+
+def _pad_affine(matrix: np.ndarray) -> np.ndarray:
+    """Adds a leading identity axis (the gate axis) to a homogeneous affine matrix."""
+    n = matrix.shape[0]
+    padded = np.eye(n + 1)
+    padded[1:, 1:] = matrix
+    return padded
+
+
+def _set_or_add(viewer: Any, name: str, layer_type: type, data: np.ndarray, new_kwargs: dict, transform: dict) -> Layer:
+    """Replaces the data of layer `name` (same type and ndim), or adds a new layer."""
+    existing = _find(viewer, name, layer_type)
+    if existing is not None and existing.ndim == data.ndim:
+        existing.data = data
+        for key, value in transform.items():
+            setattr(existing, key, value)
+        if "contrast_limits" in new_kwargs:
+            existing.contrast_limits = new_kwargs["contrast_limits"]
+        existing.metadata.update(new_kwargs.get("metadata", {}))
+        return existing
+    if name in viewer.layers:
+        viewer.layers.remove(name)
+    if layer_type is Labels:
+        return viewer.add_labels(data, name=name, **transform, **new_kwargs)
+    return viewer.add_image(data, name=name, **transform, **new_kwargs)
+
+
+def unflatten(planes: np.ndarray, lead_shape: tuple[int, ...]) -> np.ndarray:
+    """(N, H, W) -> (*lead_shape, H, W)."""
+    return planes.reshape((*lead_shape, *planes.shape[-2:]))
+
+
+def show_result_layers(
+    viewer: Any,
+    image: Image,
+    probability: np.ndarray,
+    boundary: np.ndarray,
+    mask: np.ndarray,
+    lead_shape: tuple[int, ...],
+    gates: list[dict[str, Any]] | None,
+) -> dict[str, Layer]:
+    """Writes (or replaces) the probability, mask, boundary and gate layers of `image`.
+
+    Args:
+        viewer: the napari viewer.
+        image: the segmented image layer.
+        probability: (N, H, W) float32 in 0..1.
+        boundary: (N, H, W) float32 in 0..1.
+        mask: (N, H, W) labels (uint8 0/1 for semantic, int32 instances).
+        lead_shape: the image's plane axes.
+        gates: one dict per guided block: {"name", "stride", "data": (2, N, h, w) float16}.
+
+    Returns:
+        The layers by kind (gate layers by ``"gates <block>"``).
+    """
+    transform = _transform_kwargs(image)
+    meta = {"sgdc": {"image": image.name}}
+    layers: dict[str, Layer] = {}
+    layers[KIND_PROBABILITY] = _set_or_add(
+        viewer, result_name(image.name, KIND_PROBABILITY), Image, unflatten(probability, lead_shape),
+        {"colormap": "magma", "contrast_limits": (0.0, 1.0), "blending": "additive", "opacity": 0.7,
+         "visible": False, "metadata": meta},
+        transform,
+    )
+    layers[KIND_BOUNDARY] = _set_or_add(
+        viewer, result_name(image.name, KIND_BOUNDARY), Image, unflatten(boundary, lead_shape),
+        {"colormap": "cyan", "contrast_limits": (0.0, 1.0), "blending": "additive", "opacity": 0.9,
+         "visible": True, "metadata": meta},
+        transform,
+    )
+    layers[KIND_MASK] = _set_or_add(
+        viewer, result_name(image.name, KIND_MASK), Labels, unflatten(mask, lead_shape),
+        {"opacity": 0.5, "metadata": meta},
+        transform,
+    )
+    for gate in gates or []:
+        data = gate["data"].reshape((2, *lead_shape, *gate["data"].shape[-2:]))  # (2, *planes, h, w)
+        key = f"{KIND_GATES} {gate['name']}"
+        layers[key] = _set_or_add(
+            viewer, result_name(image.name, KIND_GATES, gate["name"]), Image, data,
+            {"colormap": "viridis", "contrast_limits": (0.0, 1.0), "visible": False, "opacity": 0.8,
+             "metadata": {"sgdc": {"image": image.name, "stride": int(gate["stride"]),
+                                   "axis0": ["gate1 (channel-mean)", "gate2 (channel-mean)"]}}},
+            gate_transform_kwargs(image, int(gate["stride"])),
+        )
+    return layers
+
+
+def mask_layer_of(viewer: Any, image: Image) -> Labels | None:
+    """The ``"<image> mask"`` Labels layer if it exists."""
+    return _find(viewer, result_name(image.name, KIND_MASK), Labels)
+
+
+def image_of_mask(viewer: Any, labels: Layer) -> Image | None:
+    """The image a ``"<image> mask"`` layer was made from, if it is still open."""
+    image_name = (labels.metadata.get("sgdc") or {}).get("image")
+    if image_name is None and labels.name.endswith(f" {KIND_MASK}"):
+        image_name = labels.name[: -len(KIND_MASK) - 1]
+    if image_name is None:
+        return None
+    return _find(viewer, image_name, Image)

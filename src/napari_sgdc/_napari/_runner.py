@@ -1,0 +1,269 @@
+"""Background jobs for the widgets: segmentation and fine-tuning in napari thread workers.
+
+The worker functions only call the headless API (`napari_sgdc.inference.segment`,
+`napari_sgdc.train.finetune`); progress and events cross back to the GUI thread
+through a Qt signal relay. Exceptions are caught inside the worker and shown as
+one-line napari notifications, never as a traceback dialog.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Signal
+
+from napari_sgdc._napari._layers import image_planes, show_result_layers
+from napari_sgdc._napari._session import CachedResult, SGDCSession
+
+LOG = logging.getLogger(__name__)
+
+
+class Relay(QObject):
+    """Carries progress from a worker thread to the GUI thread (queued signals)."""
+
+    progressed = Signal(int, int)
+    event = Signal(object)
+
+
+@dataclass
+class Outcome:
+    """What a worker function returns: a value, or the error it caught.
+
+    Attributes:
+        value: the result when the job succeeded.
+        error: the caught exception, or None.
+        cancelled: the job stopped because Cancel was pressed.
+        seconds: wall time of the job.
+    """
+
+    value: Any = None
+    error: BaseException | None = None
+    cancelled: bool = False
+    seconds: float = 0.0
+
+
+def notify_error(message: str) -> None:
+    """Shows a one-line error notification (no traceback dialog)."""
+    show_error(message)
+
+
+def error_text(exc: BaseException) -> str:
+    """One line describing `exc` for a notification."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if isinstance(exc, (ValueError, FileNotFoundError, RuntimeError)) else f"{type(exc).__name__}: {text}"
+
+
+def _guarded(job: Callable[[], Any]) -> Callable[[], Outcome]:
+    """Wraps `job` so the worker returns an Outcome instead of raising."""
+
+    def run() -> Outcome:
+        start = time.perf_counter()
+        try:
+            value = job()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a notification
+            from napari_sgdc.inference import Cancelled
+
+            if isinstance(exc, Cancelled):
+                return Outcome(cancelled=True, seconds=time.perf_counter() - start)
+            LOG.exception("napari-sgdc job failed")
+            return Outcome(error=exc, seconds=time.perf_counter() - start)
+        return Outcome(value=value, seconds=time.perf_counter() - start)
+
+    return run
+
+
+class SegmentJob:
+    """One segmentation of one image layer in a thread worker.
+
+    Attributes:
+        worker: the napari FunctionWorker (started).
+        cancel: set it to stop the job at the next tile.
+        image: the image layer being segmented.
+    """
+
+    def __init__(
+        self,
+        viewer: Any,
+        session: SGDCSession,
+        image: Image,
+        source: str,
+        on_done: Callable[["SegmentJob", Outcome], None] | None = None,
+    ) -> None:
+        self.viewer = viewer
+        self.session = session
+        self.image = image
+        self.source = source
+        self.on_done = on_done
+        self.cancel = threading.Event()
+        self.options = _copy_options(session)
+        self.planes = image_planes(image, self.options.planes, viewer.dims.point)
+        self.relay = Relay()
+        self.pbar = progress(total=0, desc=f"SGDC segment {image.name}")
+        self.relay.progressed.connect(self._on_progress)
+        self.outcome: Outcome | None = None
+        self.worker = create_worker(_guarded(self._work), _start_thread=False)
+        self.worker.returned.connect(self._on_returned)
+        self.worker.finished.connect(self.pbar.close)
+        self.worker.start()
+
+    def _work(self) -> tuple[Any, Any]:
+        from napari_sgdc.inference import segment
+
+        opts = self.options
+        state = self.session.get_model(self.source, opts.device)
+        planes = self.planes.planes
+        image = planes if len(planes) > 1 else planes[0]
+        result = segment(
+            state.model,
+            image,
+            threshold=opts.threshold,
+            tile=opts.tile,
+            device=opts.device,
+            return_gates=opts.gates,
+            boundary_threshold=opts.boundary_threshold,
+            min_size=opts.min_size,
+            progress=self.relay.progressed.emit,
+            cancel=self.cancel,
+            stack=len(planes) > 1,
+        )
+        return state, result
+
+    def _on_progress(self, done: int, total: int) -> None:
+        if self.pbar.total != total:
+            self.pbar.total = total
+        self.pbar.update(max(0, done - self.pbar.n))
+
+    def _on_returned(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        if outcome.cancelled:
+            show_info(f"Segmentation of '{self.image.name}' cancelled.")
+        elif outcome.error is not None:
+            notify_error(f"Segmentation of '{self.image.name}' failed: {error_text(outcome.error)}")
+        elif self.image not in self.viewer.layers:
+            show_info(f"'{self.image.name}' was closed during segmentation; result dropped.")
+        else:
+            state, result = outcome.value
+            store_and_show(self.viewer, self.session, self.image, self.planes, state.source, result)
+        if self.on_done is not None:
+            self.on_done(self, outcome)
+
+
+def _copy_options(session: SGDCSession):
+    from dataclasses import replace
+
+    return replace(session.options)
+
+
+def _as_planes(array: np.ndarray | None, n: int) -> np.ndarray | None:
+    """(H, W) or (n, H, W) -> (n, H, W)."""
+    if array is None:
+        return None
+    array = np.asarray(array)
+    return array[None] if array.ndim == 2 and n == 1 else array
+
+
+def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes, source: str, result: Any) -> CachedResult:
+    """Merges a SegmentationResult into the layer's cache and writes the result layers.
+
+    Args:
+        viewer: the napari viewer.
+        session: the shared session (its `results` cache is updated).
+        image: the segmented image layer.
+        planes: the PlaneInput that was segmented.
+        source: the model that produced `result`.
+        result: the SegmentationResult of `planes`.
+    """
+    n_total, n_new = planes.n_planes, len(planes.indices)
+    height, width = planes.spatial_shape
+    probability = _as_planes(result.probability, n_new).astype(np.float32)  # (n, H, W)
+    boundary = _as_planes(result.boundary, n_new).astype(np.float32)  # (n, H, W)
+    instances = result.labels is not None
+    new_mask = _as_planes(result.labels if instances else result.mask, n_new)
+    new_mask = new_mask.astype(np.int32 if instances else np.uint8)  # (n, H, W)
+
+    old = session.results.get(image)
+    reuse = (
+        old is not None
+        and old.probability.shape == (n_total, height, width)
+        and old.instances == instances
+        and n_new < n_total
+    )
+    if reuse:
+        cache = old
+        cache.written_mask = cache.written_mask.astype(new_mask.dtype)
+    else:
+        cache = CachedResult(
+            probability=np.zeros((n_total, height, width), np.float32),
+            boundary=np.zeros((n_total, height, width), np.float32),
+            segmented=np.zeros(n_total, bool),
+            lead_shape=planes.lead_shape,
+            instances=instances,
+            written_mask=np.zeros((n_total, height, width), new_mask.dtype),
+            model_source=source,
+        )
+    cache.model_source = source
+    cache.probability[planes.indices] = probability
+    cache.boundary[planes.indices] = boundary
+    cache.written_mask[planes.indices] = new_mask
+    cache.segmented[planes.indices] = True
+    session.results[image] = cache
+
+    gates = _gate_planes(viewer, image, result.gates, planes) if result.gates else None
+    show_result_layers(
+        viewer, image, cache.probability, cache.boundary, cache.written_mask.copy(), cache.lead_shape, gates
+    )
+    session.emit("segmented", image=image)
+    return cache
+
+
+def _gate_planes(viewer: Any, image: Image, gate_maps: list, planes) -> list[dict[str, Any]]:
+    """GateMaps -> dicts with data (2, N, h, w), keeping other planes of an existing layer."""
+    from napari_sgdc._napari._layers import KIND_GATES, result_name
+
+    n_total, n_new = planes.n_planes, len(planes.indices)
+    gates = []
+    for gate in gate_maps:
+        data = np.asarray(gate.data)
+        data = data[None] if data.ndim == 3 else data  # (n, 2, h, w)
+        data = np.moveaxis(data, 1, 0)  # (2, n, h, w)
+        full = None
+        name = result_name(image.name, KIND_GATES, gate.name)
+        if n_new < n_total and name in viewer.layers:
+            existing = np.asarray(viewer.layers[name].data)
+            if existing.size == 2 * n_total * data.shape[-2] * data.shape[-1]:
+                full = existing.reshape(2, n_total, *data.shape[-2:]).copy()
+        if full is None:
+            full = np.zeros((2, n_total, *data.shape[-2:]), dtype=data.dtype)
+        full[:, planes.indices] = data
+        gates.append({"name": gate.name, "stride": int(gate.stride), "data": full})
+    return gates
+
+
+def postprocess_cache(cache: CachedResult, threshold: float, boundary_threshold: float, min_size: int) -> np.ndarray:
+    """Re-thresholds every segmented plane of `cache` (no network call).
+
+    Returns:
+        (N, H, W) mask (uint8) or instance labels (int32).
+    """
+    from napari_sgdc.inference import postprocess
+
+    mask = np.zeros_like(cache.written_mask)
+    for index in np.flatnonzero(cache.segmented):
+        mask[index] = postprocess(
+            cache.probability[index],
+            cache.boundary[index],
+            threshold=threshold,
+            boundary_threshold=boundary_threshold,
+            min_size=min_size,
+            instances=cache.instances,
+        )
+    return mask

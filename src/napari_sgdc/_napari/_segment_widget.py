@@ -1,0 +1,274 @@
+"""The "SGDC Segment" dock widget."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FloatSlider,
+    Label,
+    PushButton,
+    SpinBox,
+)
+from napari.layers import Image
+
+from napari_sgdc._napari._layers import mask_layer_of, unflatten
+from napari_sgdc._napari._runner import (
+    SegmentJob,
+    error_text,
+    notify_error,
+    postprocess_cache,
+)
+from napari_sgdc._napari._session import BUILTIN_PREFIX, display_name, get_session
+
+if TYPE_CHECKING:
+    import napari
+
+LOAD_CHECKPOINT = "Load checkpoint…"
+SEGMENT_SHORTCUT = "Shift-S"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def available_builtins() -> list[str]:
+    """Names of the built-in models shipped with the package (empty if none)."""
+    try:
+        from napari_sgdc.io import builtin_models
+
+        return list(builtin_models())
+    except Exception:  # noqa: BLE001 - a missing or broken models folder means "none"
+        return []
+
+
+class SegmentWidget(Container):
+    """Segments an image layer with an SGDC model.
+
+    Writes ``<image> probability``, ``<image> mask`` (Labels), ``<image> SGE boundary``
+    and hidden ``<image> gates <block>`` layers aligned to the image, and re-thresholds
+    the mask live from the cached probabilities when a slider moves.
+
+    Args:
+        napari_viewer: the viewer the widget is docked in.
+    """
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._session = get_session(napari_viewer)
+        self.job: SegmentJob | None = None
+        self._previous_model: str | None = None
+
+        self.image_layer = ComboBox(name="image_layer", label="image", choices=self._image_choices)
+        self.model = ComboBox(name="model", label="model", choices=self._model_choices, nullable=True)
+        self.model_note = Label(name="model_note", label="")
+        self.device = ComboBox(name="device", label="device", choices=DEVICES, value="auto")
+        self.tile = SpinBox(name="tile", label="tile size", min=64, max=4096, step=32, value=512)
+        self.planes = ComboBox(
+            name="planes", label="stack planes", choices=["all", "current"], value="all",
+            tooltip="For stacks: segment every plane, or only the plane shown now.",
+        )
+        self.gates = CheckBox(name="gates", text="compute SGDC gate maps", value=True)
+        self.segment_button = PushButton(name="segment_button", text=f"Segment ({SEGMENT_SHORTCUT})")
+        self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
+        buttons = Container(name="buttons", layout="horizontal", labels=False,
+                            widgets=[self.segment_button, self.cancel_button])
+        buttons.margins = (0, 0, 0, 0)
+        self.threshold = FloatSlider(name="threshold", label="threshold", min=0.0, max=1.0, step=0.01, value=0.5)
+        self.boundary_threshold = FloatSlider(
+            name="boundary_threshold", label="boundary thr.", min=0.0, max=1.0, step=0.01, value=0.5,
+            tooltip="Boundary probability above which touching nuclei are split (instance models).",
+        )
+        self.min_size = SpinBox(name="min_size", label="min size (px)", min=0, max=1_000_000, value=20)
+        self.status = Label(name="status", label="", value="")
+        self.extend([
+            self.image_layer, self.model, self.model_note, self.device, self.tile, self.planes,
+            self.gates, buttons, self.threshold, self.boundary_threshold, self.min_size, self.status,
+        ])
+
+        real_sources = [source for source in self._sources() if source != LOAD_CHECKPOINT]
+        self.model.value = self._session.current_source if self._session.current_source in real_sources else (
+            real_sources[0] if real_sources else None
+        )
+        self.model.changed.connect(self._on_model_changed)
+        self.segment_button.changed.connect(self.run_segment)
+        self.cancel_button.changed.connect(self.cancel)
+        for control in (self.device, self.tile, self.planes, self.gates):
+            control.changed.connect(self._sync_options)
+        for slider in (self.threshold, self.boundary_threshold, self.min_size):
+            slider.changed.connect(self._on_postprocess_changed)
+        self._sync_options()
+        self._on_model_changed(self.model.value)
+        self._bind_shortcut()
+
+    # -- choices ---------------------------------------------------------------------
+    def _image_choices(self, _widget: Any = None) -> list[Image]:
+        return [layer for layer in self._viewer.layers if isinstance(layer, Image) and "sgdc" not in layer.metadata]
+
+    def _model_choices(self, _widget: Any = None) -> list[tuple[str, str]]:
+        sources = [BUILTIN_PREFIX + name for name in available_builtins()]
+        sources += [source for source in self._session.models if source not in sources]
+        return [(display_name(source), source) for source in sources] + [(LOAD_CHECKPOINT, LOAD_CHECKPOINT)]
+
+    def _refresh_model_note(self) -> None:
+        if not available_builtins() and not self._session.models:
+            self.model_note.value = "No built-in models installed: choose Load checkpoint…"
+        elif self._session.current_source in self._session.models:
+            state = self._session.models[self._session.current_source]
+            runs = len(state.runs)
+            self.model_note.value = f"fine-tuned {runs}×" if runs else ""
+        else:
+            self.model_note.value = ""
+
+    # -- model picker ------------------------------------------------------------------
+    def _on_model_changed(self, value: str | None) -> None:
+        if value == LOAD_CHECKPOINT:
+            path = self._ask_checkpoint_path()
+            if path:
+                self.load_checkpoint(path)
+            else:
+                self.model.value = self._previous_model if self._previous_model in self._sources() else None
+            self._refresh_model_note()
+            return
+        self._session.current_source = value
+        self._previous_model = value
+        self._refresh_model_note()
+
+    def _sources(self) -> list[str]:
+        return [value for _, value in self._model_choices()]
+
+    def _ask_checkpoint_path(self) -> str | None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getOpenFileName(
+            self.native, "Load SGDC checkpoint", "", "SGDC checkpoints (*.safetensors);;All files (*)"
+        )
+        return path or None
+
+    def load_checkpoint(self, path: str) -> bool:
+        """Loads a checkpoint file, adds it to the model picker and selects it.
+
+        Returns:
+            True on success; on failure a notification explains why.
+        """
+        source = str(path)
+        try:
+            self._session.get_model(source, self.device.value)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            notify_error(f"Could not load checkpoint: {error_text(exc)}")
+            return False
+        self.model.reset_choices()
+        self.model.value = source
+        return True
+
+    # -- segmentation --------------------------------------------------------------------
+    def _sync_options(self, *_: Any) -> None:
+        options = self._session.options
+        options.device = self.device.value
+        options.tile = int(self.tile.value)
+        options.planes = self.planes.value
+        options.gates = bool(self.gates.value)
+        options.threshold = float(self.threshold.value)
+        options.boundary_threshold = float(self.boundary_threshold.value)
+        options.min_size = int(self.min_size.value)
+
+    def run_segment(self, *_: Any) -> SegmentJob | None:
+        """Starts segmenting the picked image layer in a thread worker.
+
+        Returns:
+            The started job, or None when an input is missing (a notification says which).
+        """
+        image = self.image_layer.value
+        if image is None or image not in self._viewer.layers:
+            notify_error("No image layer to segment: open an image, or File > Open Sample > napari-sgdc.")
+            return None
+        source = self.model.value
+        if source in (None, LOAD_CHECKPOINT):
+            notify_error("No model picked: choose a built-in model or Load checkpoint… in SGDC Segment.")
+            return None
+        if self._session.busy:
+            notify_error(f"SGDC is busy ({self._session.busy}); wait or press Cancel.")
+            return None
+        self._sync_options()
+        self._session.busy = f"segmenting {image.name}"
+        self._set_running(True)
+        self.status.value = f"segmenting {image.name}…"
+        try:
+            self.job = SegmentJob(self._viewer, self._session, image, source, on_done=self._on_done)
+        except Exception as exc:  # noqa: BLE001 - e.g. an image with one axis
+            self._session.busy = None
+            self._set_running(False)
+            notify_error(f"Cannot segment '{image.name}': {error_text(exc)}")
+            self.status.value = ""
+            return None
+        return self.job
+
+    def cancel(self, *_: Any) -> None:
+        """Asks the running segmentation to stop at its next tile."""
+        if self.job is not None:
+            self.job.cancel.set()
+            self.status.value = "cancelling…"
+
+    def _on_done(self, job: SegmentJob, outcome: Any) -> None:
+        self._session.busy = None
+        self._set_running(False)
+        if outcome.value is not None:
+            self.status.value = f"{job.image.name}: segmented in {outcome.seconds:.1f} s"
+        elif outcome.cancelled:
+            self.status.value = "cancelled"
+        else:
+            self.status.value = "failed (see notification)"
+        self._refresh_model_note()
+
+    def _set_running(self, running: bool) -> None:
+        self.segment_button.enabled = not running
+        self.cancel_button.enabled = running
+
+    # -- live post-processing --------------------------------------------------------------
+    def _on_postprocess_changed(self, *_: Any) -> None:
+        self._sync_options()
+        image = self.image_layer.value
+        if image is None:
+            return
+        self.update_mask(image)
+
+    def update_mask(self, image: Image) -> bool:
+        """Re-thresholds `image`'s cached probabilities into its mask layer (no forward pass).
+
+        Returns:
+            True when the mask layer was updated.
+        """
+        cache = self._session.results.get(image)
+        mask_layer = mask_layer_of(self._viewer, image)
+        if cache is None or mask_layer is None:
+            return False
+        options = self._session.options
+        try:
+            mask = postprocess_cache(cache, options.threshold, options.boundary_threshold, options.min_size)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            notify_error(f"Post-processing failed: {error_text(exc)}")
+            return False
+        cache.written_mask = mask
+        mask_layer.data = unflatten(mask.copy(), cache.lead_shape)
+        return True
+
+    # -- keyboard shortcut --------------------------------------------------------------------
+    def _bind_shortcut(self) -> None:
+        widget_ref = weakref.ref(self)
+
+        def segment_shortcut(viewer: Any) -> None:
+            """Segment the image picked in SGDC Segment."""
+            widget = widget_ref()
+            if widget is not None:
+                widget.run_segment()
+
+        self._viewer.bind_key(SEGMENT_SHORTCUT, segment_shortcut, overwrite=True)
+        self._shortcut_callback = segment_shortcut
+
+    def reset_choices(self, *_: Any) -> None:
+        """Refreshes the layer and model pickers (napari calls this when layers change)."""
+        super().reset_choices()
+        self._refresh_model_note()
+

@@ -1,0 +1,220 @@
+"""The in-memory model state shared by the Segment and Fine-tune widgets.
+
+This module is plain Python (no Qt): one `SGDCSession` per napari viewer holds the
+loaded models, the undo snapshots of fine-tuning, the segmentation results cached
+per image layer (so the sliders can re-threshold without a forward pass), and the
+options of the Segment widget (which the Fine-tune widget reuses to re-segment).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+BUILTIN_PREFIX = "built-in: "
+
+
+@dataclass
+class SegmentOptions:
+    """The Segment widget's settings, shared so the Fine-tune widget can re-segment.
+
+    Attributes:
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        tile: tile size in pixels.
+        threshold: mask probability threshold.
+        boundary_threshold: boundary probability above which touching instances are split.
+        min_size: smallest object kept, in pixels.
+        planes: ``all`` planes of a stack, or the ``current`` plane only.
+        gates: compute and show the SGDC gate maps.
+    """
+
+    device: str = "auto"
+    tile: int = 512
+    threshold: float = 0.5
+    boundary_threshold: float = 0.5
+    min_size: int = 20
+    planes: str = "all"
+    gates: bool = True
+
+
+@dataclass
+class CachedResult:
+    """One image layer's latest segmentation, in flattened plane form.
+
+    Attributes:
+        probability: (N, H, W) float32 mask probability, N = number of planes.
+        boundary: (N, H, W) float32 boundary probability.
+        segmented: (N,) bool, which planes hold a real result.
+        lead_shape: the image's plane axes (``()`` for a 2-D image).
+        instances: whether the mask is an instance labelling.
+        written_mask: (N, H, W) copy of what was last written into the mask layer,
+            used to tell whether the user painted corrections.
+        model_source: the model that produced the result.
+    """
+
+    probability: np.ndarray
+    boundary: np.ndarray
+    segmented: np.ndarray
+    lead_shape: tuple[int, ...]
+    instances: bool
+    written_mask: np.ndarray
+    model_source: str
+
+
+@dataclass
+class ModelState:
+    """One loaded model and its fine-tuning history.
+
+    Attributes:
+        source: a built-in model name or a checkpoint path.
+        model: the torch module (the one both widgets use).
+        undo: weight snapshots taken before each fine-tune, newest last.
+        runs: provenance of each fine-tune run kept (parallel to `undo`).
+        last_train_config: the TrainConfig of the latest kept run.
+    """
+
+    source: str
+    model: Any
+    undo: list[dict[str, Any]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    last_train_config: Any = None
+
+    @property
+    def display_name(self) -> str:
+        """Short name for the model picker."""
+        return display_name(self.source)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Returns an exact copy of the model's parameters and buffers."""
+        return {key: value.detach().clone() for key, value in self.model.state_dict().items()}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Restores weights bit for bit from `snapshot`."""
+        self.model.load_state_dict(snapshot, strict=True)
+
+    def provenance(self) -> dict[str, Any]:
+        """Provenance for a checkpoint: the base model and the fine-tuning kept so far."""
+        base = self.model_metadata().get("provenance") or {}
+        images = sorted({name for run in self.runs for name in run["images"]})
+        return {
+            "base_model": self.source,
+            "base_provenance": base,
+            "finetuned_with": "napari-sgdc GUI",
+            "corrected_images": len(images),
+            "corrected_image_names": images,
+            "finetune_steps": int(sum(run["steps"] for run in self.runs)),
+            "finetune_runs": list(self.runs),
+        }
+
+    def model_metadata(self) -> dict[str, Any]:
+        """The metadata that io.load_model attached, or an empty dict."""
+        return dict(getattr(self.model, "metadata", None) or {})
+
+
+def display_name(source: str) -> str:
+    """Model picker text for a built-in name or a checkpoint path."""
+    if source.startswith(BUILTIN_PREFIX):
+        return source
+    return Path(source).name
+
+
+class SGDCSession:
+    """Shared state of one viewer's SGDC widgets (thread-safe where workers touch it).
+
+    Attributes:
+        options: the Segment widget's current settings.
+        models: loaded models by source.
+        current_source: the source picked in the model picker, or None.
+        results: cached segmentation per image layer (weakly keyed by the layer).
+        busy: a short text while a worker uses the model (segmenting or fine-tuning).
+    """
+
+    def __init__(self) -> None:
+        self.options = SegmentOptions()
+        self.models: dict[str, ModelState] = {}
+        self.current_source: str | None = None
+        self.results: "weakref.WeakKeyDictionary[Any, CachedResult]" = weakref.WeakKeyDictionary()
+        self.busy: str | None = None
+        self.lock = threading.RLock()
+        self._listeners: dict[str, list[Callable[[], Any]]] = {}
+
+    # -- events (plain callbacks; widgets connect here) --------------------------------
+    def connect(self, event: str, callback: Callable[..., None]) -> None:
+        """Calls `callback(**kwargs)` whenever `event` is emitted.
+
+        Bound methods are held weakly, so a closed widget does not stay alive
+        (and keep its viewer alive) through the session.
+        """
+        ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else (lambda: callback)
+        self._listeners.setdefault(event, []).append(ref)
+
+    def emit(self, event: str, **kwargs: Any) -> None:
+        """Calls every live callback of `event` (from the GUI thread)."""
+        refs = self._listeners.get(event, [])
+        refs[:] = [ref for ref in refs if ref() is not None]
+        for ref in list(refs):
+            callback = ref()
+            if callback is not None:
+                callback(**kwargs)
+
+    # -- models ------------------------------------------------------------------------
+    def current(self) -> ModelState | None:
+        """The picked model's state, or None when it is not loaded yet."""
+        if self.current_source is None:
+            return None
+        return self.models.get(self.current_source)
+
+    def get_model(self, source: str, device: str = "auto") -> ModelState:
+        """Returns the loaded model for `source`, loading it on first use.
+
+        A model that was fine-tuned stays in memory with its new weights, so
+        switching models in the picker and back does not lose fine-tuning.
+
+        Args:
+            source: ``"built-in: <name>"`` or a checkpoint path.
+            device: device to load onto.
+
+        Raises:
+            FileNotFoundError: the checkpoint or built-in does not exist.
+            ValueError: the checkpoint is not a valid napari-sgdc checkpoint.
+        """
+        with self.lock:
+            state = self.models.get(source)
+            if state is None:
+                from napari_sgdc.io import load_model
+
+                name = source[len(BUILTIN_PREFIX):] if source.startswith(BUILTIN_PREFIX) else source
+                model = load_model(name, device=device)
+                state = ModelState(source=source, model=model)
+                self.models[source] = state
+            return state
+
+    def add_model(self, source: str, model: Any) -> ModelState:
+        """Registers an already-built model under `source` (e.g. loaded by a test)."""
+        with self.lock:
+            state = ModelState(source=source, model=model)
+            self.models[source] = state
+            return state
+
+
+_SESSIONS: dict[int, SGDCSession] = {}
+
+
+def get_session(viewer: Any) -> SGDCSession:
+    """Returns the session of `viewer`, creating it on first use.
+
+    The registry holds no reference to the viewer (keyed by id and dropped when
+    the viewer is garbage-collected), so closing a viewer releases its models.
+    """
+    key = id(viewer)
+    session = _SESSIONS.get(key)
+    if session is None:
+        session = SGDCSession()
+        _SESSIONS[key] = session
+        weakref.finalize(viewer, _SESSIONS.pop, key, None)
+    return session
