@@ -1,0 +1,263 @@
+"""Data loading, boundary targets, augmentation and input conversion."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage import io as skio
+
+from napari_sgdc.data import (
+    CONSEP_VAL_PARENTS,
+    Sample,
+    SegmentationDataset,
+    boundary_target,
+    load_samples,
+    read_image,
+    read_mask,
+    to_float_rgb,
+)
+from napari_sgdc.data.transforms import augment_pair, pad_to_size, random_scale_crop, stain_jitter
+
+DATA = Path(os.environ.get("NAPARI_SGDC_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def test_ph2_splits_and_max_images():
+    samples = load_samples(DATA / "ph2", "ph2", "train", max_images=2)
+    assert [s.name for s in samples] == ["IMD003", "IMD004"]  # first train ids in splits.json
+    sample = samples[0]
+    assert sample.image.dtype == np.uint8 and sample.image.ndim == 3 and sample.image.shape[2] == 3
+    assert sample.mask.dtype == bool and sample.mask.shape == sample.image.shape[:2]
+    assert 0.01 < sample.mask.mean() < 0.99
+    val = load_samples(DATA / "ph2", "ph2", "val", max_images=1)
+    test = load_samples(DATA / "ph2", "ph2", "test", max_images=1)
+    assert len({samples[0].name, val[0].name, test[0].name}) == 3
+
+
+def test_consep_val_split_is_by_parent_tile():
+    val = load_samples(DATA / "consep", "consep", "val")
+    assert len(val) == 16 * len(CONSEP_VAL_PARENTS)
+    parents = {int(s.name.split("_")[1]) for s in val}
+    assert parents == set(CONSEP_VAL_PARENTS)
+    train = load_samples(DATA / "consep", "consep", "train", max_images=20)
+    assert len(train) == 20
+    assert all(int(s.name.split("_")[1]) not in CONSEP_VAL_PARENTS for s in train)
+    # natural order: train_1_000 .. train_1_015, then train_2_000
+    assert train[0].name == "train_1_000" and train[16].name == "train_2_000"
+    sample = train[0]
+    assert sample.mask.dtype == np.int32 and sample.mask.shape == (256, 256)
+    assert len(np.unique(sample.mask)) > 10  # many nuclei with their own ids
+    semantic = load_samples(DATA / "consep", "consep", "test", max_images=1, task="semantic")
+    assert semantic[0].mask.dtype == bool and semantic[0].name == "test_1_000"
+
+
+def test_monuseg_instances_where_available_else_masks():
+    samples = load_samples(DATA / "monuseg", "monuseg", "train", max_images=2)
+    # TCGA-18-5592 has no instance map (components of the binary mask); TCGA-21-5784 has one.
+    assert [s.name for s in samples] == ["TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1"]
+    assert all(s.mask.dtype == np.int32 for s in samples)
+    assert samples[1].mask.max() == 398  # contiguous ids 1..398 from the instance map
+    assert samples[0].mask.max() > 50  # connected components of the binary mask
+    assert load_samples(DATA / "monuseg", "monuseg", "val") == []
+
+
+def _write_folder(root: Path, n: int = 3, instance: bool = False) -> None:
+    (root / "images").mkdir(parents=True)
+    (root / ("instances" if instance else "masks")).mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        image = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+        skio.imsave(root / "images" / f"img{i}.png", image, check_contrast=False)
+        if instance:
+            labels = np.zeros((40, 50), np.uint16)
+            labels[5:15, 5:15] = 7
+            labels[5:15, 15:25] = 300  # touching the first
+            skio.imsave(root / "instances" / f"img{i}.tif", labels, check_contrast=False)
+        else:
+            mask = np.zeros((40, 50), np.uint8)
+            mask[10:30, 10:30] = 255
+            skio.imsave(root / "masks" / f"img{i}_mask.png", mask, check_contrast=False)
+
+
+def test_folders_semantic_and_instance(tmp_path):
+    _write_folder(tmp_path / "sem")
+    samples = load_samples(tmp_path / "sem", "folders", max_images=2)
+    assert len(samples) == 2 and samples[0].mask.dtype == bool
+    assert samples[0].mask.sum() == 400
+    _write_folder(tmp_path / "inst", instance=True)
+    samples = load_samples(tmp_path / "inst", "folders")
+    assert len(samples) == 3 and samples[0].mask.dtype == np.int32
+    assert set(np.unique(samples[0].mask)) == {0, 7, 300}
+    assert load_samples(tmp_path / "sem", "folders", "val") == []
+
+
+def test_bad_files_raise_value_error_naming_the_file(tmp_path):
+    _write_folder(tmp_path)
+    bad = tmp_path / "images" / "img1.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="img1.png"):
+        load_samples(tmp_path, "folders")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8garbage")
+        read_image(tmp_path / "broken.jpg")
+    two_channel = tmp_path / "two.tif"
+    import tifffile
+
+    tifffile.imwrite(two_channel, np.zeros((8, 8, 2), np.uint8))
+    with pytest.raises(ValueError, match="two.tif"):
+        read_image(two_channel)
+    # mask with another size than its image
+    (tmp_path / "masks" / "img2_mask.png").unlink()
+    skio.imsave(tmp_path / "masks" / "img2_mask.png", np.zeros((10, 10), np.uint8), check_contrast=False)
+    bad.unlink()
+    (tmp_path / "masks" / "img1_mask.png").unlink()
+    with pytest.raises(ValueError, match="img2"):
+        load_samples(tmp_path, "folders")
+    with pytest.raises(ValueError, match="layout"):
+        load_samples(tmp_path, "nope")
+
+
+def test_read_mask_rgb_and_instances(tmp_path):
+    rgb = np.zeros((6, 6, 3), np.uint8)
+    rgb[1:3, 1:3] = 255
+    rgb[4:6, 4:6] = 255
+    skio.imsave(tmp_path / "m.png", rgb, check_contrast=False)
+    assert read_mask(tmp_path / "m.png").sum() == 8
+    labels = read_mask(tmp_path / "m.png", instance=True)
+    assert labels.max() == 2  # two separate components
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def test_boundary_band_width_semantic():
+    mask = np.zeros((30, 30), bool)
+    mask[10:20, 10:20] = True
+    band1 = boundary_target(mask, 1)
+    assert band1.sum() == 36 and not (band1 & ~mask).any()  # inner rim of a 10x10 square
+    band3 = boundary_target(mask, 3)
+    # two pixels inside, one outside along each side (square corners excluded outside)
+    assert (band3 & mask).sum() == 100 - 36
+    assert (band3 & ~mask).sum() == 40
+    assert not band3[15, 15] and not band3[0, 0]
+    full = np.ones((8, 8), bool)
+    assert not boundary_target(full, 3).any()  # the image border is not a boundary
+    assert not boundary_target(np.zeros((8, 8), bool), 3).any()
+    with pytest.raises(ValueError):
+        boundary_target(np.zeros((2, 3, 4)), 3)
+
+
+def test_touching_instances_are_separated():
+    labels = np.zeros((20, 30), np.int32)
+    labels[5:15, 5:15] = 1
+    labels[5:15, 15:25] = 2  # shares the column boundary 14|15 with instance 1
+    semantic = boundary_target(labels > 0, 1, instance=False)
+    instance = boundary_target(labels, 1, instance=True)
+    assert not semantic[10, 14] and not semantic[10, 15]  # one merged blob: no line between
+    assert instance[10, 14] and instance[10, 15]  # the contact line is a boundary
+    # after removing the boundary, the interiors are two separate components
+    from skimage.measure import label
+
+    cores = label((labels > 0) & ~instance, connectivity=1)
+    assert cores.max() == 2
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_to_float_rgb_cases():
+    gray8 = np.array([[0, 255]], np.uint8)
+    out = to_float_rgb(gray8)
+    assert out.shape == (1, 2, 3) and out.dtype == np.float32
+    assert out[0, 1].tolist() == [1.0, 1.0, 1.0] and out[0, 0].tolist() == [0.0, 0.0, 0.0]
+    rgba = np.zeros((4, 5, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[..., 3] = 7
+    out = to_float_rgb(rgba)
+    assert out.shape == (4, 5, 3) and np.all(out[..., 0] == 1.0) and np.all(out[..., 1:] == 0.0)
+    out = to_float_rgb(np.full((3, 3, 3), 65535, np.uint16))
+    assert np.allclose(out, 1.0)
+    out = to_float_rgb(np.full((3, 3), 32768, np.uint16))
+    assert np.allclose(out, 32768 / 65535)
+    assert np.allclose(to_float_rgb(np.full((2, 2, 3), 0.25, np.float64)), 0.25)
+    assert np.allclose(to_float_rgb(np.full((2, 2, 3), 127.5, np.float32)), 0.5)
+    assert to_float_rgb(np.zeros((2, 2, 1), np.uint8)).shape == (2, 2, 3)
+    for bad in (np.zeros((2, 4, 4, 3)), np.zeros((4, 4, 2)), np.zeros((3, 16, 16)), np.zeros((0, 4))):
+        with pytest.raises(ValueError):
+            to_float_rgb(bad)
+    with pytest.raises(ValueError, match="channels"):
+        to_float_rgb(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_pad_and_crop_of_small_images():
+    image = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
+    mask = np.zeros((10, 12), bool)
+    mask[2:5, 3:7] = True
+    padded = pad_to_size(image, 64, 64)
+    assert padded.shape == (64, 64, 3)
+    assert np.array_equal(padded[:10, :12], image)
+    crop_image, crop_mask = random_scale_crop(image, mask, 32, np.random.default_rng(0))
+    assert crop_image.shape == (32, 32, 3) and crop_mask.shape == (32, 32)
+    assert crop_image.dtype == np.uint8 and crop_mask.dtype == bool
+
+
+def test_augmentation_shapes_ranges_and_determinism():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)
+    labels = np.zeros((120, 90), np.int32)
+    labels[40:60, 30:50] = 5
+    labels[40:60, 50:70] = 9
+    results = [augment_pair(image, labels, 64, np.random.default_rng(42), stain=True) for _ in range(2)]
+    (img_a, lab_a), (img_b, lab_b) = results
+    assert img_a.shape == (64, 64, 3) and img_a.dtype == np.float32
+    assert 0.0 <= img_a.min() and img_a.max() <= 1.0
+    assert lab_a.shape == (64, 64) and lab_a.dtype == np.int32
+    assert set(np.unique(lab_a)) <= {0, 5, 9}  # nearest resampling keeps instance ids
+    assert np.array_equal(img_a, img_b) and np.array_equal(lab_a, lab_b)
+    img_c, _ = augment_pair(image, labels, 64, np.random.default_rng(43), stain=True)
+    assert not np.array_equal(img_a, img_c)
+    # foreground-centred crops: with foreground_prob=1 every crop contains foreground
+    for seed in range(10):
+        _, crop_mask = random_scale_crop(image, labels, 32, np.random.default_rng(seed), foreground_prob=1.0)
+        assert crop_mask.any()
+
+
+def test_stain_jitter_changes_colour_but_keeps_range():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.2, 0.9, (32, 32, 3)).astype(np.float32)
+    out = stain_jitter(image, np.random.default_rng(1), sigma_scale=0.1, sigma_shift=0.02)
+    assert out.shape == image.shape and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    difference = np.abs(out - image).mean()
+    assert 0.001 < difference < 0.2
+
+
+def test_segmentation_dataset_items():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    labels = np.zeros((50, 70), np.int32)
+    labels[10:30, 10:30] = 1
+    labels[10:30, 30:50] = 2
+    samples = [Sample("a", image, labels)]
+    dataset = SegmentationDataset(samples, crop_size=64, augment=True, boundary_width=2, stain_jitter=True)
+    assert dataset.instance
+    item = dataset[0]
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+    assert item["mask"].shape == (1, 64, 64) and item["edge"].shape == (1, 64, 64)
+    assert set(torch.unique(item["mask"]).tolist()) <= {0.0, 1.0}
+    assert torch.equal(dataset[0]["image"], item["image"])  # same (seed, epoch, index)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0]["image"], item["image"])
+    full = SegmentationDataset(samples, crop_size=None, augment=False, boundary_width=1)
+    item = full[0]
+    assert item["image"].shape == (3, 50, 70)
+    assert item["mask"].sum() == 800
+    assert item["edge"][0, 20, 29] == 1 and item["edge"][0, 20, 30] == 1  # contact line
+    with pytest.raises(ValueError):
+        SegmentationDataset([], crop_size=64)
