@@ -156,8 +156,8 @@ class FinetuneWidget(Container):
         self.steps = SpinBox(name="steps", label="steps", min=1, max=100_000)
         self.learning_rate = FloatSpinBox(
             name="learning_rate", label="learning rate", min=1e-6, max=1.0, step=1e-5,
-            options={"decimals": 6},
         )
+        self.learning_rate.native.setDecimals(6)
         self.freeze_encoder = CheckBox(name="freeze_encoder", text="freeze encoder")
         self.finetune_button = PushButton(name="finetune_button", text="Fine-tune")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)

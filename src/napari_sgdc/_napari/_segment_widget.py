@@ -76,9 +76,9 @@ class SegmentWidget(Container):
         buttons = Container(name="buttons", layout="horizontal", labels=False,
                             widgets=[self.segment_button, self.cancel_button])
         buttons.margins = (0, 0, 0, 0)
-        self.threshold = FloatSlider(name="threshold", label="threshold", min=0.0, max=1.0, step=0.01, value=0.5)
+        self.threshold = FloatSlider(name="threshold", label="threshold", min=0.0, max=1.0, step=0.001, value=0.5)
         self.boundary_threshold = FloatSlider(
-            name="boundary_threshold", label="boundary thr.", min=0.0, max=1.0, step=0.01, value=0.5,
+            name="boundary_threshold", label="boundary thr.", min=0.0, max=1.0, step=0.001, value=0.5,
             tooltip="Boundary probability above which touching nuclei are split (instance models).",
         )
         self.min_size = SpinBox(name="min_size", label="min size (px)", min=0, max=1_000_000, value=20)

@@ -1,0 +1,204 @@
+"""GUI tests of the "SGDC Segment" widget (pytest-qt + make_napari_viewer, under pytest-xvfb)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+
+def _forward_counter(model):
+    """Counts the model's forward calls through a forward hook."""
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_widgets_dock_through_the_plugin(make_napari_viewer):
+    viewer = make_napari_viewer()
+    dock_segment, segment_widget = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    dock_finetune, finetune_widget = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Fine-tune")
+    assert type(segment_widget).__name__ == "SegmentWidget"
+    assert type(finetune_widget).__name__ == "FinetuneWidget"
+    assert "SGDC Segment" in dock_segment.name and "SGDC Fine-tune" in dock_finetune.name
+    assert segment_widget.model.value is None or segment_widget.model.value.startswith("built-in: ")
+
+
+def test_segment_writes_four_aligned_layer_kinds_and_rerun_replaces(sgdc, wait_segment, notes):
+    viewer, seg, _, image, _ = sgdc
+    image.scale = (0.5, 2.0)
+    image.translate = (10.0, -5.0)
+    outcome = wait_segment(seg.run_segment())
+    assert outcome.error is None and not outcome.cancelled, notes.messages
+
+    name = image.name
+    probability = viewer.layers[f"{name} probability"]
+    mask = viewer.layers[f"{name} mask"]
+    boundary = viewer.layers[f"{name} SGE boundary"]
+    gates = [layer for layer in viewer.layers if layer.name.startswith(f"{name} gates ")]
+    assert type(probability).__name__ == "Image" and type(boundary).__name__ == "Image"
+    assert type(mask).__name__ == "Labels"
+    assert len(gates) >= 1 and all(type(g).__name__ == "Image" and not g.visible for g in gates)
+    for layer in (probability, mask, boundary):
+        assert layer.data.shape == (192, 192)
+        np.testing.assert_allclose(layer.scale, image.scale)
+        np.testing.assert_allclose(layer.translate, image.translate)
+    assert 0.0 <= probability.data.min() and probability.data.max() <= 1.0
+    for gate in gates:
+        stride = gate.metadata["sgdc"]["stride"]
+        assert gate.data.shape == (2, -(-192 // stride), -(-192 // stride))
+        np.testing.assert_allclose(gate.scale[1:], np.asarray(image.scale) * stride)
+        # gate pixel (0, 0) sits at the centre of the image pixels [0, stride) on both axes
+        centre = np.asarray(image.data_to_world(((stride - 1) / 2, (stride - 1) / 2)))
+        np.testing.assert_allclose(np.asarray(gate.data_to_world((0, 0, 0)))[1:], centre)
+
+    n_layers = len(viewer.layers)
+    mask_before = mask
+    outcome = wait_segment(seg.run_segment())
+    assert outcome.error is None
+    assert len(viewer.layers) == n_layers
+    assert viewer.layers[f"{name} mask"] is mask_before
+
+
+def test_threshold_slider_moves_mask_without_a_forward_pass(sgdc, wait_segment):
+    viewer, seg, _, image, _ = sgdc
+    wait_segment(seg.run_segment())
+    state = seg._session.current()
+    calls, handle = _forward_counter(state.model)
+    try:
+        probability = viewer.layers["lesion probability"].data
+        mask_layer = viewer.layers["lesion mask"]
+        before = np.array(mask_layer.data)
+        new_threshold = round(float(np.quantile(probability, 0.5)), 3)
+        seg.threshold.value = new_threshold
+        after = np.asarray(mask_layer.data)
+        np.testing.assert_array_equal(after > 0, probability > new_threshold)
+        assert not np.array_equal(after, before)
+        assert calls == []
+    finally:
+        handle.remove()
+
+
+def test_instance_sliders_relabel_from_cache(make_napari_viewer, tiny_instance_checkpoint, wait_segment):
+    from napari_sgdc.inference import postprocess
+
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    rng = np.random.default_rng(1)
+    image = viewer.add_image(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8), name="tile", rgb=True)
+    assert seg.load_checkpoint(str(tiny_instance_checkpoint))
+    seg.image_layer.value = image
+    wait_segment(seg.run_segment())
+    calls, handle = _forward_counter(seg._session.current().model)
+    try:
+        probability = viewer.layers["tile probability"].data
+        boundary = viewer.layers["tile SGE boundary"].data
+        seg.threshold.value = round(float(np.quantile(probability, 0.4)), 3)
+        seg.boundary_threshold.value = round(float(np.quantile(boundary, 0.7)), 3)
+        seg.min_size.value = 7
+        expected = postprocess(probability, boundary, threshold=seg.threshold.value,
+                               boundary_threshold=seg.boundary_threshold.value, min_size=7, instances=True)
+        labels = viewer.layers["tile mask"].data
+        assert labels.dtype == np.int32
+        np.testing.assert_array_equal(labels, expected)
+        assert calls == []
+    finally:
+        handle.remove()
+
+
+def test_event_loop_ticks_while_segmenting_with_progress_per_tile(make_napari_viewer, tiny_checkpoint, qtbot,
+                                                                   wait_segment):
+    from qtpy.QtCore import QTimer
+
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    image = viewer.add_image(np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8),
+                             name="big", rgb=True)
+    assert seg.load_checkpoint(str(tiny_checkpoint))
+    seg.image_layer.value = image
+    seg.tile.value = 64
+    seg.gates.value = False
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(10)
+    try:
+        job = seg.run_segment()
+        started = time.perf_counter()
+        outcome = wait_segment(job)
+        finished = time.perf_counter()
+    finally:
+        timer.stop()
+    assert outcome.error is None
+    ticks_during = [t for t in ticks if started <= t <= finished]
+    assert len(ticks_during) >= 5, (len(ticks_during), finished - started)
+    assert job.pbar.total > 1 and job.pbar.n == job.pbar.total
+
+
+def test_cancel_segmentation_adds_no_layers(make_napari_viewer, tiny_checkpoint, qtbot, wait_segment, notes):
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    image = viewer.add_image(np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8),
+                             name="big", rgb=True)
+    assert seg.load_checkpoint(str(tiny_checkpoint))
+    seg.image_layer.value = image
+    seg.tile.value = 64
+    job = seg.run_segment()
+    qtbot.waitUntil(lambda: job.pbar.n >= 1, timeout=20_000)
+    seg.cancel_button.changed.emit(True)
+    outcome = wait_segment(job, timeout=5_000)
+    assert outcome.cancelled
+    assert [layer.name for layer in viewer.layers] == ["big"]
+    assert notes.matching("cancelled")
+    assert seg.segment_button.enabled and not seg.cancel_button.enabled
+
+
+def test_stack_current_plane_only(make_napari_viewer, tiny_checkpoint, wait_segment):
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    stack = np.random.default_rng(0).integers(0, 255, (3, 64, 96), dtype=np.uint8)
+    image = viewer.add_image(stack, name="stack", scale=(2.0, 0.5, 0.5))
+    assert seg.load_checkpoint(str(tiny_checkpoint))
+    seg.image_layer.value = image
+    seg.planes.value = "current"
+    viewer.dims.set_point(0, 2.0)  # world z = 2.0 -> plane 1
+    wait_segment(seg.run_segment())
+    probability = viewer.layers["stack probability"]
+    assert probability.data.shape == (3, 64, 96)
+    np.testing.assert_allclose(probability.scale, image.scale)
+    filled = [bool(np.any(probability.data[i])) for i in range(3)]
+    assert filled == [False, True, False]
+    gates = [layer for layer in viewer.layers if layer.name.startswith("stack gates ")]
+    assert gates and gates[0].data.shape[:2] == (2, 3)
+
+
+def test_missing_model_and_bad_checkpoint_are_notifications(make_napari_viewer, monkeypatch, tmp_path, notes):
+    from napari_sgdc._napari import _segment_widget
+
+    monkeypatch.setattr(_segment_widget, "available_builtins", lambda: [])
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    assert "No built-in models" in seg.model_note.value
+    viewer.add_image(np.zeros((32, 32), np.uint8), name="img")
+    seg.reset_choices()
+    assert seg.run_segment() is None
+    assert notes.matching("No model picked")
+    bad = tmp_path / "not_a_model.safetensors"
+    bad.write_bytes(b"junk")
+    assert not seg.load_checkpoint(str(bad))
+    assert notes.matching("Could not load checkpoint")
+
+
+def test_shortcut_runs_segment(sgdc, wait_segment):
+    from napari_sgdc._napari._segment_widget import SEGMENT_SHORTCUT
+
+    viewer, seg, _, _, _ = sgdc
+    bound = [callback for key, callback in viewer.keymap.items() if str(key) == "Shift+S"]
+    assert SEGMENT_SHORTCUT == "Shift-S" and len(bound) == 1
+    bound[0](viewer)
+    assert seg.job is not None
+    outcome = wait_segment(seg.job)
+    assert outcome.error is None and "lesion mask" in viewer.layers
