@@ -126,7 +126,8 @@ def test_tiled_close_to_untiled_in_interior(mini_model):
     difference = np.abs(tiled.probability - whole.probability)[interior]
     spread = whole.probability[interior].std()
     assert spread > 0.01
-    assert difference.mean() < 0.1 * spread
+    assert difference.mean() < 0.02 * spread
+    assert difference.max() < 0.05
     # and they are not trivially identical code paths: the tiles really differ somewhere
     assert difference.max() > 0
 

@@ -1,0 +1,505 @@
+"""The ``napari-sgdc`` command line: ``predict``, ``train`` and ``evaluate``.
+
+Examples::
+
+    napari-sgdc predict --model dermoscopy --out results/ images/
+    napari-sgdc train --data ../shared/data/ph2 --layout ph2 --out runs/ph2/model.safetensors --epochs 30
+    napari-sgdc evaluate --model runs/ph2/model.safetensors --layout ph2 --data ../shared/data/ph2 --split test
+    napari-sgdc evaluate --model nuclei --images imgs/ --masks masks/ --instances inst/ --csv scores.csv
+
+Every command prints progress on stderr. Errors about one input print one line naming
+the file; the other inputs still run and the exit code is 1 at the end. Heavy modules
+(torch, the model) are imported inside the commands so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+PROG = "napari-sgdc"
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+LABEL_STEM_SUFFIXES = ("", "_mask", "_label", "_labels", "_segmentation", "_instances")
+
+
+def _error_line(message: Any) -> str:
+    """One line of text (no newlines) for an error message."""
+    return " ".join(str(message).split())
+
+
+def _report(command: str, message: Any) -> None:
+    """Prints one error line on stderr without breaking a tqdm bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"{PROG} {command}: error: {_error_line(message)}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                        help="where to run (default: auto = CUDA, then MPS, then CPU)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold (default: 0.5)")
+    parser.add_argument("--tile", type=int, default=512,
+                        help="tile size in pixels for large images, 0 = whole image at once (default: 512)")
+    parser.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default: 0.25)")
+    parser.add_argument("--boundary-threshold", type=float, default=0.5,
+                        help="boundary probability that separates instances (default: 0.5)")
+    parser.add_argument("--min-size", type=int, default=20, help="smallest instance kept, in pixels (default: 20)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of all commands."""
+    from .config import BLOCKS, ENCODERS, TASKS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Segment dermoscopy and H&E nuclei images with a Structure-Guided Dynamic Convolution network.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{predict,train,evaluate}")
+    commands.required = True
+
+    predict = commands.add_parser(
+        "predict", help="segment image files or folders",
+        description="Segment images and write, for each input stem S: S_mask.png (uint8 0/255), S_prob.tif "
+                    "(float32), S_boundary.tif (float32) and, for instance models, S_labels.tif (uint16/uint32).",
+    )
+    predict.add_argument("--model", required=True, help="built-in model name (e.g. dermoscopy, nuclei) or checkpoint path")
+    predict.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
+    _add_inference_options(predict)
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", type=Path,
+                         help="image files or folders of images (.jpg .png .tif .bmp)")
+
+    train = commands.add_parser(
+        "train", help="train a model on a dataset",
+        description="Train an SGDC segmenter and save the best checkpoint (safetensors) at --out.",
+    )
+    train.add_argument("--data", required=True, type=Path, help="dataset folder")
+    train.add_argument("--layout", required=True, choices=("ph2", "consep", "monuseg", "folders"),
+                       help="dataset layout")
+    train.add_argument("--out", required=True, type=Path, help="checkpoint path (.safetensors)")
+    train.add_argument("--config", type=Path, help="optional YAML with 'model:' and 'train:' sections "
+                                                   "(ModelConfig/TrainConfig fields); flags override it")
+    train.add_argument("--epochs", type=int, help="number of epochs (default: 30)")
+    train.add_argument("--max-images", type=int, help="train on the first N training images only")
+    train.add_argument("--max-val-images", type=int, help="validate on the first N validation images only")
+    train.add_argument("--device", choices=DEVICE_CHOICES, help="where to train (default: auto)")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                       help="continue an interrupted run (from --out, or from CKPT)")
+    train.add_argument("--encoder", choices=ENCODERS, help="encoder (default: efficientnet_lite0; mini = tiny test net)")
+    train.add_argument("--no-pretrained", action="store_true", help="do not load ImageNet encoder weights")
+    train.add_argument("--block", choices=BLOCKS, help="guided decoder block (default: sgdc)")
+    train.add_argument("--no-edge-supervision", action="store_true", help="do not supervise the SGE edge output")
+    train.add_argument("--task", choices=TASKS, help="semantic or instance (default: from the layout / masks)")
+    train.add_argument("--seed", type=int, help="random seed (default: 0)")
+    train.add_argument("--crop-size", type=int, help="training crop size, a multiple of 32 (default: 256)")
+    train.add_argument("--batch-size", type=int, help="images per step (default: 8)")
+    train.add_argument("--steps-per-epoch", type=int, help="fixed epoch length in steps (default: one pass)")
+    train.add_argument("--lr", type=float, help="decoder learning rate (the encoder gets 0.3x)")
+    train.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score a model against reference masks",
+        description="Score a model: IoU, Dice, HD95 (pixels) and boundary F1, plus AJI and object F1 at IoU 0.5 "
+                    "with instance labels, printed as mean ± std; per-image values go to a CSV. Use either "
+                    "--images/--masks[/--instances] folders (labels matched by file stem) or --layout/--data/--split.",
+    )
+    evaluate.add_argument("--model", required=True, help="built-in model name or checkpoint path")
+    evaluate.add_argument("--images", type=Path, help="folder of images")
+    evaluate.add_argument("--masks", type=Path, help="folder of reference masks (0/255 or labels; same stems)")
+    evaluate.add_argument("--instances", type=Path, help="folder of reference instance maps (adds AJI and F1)")
+    evaluate.add_argument("--layout", choices=("ph2", "consep", "monuseg", "folders"), help="dataset layout")
+    evaluate.add_argument("--data", type=Path, help="dataset folder (with --layout)")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                          help="split (with --layout; default: test)")
+    evaluate.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    evaluate.add_argument("--csv", type=Path, default=Path("evaluation.csv"),
+                          help="per-image CSV (default: ./evaluation.csv)")
+    evaluate.add_argument("--tolerance", type=float, default=2.0, help="boundary F1 tolerance in pixels (default: 2)")
+    _add_inference_options(evaluate)
+    return parser
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _load_model(name: str, device: str):
+    from .io import load_model
+
+    return load_model(name, device=device)
+
+
+def _is_instance_model(model) -> bool:
+    return getattr(getattr(model, "config", None), "task", "semantic") == "instance"
+
+
+def _expand_inputs(inputs: Sequence[Path], command: str) -> tuple[list[Path], int]:
+    """Files from files and folders; returns (files, number of bad paths reported)."""
+    files, bad = [], 0
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                _report(command, f"{path}: folder holds no images ({' '.join(IMAGE_SUFFIXES)})")
+                bad += 1
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            _report(command, f"{path}: no such file or folder")
+            bad += 1
+    return files, bad
+
+
+def _read_raw_image(path: Path):
+    """Reads an image file without changing its dtype (uint16 stays uint16)."""
+    import numpy as np
+
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            image = tifffile.imread(str(path))
+        else:
+            from skimage import io as skio
+
+            image = skio.imread(str(path))
+    except Exception as error:  # noqa: BLE001 - any reader failure means a bad file
+        raise ValueError(f"cannot read image ({type(error).__name__}: {error})") from None
+    image = np.asarray(image)
+    if image.dtype == object or image.size == 0:
+        raise ValueError(f"cannot read image: no pixel data (shape {image.shape})")
+    return image
+
+
+def _segment_file(model, path: Path, args, instances: bool, progress=None):
+    from .inference import segment
+
+    image = _read_raw_image(path)
+    try:
+        return segment(model, image, threshold=args.threshold, tile=args.tile or None, overlap=args.overlap,
+                       boundary_threshold=args.boundary_threshold, min_size=args.min_size, instances=instances,
+                       progress=progress, stack=False)
+    except ValueError as error:
+        raise ValueError(f"unsupported image (shape {image.shape}, dtype {image.dtype}): {error}") from None
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def _write_outputs(out_dir: Path, stem: str, result) -> list[Path]:
+    import numpy as np
+    import tifffile
+    from skimage import io as skio
+
+    written = []
+    mask_path = out_dir / f"{stem}_mask.png"
+    skio.imsave(str(mask_path), (result.mask.astype(np.uint8) * 255), check_contrast=False)
+    written.append(mask_path)
+    for suffix, array in (("prob", result.probability), ("boundary", result.boundary)):
+        path = out_dir / f"{stem}_{suffix}.tif"
+        tifffile.imwrite(str(path), np.asarray(array, dtype=np.float32))
+        written.append(path)
+    if result.labels is not None:
+        labels = result.labels
+        dtype = np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32
+        path = out_dir / f"{stem}_labels.tif"
+        tifffile.imwrite(str(path), labels.astype(dtype))
+        written.append(path)
+    return written
+
+
+def _run_predict(args) -> int:
+    from tqdm import tqdm
+
+    files, failures = _expand_inputs(args.inputs, "predict")
+    if not files:
+        _report("predict", "no input images")
+        return 1
+    model = _load_model(args.model, args.device)
+    instances = _is_instance_model(model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = 0
+    with tqdm(total=len(files), desc="predict", unit="image", file=sys.stderr) as bar:
+        for path in files:
+            bar.set_postfix_str(path.name)
+
+            def on_tile(tiles_done, tiles_total):
+                bar.set_postfix_str(f"{path.name} tile {tiles_done}/{tiles_total}")
+
+            try:
+                result = _segment_file(model, path, args, instances, progress=on_tile)
+                _write_outputs(args.out, path.stem, result)
+                done += 1
+            except (ValueError, OSError) as error:
+                _report("predict", f"{path}: {error}")
+                failures += 1
+            bar.update(1)
+    print(f"wrote results for {done} of {len(files)} image(s) to {args.out}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _load_yaml_config(path: Path | None) -> tuple[dict, dict]:
+    if path is None:
+        return {}, {}
+    import yaml
+
+    with open(path) as stream:
+        content = yaml.safe_load(stream) or {}
+    if not isinstance(content, dict) or set(content) - {"model", "train"}:
+        raise ValueError(f"{path}: a config YAML holds only 'model:' and 'train:' sections")
+    return dict(content.get("model") or {}), dict(content.get("train") or {})
+
+
+def _model_config(args, model_values: dict, task: str, layout: str):
+    from .config import ModelConfig
+    from .model import tiny_config
+
+    values = dict(model_values)
+    if args.encoder:
+        values["encoder"] = args.encoder
+    if args.block:
+        values["block"] = args.block
+    if args.no_edge_supervision:
+        values["edge_supervision"] = False
+    if args.no_pretrained:
+        values["pretrained"] = False
+    values["task"] = task
+    values.setdefault("class_names", ("lesion",) if layout == "ph2" else ("nucleus",) if task == "instance"
+                      else ("foreground",))
+    if values.get("encoder") == "mini":
+        return tiny_config(**values)
+    return ModelConfig.from_dict(values)
+
+
+def _train_config(args, train_values: dict, layout: str):
+    from .config import TrainConfig
+
+    values = dict(train_values)
+    overrides = {"epochs": args.epochs, "seed": args.seed, "crop_size": args.crop_size,
+                 "batch_size": args.batch_size, "steps_per_epoch": args.steps_per_epoch, "device": args.device}
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    if args.lr is not None:
+        values["lr_decoder"] = args.lr
+        values["lr_encoder"] = args.lr * 0.3
+    if args.amp:
+        values["amp"] = True
+    values.setdefault("stain_jitter", layout in ("consep", "monuseg"))
+    config = TrainConfig.from_dict(values)
+    if config.crop_size % 32:
+        raise ValueError(f"--crop-size must be a multiple of 32, got {config.crop_size}")
+    return config
+
+
+def _run_train(args) -> int:
+    from tqdm import tqdm
+
+    from .data import SegmentationDataset, load_samples
+    from .model import build_model
+    from .train import fit
+
+    model_values, train_values = _load_yaml_config(args.config)
+    train_samples = load_samples(args.data, args.layout, "train", max_images=args.max_images, task=args.task)
+    if not train_samples:
+        raise ValueError(f"no training images found in {args.data} (layout {args.layout})")
+    val_samples = load_samples(args.data, args.layout, "val", max_images=args.max_val_images, task=args.task)
+    task = args.task or ("instance" if train_samples[0].is_instance else "semantic")
+    model_cfg = _model_config(args, model_values, task, args.layout)
+    train_cfg = _train_config(args, train_values, args.layout)
+    train_data = SegmentationDataset(train_samples, crop_size=train_cfg.crop_size, augment=True,
+                                     boundary_width=train_cfg.boundary_width, stain_jitter=train_cfg.stain_jitter,
+                                     task=task, seed=train_cfg.seed)
+    val_data = None
+    if val_samples:
+        val_data = SegmentationDataset(val_samples, crop_size=None, augment=False,
+                                       boundary_width=train_cfg.boundary_width, task=task)
+    model = build_model(model_cfg)
+    resume = None
+    if args.resume is not None:
+        resume = args.out if args.resume is True else Path(args.resume)
+    print(f"training {model_cfg.encoder}/{model_cfg.block} ({task}) on {len(train_samples)} image(s)"
+          f", validating on {len(val_samples)}", file=sys.stderr)
+    bar = tqdm(total=None, desc="train", unit="step", file=sys.stderr)
+
+    def on_event(event: dict) -> None:
+        if bar.total != event["total_steps"]:
+            bar.total = event["total_steps"]
+        if event["kind"] == "step":
+            bar.n = event["step"]
+            bar.set_postfix(loss=f"{event['loss']:.4f}")
+            bar.refresh()
+        else:
+            parts = [f"{key} {value:.4f}" for key, value in sorted((event.get("metrics") or {}).items())
+                     if isinstance(value, (int, float))]
+            tqdm.write(f"epoch {event['epoch'] + 1}/{event.get('epochs', '?')}: " + ", ".join(parts), file=sys.stderr)
+
+    cancel = threading.Event()
+    provenance = {"command": "napari-sgdc train", "data": str(args.data), "layout": args.layout,
+                  "max_images": args.max_images, "n_train": len(train_samples), "n_val": len(val_samples)}
+    try:
+        history = fit(model, train_data, val_data, train_cfg, callbacks=[on_event], cancel=cancel, out=args.out,
+                      resume=resume, provenance=provenance)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted; continue with: {PROG} train ... --out {args.out} --resume", file=sys.stderr)
+        return 130
+    bar.close()
+    best = "" if history.best_metric is None else f" (best {train_cfg.select_metric} {history.best_metric:.4f})"
+    print(f"saved {args.out}{best} after {history.steps} step(s) in {history.elapsed_s:.1f} s", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _find_label(folder: Path, stem: str) -> Path | None:
+    for stem_suffix in LABEL_STEM_SUFFIXES:
+        for suffix in LABEL_SUFFIXES:
+            candidate = folder / f"{stem}{stem_suffix}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _evaluation_items(args):
+    """Yields (name, image loader, semantic mask loader, instance loader or None, error or None)."""
+    from .data import load_samples, read_mask
+
+    if args.layout:
+        if args.data is None:
+            raise ValueError("--layout needs --data DIR")
+        samples = load_samples(args.data, args.layout, args.split, max_images=args.max_images)
+        if not samples:
+            raise ValueError(f"no images in split {args.split!r} of {args.data} (layout {args.layout})")
+        for sample in samples:
+            instances = sample.mask if sample.is_instance else None
+            yield sample.name, (lambda s=sample: s.image), (lambda s=sample: s.mask > 0), \
+                (None if instances is None else (lambda i=instances: i)), None
+        return
+    if args.images is None or (args.masks is None and args.instances is None):
+        raise ValueError("give --images DIR with --masks DIR (and optionally --instances DIR), or --layout and --data")
+    files, _ = _expand_inputs([args.images], "evaluate")
+    if args.max_images:
+        files = files[:args.max_images]
+    if not files:
+        raise ValueError(f"no images in {args.images}")
+    for path in files:
+        mask_path = _find_label(args.masks, path.stem) if args.masks else None
+        instance_path = _find_label(args.instances, path.stem) if args.instances else None
+        if args.masks and mask_path is None:
+            yield path.name, None, None, None, f"{path}: no mask with stem {path.stem!r} in {args.masks}"
+            continue
+        if args.instances and instance_path is None:
+            yield path.name, None, None, None, f"{path}: no instance map with stem {path.stem!r} in {args.instances}"
+            continue
+        image_loader = (lambda p=path: _read_raw_image(p))
+        if mask_path is not None:
+            mask_loader = (lambda p=mask_path: read_mask(p, instance=False))
+        else:
+            mask_loader = (lambda p=instance_path: read_mask(p, instance=True) > 0)
+        instance_loader = None if instance_path is None else (lambda p=instance_path: read_mask(p, instance=True))
+        yield path.name, image_loader, mask_loader, instance_loader, None
+
+
+def summarize(rows: list[dict], keys: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """Mean and (population) standard deviation of each key over rows, ignoring NaN."""
+    import numpy as np
+
+    summary = {}
+    for key in keys:
+        values = np.array([row[key] for row in rows if key in row], dtype=float)
+        values = values[np.isfinite(values)]
+        summary[key] = (float(values.mean()), float(values.std())) if values.size else (math.nan, math.nan)
+    return summary
+
+
+def _run_evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from . import metrics
+    from .inference import segment
+
+    items = list(_evaluation_items(args))
+    model = _load_model(args.model, args.device)
+    rows, failures = [], 0
+    with tqdm(items, desc="evaluate", unit="image", file=sys.stderr) as bar:
+        for name, load_image, load_mask, load_instances, problem in bar:
+            if problem is not None:
+                _report("evaluate", problem)
+                failures += 1
+                continue
+            try:
+                image = load_image()
+                target = load_mask()
+                target_instances = load_instances() if load_instances is not None else None
+                result = segment(model, image, threshold=args.threshold, tile=args.tile or None, overlap=args.overlap,
+                                 boundary_threshold=args.boundary_threshold, min_size=args.min_size,
+                                 instances=target_instances is not None, stack=False)
+                if result.mask.shape != target.shape:
+                    raise ValueError(f"mask shape {target.shape} differs from image shape {result.mask.shape}")
+                row = {"image": name, **metrics.semantic_scores(result.mask, target, args.tolerance)}
+                if target_instances is not None:
+                    row.update(metrics.instance_scores(result.labels, target_instances))
+                rows.append(row)
+            except (ValueError, OSError) as error:
+                _report("evaluate", f"{name}: {error}")
+                failures += 1
+    if not rows:
+        _report("evaluate", "no image could be evaluated")
+        return 1
+    keys = ["iou", "dice", "hd95", "boundary_f1"]
+    if any("aji" in row for row in rows):
+        keys += ["aji", "object_f1"]
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.csv, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["image", *keys], restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()})
+    labels = {"iou": "IoU", "dice": "Dice", "hd95": "HD95 (px)", "boundary_f1": f"Boundary F1 (tol {args.tolerance:g} px)",
+              "aji": "AJI", "object_f1": "Object F1 (IoU>0.5)"}
+    print(f"{len(rows)} image(s), model {args.model}")
+    for key, (mean, std) in summarize(rows, keys).items():
+        print(f"{labels[key]:<28} {mean:.4f} ± {std:.4f}")
+    print(f"per-image values: {args.csv}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line.
+
+    Args:
+        argv: arguments without the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        the exit code: 0 on success, 1 when any input failed or a fatal error occurred
+        (``argparse`` exits with 2 on usage errors, 130 after Ctrl-C during training).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    runners = {"predict": _run_predict, "train": _run_train, "evaluate": _run_evaluate}
+    try:
+        return runners[args.command](args)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"{PROG} {args.command}: error: {_error_line(error)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

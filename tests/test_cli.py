@@ -1,0 +1,253 @@
+"""The napari-sgdc command line, in-process: help, predict, evaluate, bad inputs, end to end."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from skimage import io as skio
+
+from napari_sgdc.cli import main
+from napari_sgdc.config import ModelConfig
+from napari_sgdc.io import load_checkpoint, read_metadata, save_checkpoint
+from napari_sgdc.model import build_model
+
+torch.set_num_threads(1)
+
+MINI = dict(encoder="mini", pretrained=False, decoder_channels=(32, 16, 16, 8, 8), sge_channels=16,
+            guide_channels=8, heads=4)
+DATA = Path(os.environ.get("NAPARI_SGDC_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if ": error: " in line]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    semantic = save_checkpoint(folder / "semantic.safetensors", build_model(ModelConfig(**MINI)))
+    torch.manual_seed(1)
+    instance_model = build_model(ModelConfig(**MINI, task="instance"))
+    with torch.no_grad():  # a random net whose mask is partly on, so instances exist
+        instance_model.mask_head.weight.mul_(200.0)
+    instance = save_checkpoint(folder / "instance.safetensors", instance_model)
+    return {"semantic": semantic, "instance": instance}
+
+
+def _write_inputs(folder: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = folder / "rgb.png"
+    skio.imsave(str(rgb), (rng.random((50, 70, 3)) * 255).astype(np.uint8), check_contrast=False)
+    gray16 = folder / "gray16.tif"
+    tifffile.imwrite(str(gray16), (rng.random((40, 33)) * 65535).astype(np.uint16))
+    return {"rgb": rgb, "gray16": gray16}
+
+
+@pytest.mark.parametrize("command", [[], ["predict"], ["train"], ["evaluate"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: napari-sgdc {' '.join(command)}".rstrip())
+    if command:
+        assert "--model" in out or "--data" in out
+
+
+def test_missing_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+
+
+def test_predict_writes_all_files(tmp_path, checkpoints, capsys):
+    inputs = _write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(checkpoints["semantic"]), "--out", str(out), "--device", "cpu",
+                 "--tile", "32", str(inputs["rgb"]), str(inputs["gray16"])])
+    assert code == 0
+    for stem, shape in (("rgb", (50, 70)), ("gray16", (40, 33))):
+        mask = skio.imread(str(out / f"{stem}_mask.png"))
+        prob = tifffile.imread(str(out / f"{stem}_prob.tif"))
+        boundary = tifffile.imread(str(out / f"{stem}_boundary.tif"))
+        assert mask.dtype == np.uint8 and mask.shape == shape
+        assert set(np.unique(mask)) <= {0, 255}
+        assert prob.dtype == np.float32 and prob.shape == shape
+        assert boundary.dtype == np.float32 and boundary.shape == shape
+        np.testing.assert_array_equal(mask == 255, prob > 0.5)
+        assert not (out / f"{stem}_labels.tif").exists()
+    err = capsys.readouterr().err
+    assert "predict" in err and _error_lines(err) == []
+
+
+def test_predict_folder_input_and_instance_labels(tmp_path, checkpoints):
+    _write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(checkpoints["instance"]), "--out", str(out), "--device", "cpu",
+                 "--threshold", "0.5", "--min-size", "1", str(tmp_path / "in")])
+    assert code == 0
+    labels = tifffile.imread(str(out / "rgb_labels.tif"))
+    mask = skio.imread(str(out / "rgb_mask.png"))
+    assert labels.dtype == np.uint16 and labels.shape == (50, 70)
+    assert labels.max() >= 1
+    np.testing.assert_array_equal(labels > 0, mask == 255)
+    assert (out / "gray16_labels.tif").exists()
+
+
+def test_predict_bad_inputs_one_line_each_and_exit_1(tmp_path, checkpoints, capsys):
+    inputs = _write_inputs(tmp_path / "in")
+    unreadable = tmp_path / "in" / "broken.png"
+    unreadable.write_bytes(b"this is not an image")
+    two_channel = tmp_path / "in" / "two_channel.tif"
+    tifffile.imwrite(str(two_channel), np.zeros((30, 40, 2), np.uint8))
+    volume = tmp_path / "in" / "volume.tif"
+    tifffile.imwrite(str(volume), np.zeros((2, 3, 30, 40, 3), np.uint8))
+    missing = tmp_path / "in" / "missing.jpg"
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(checkpoints["semantic"]), "--out", str(out), "--device", "cpu",
+                 str(unreadable), str(inputs["rgb"]), str(two_channel), str(missing), str(volume),
+                 str(inputs["gray16"])])
+    assert code == 1
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 4
+    for bad in (unreadable, two_channel, missing, volume):
+        assert sum(str(bad) in line for line in errors) == 1
+    for stem in ("rgb", "gray16"):
+        for suffix in ("_mask.png", "_prob.tif", "_boundary.tif"):
+            assert (out / f"{stem}{suffix}").is_file()
+    assert not any(out.glob("broken*")) and not any(out.glob("two_channel*"))
+
+
+def test_predict_unknown_model_is_one_line(tmp_path, capsys):
+    inputs = _write_inputs(tmp_path / "in")
+    code = main(["predict", "--model", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "out"),
+                 str(inputs["rgb"])])
+    assert code == 1
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "nope.safetensors" in errors[0]
+
+
+def _write_labelled_folders(folder: Path) -> None:
+    rng = np.random.default_rng(3)
+    for name in ("images", "masks", "instances"):
+        (folder / name).mkdir(parents=True)
+    for index in range(2):
+        skio.imsave(str(folder / "images" / f"img{index}.png"), (rng.random((64, 48, 3)) * 255).astype(np.uint8),
+                    check_contrast=False)
+        instances = np.zeros((64, 48), np.uint16)
+        instances[5:20, 5:20] = 3
+        instances[30:50, 10:30] = 8
+        skio.imsave(str(folder / "masks" / f"img{index}.png"), ((instances > 0) * 255).astype(np.uint8),
+                    check_contrast=False)
+        skio.imsave(str(folder / "instances" / f"img{index}.png"), instances, check_contrast=False)
+
+
+def test_evaluate_folders_writes_csv(tmp_path, checkpoints, capsys):
+    _write_labelled_folders(tmp_path)
+    # an image without a mask: reported on one line, the others are still scored
+    skio.imsave(str(tmp_path / "images" / "orphan.png"), np.zeros((64, 48, 3), np.uint8), check_contrast=False)
+    table = tmp_path / "scores" / "per_image.csv"
+    code = main(["evaluate", "--model", str(checkpoints["instance"]), "--images", str(tmp_path / "images"),
+                 "--masks", str(tmp_path / "masks"), "--instances", str(tmp_path / "instances"),
+                 "--csv", str(table), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 1
+    errors = _error_lines(captured.err)
+    assert len(errors) == 1 and "orphan.png" in errors[0]
+    with open(table) as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["image"] for row in rows] == ["img0.png", "img1.png"]
+    assert set(rows[0]) == {"image", "iou", "dice", "hd95", "boundary_f1", "aji", "object_f1"}
+    for row in rows:
+        assert 0.0 <= float(row["iou"]) <= 1.0 and 0.0 <= float(row["aji"]) <= 1.0
+        assert float(row["hd95"]) >= 0.0
+    for label in ("IoU", "Dice", "HD95", "AJI", "Object F1"):
+        assert any(line.startswith(label) and "±" in line for line in captured.out.splitlines()), label
+
+
+def test_evaluate_semantic_only(tmp_path, checkpoints, capsys):
+    _write_labelled_folders(tmp_path)
+    table = tmp_path / "s.csv"
+    code = main(["evaluate", "--model", str(checkpoints["semantic"]), "--images", str(tmp_path / "images"),
+                 "--masks", str(tmp_path / "masks"), "--csv", str(table), "--device", "cpu"])
+    assert code == 0
+    header = table.read_text().splitlines()[0]
+    assert header == "image,iou,dice,hd95,boundary_f1"
+    assert "AJI" not in capsys.readouterr().out
+
+
+def test_train_resume_without_state_is_one_line(tmp_path, capsys):
+    code = main(["train", "--data", str(DATA / "ph2"), "--layout", "ph2", "--out", str(tmp_path / "m.safetensors"),
+                 "--max-images", "1", "--encoder", "mini", "--resume", "--device", "cpu"])
+    assert code == 1
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "resume" in errors[0]
+
+
+def test_end_to_end_train_evaluate_predict(tmp_path, capsys):
+    """Trains 2 epochs on PH2 images and on CoNSeP patches, evaluates and predicts via the CLI."""
+    assert (DATA / "ph2" / "splits.json").is_file(), f"dataset missing at {DATA}"
+    ph2_ckpt = tmp_path / "ph2" / "model.safetensors"
+    common = ["--encoder", "mini", "--crop-size", "64", "--batch-size", "2", "--device", "cpu",
+              "--max-images", "4", "--max-val-images", "2"]
+    # PH2: one epoch, then --resume to the second.
+    assert main(["train", "--data", str(DATA / "ph2"), "--layout", "ph2", "--out", str(ph2_ckpt), "--epochs", "1",
+                 *common]) == 0
+    assert main(["train", "--data", str(DATA / "ph2"), "--layout", "ph2", "--out", str(ph2_ckpt), "--epochs", "2",
+                 "--resume", *common]) == 0
+    state = torch.load(ph2_ckpt.with_name("model.last.pt"), weights_only=True)
+    assert state["step"] == 4 and len(state["history"]["epoch_losses"]) == 2  # 2 epochs x (4 images / batch 2)
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "epoch 2/2" in err and "iou" in err
+
+    # CoNSeP: instance task from the layout, with a YAML config for the rest.
+    config = tmp_path / "consep.yaml"
+    config.write_text("model:\n  kernel_size: 5\ntrain:\n  warmup_steps: 1\n  boundary_width: 1\n")
+    consep_ckpt = tmp_path / "consep" / "model.safetensors"
+    assert main(["train", "--data", str(DATA / "consep"), "--layout", "consep", "--out", str(consep_ckpt),
+                 "--epochs", "2", "--config", str(config), *common]) == 0
+    metadata = read_metadata(consep_ckpt)
+    assert metadata["model_config"]["task"] == "instance"
+    assert metadata["model_config"]["kernel_size"] == 5
+    assert metadata["train_config"]["boundary_width"] == 1 and metadata["train_config"]["epochs"] == 2
+    model, _ = load_checkpoint(consep_ckpt)
+    assert model.config.encoder == "mini"
+    capsys.readouterr()
+
+    # Evaluate both on their test splits.
+    ph2_csv = tmp_path / "ph2.csv"
+    assert main(["evaluate", "--model", str(ph2_ckpt), "--layout", "ph2", "--data", str(DATA / "ph2"),
+                 "--split", "test", "--max-images", "2", "--csv", str(ph2_csv), "--device", "cpu"]) == 0
+    assert len(ph2_csv.read_text().splitlines()) == 3
+    consep_csv = tmp_path / "consep.csv"
+    assert main(["evaluate", "--model", str(consep_ckpt), "--layout", "consep", "--data", str(DATA / "consep"),
+                 "--split", "test", "--max-images", "2", "--csv", str(consep_csv), "--device", "cpu"]) == 0
+    with open(consep_csv) as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 2 and "aji" in rows[0] and "object_f1" in rows[0]
+    out = capsys.readouterr().out
+    assert sum(line.startswith("IoU ") for line in out.splitlines()) == 2 and "AJI" in out
+
+    # Predict through the CLI.
+    predictions = tmp_path / "pred"
+    ph2_image = sorted((DATA / "ph2" / "images").glob("*.jpg"))[0]
+    consep_image = sorted((DATA / "consep" / "test" / "images").glob("*.jpg"))[0]
+    assert main(["predict", "--model", str(ph2_ckpt), "--out", str(predictions), "--device", "cpu",
+                 str(ph2_image)]) == 0
+    assert main(["predict", "--model", str(consep_ckpt), "--out", str(predictions), "--device", "cpu",
+                 str(consep_image)]) == 0
+    ph2_shape = skio.imread(str(ph2_image)).shape[:2]
+    assert skio.imread(str(predictions / f"{ph2_image.stem}_mask.png")).shape == ph2_shape
+    assert tifffile.imread(str(predictions / f"{ph2_image.stem}_prob.tif")).shape == ph2_shape
+    assert not (predictions / f"{ph2_image.stem}_labels.tif").exists()
+    labels = tifffile.imread(str(predictions / f"{consep_image.stem}_labels.tif"))
+    assert labels.shape == (256, 256) and labels.dtype in (np.uint16, np.uint32)
+    assert tifffile.imread(str(predictions / f"{consep_image.stem}_boundary.tif")).dtype == np.float32
