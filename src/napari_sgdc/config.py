@@ -56,6 +56,10 @@ class ModelConfig:
         class_names: names of the mask classes.
         norm_mean: per-channel input mean, in 0..255 units, subtracted inside the model.
         norm_std: per-channel input std, in 0..255 units.
+        resize_long_side: working resolution. When > 0, images are resized so that their
+            longer side has this many pixels before the network sees them (training and
+            inference alike) and the outputs are resized back; 0 keeps the native pixel
+            size (histology, where magnification matters).
     """
 
     encoder: str = "efficientnet_lite0"
@@ -73,6 +77,7 @@ class ModelConfig:
     class_names: tuple[str, ...] = ("foreground",)
     norm_mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
     norm_std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    resize_long_side: int = 0
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
