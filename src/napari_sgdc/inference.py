@@ -187,6 +187,9 @@ class _PlaneSegmenter:
                 raise Cancelled("segmentation cancelled")
             rgb = _plane_input(plane, y0, x0, tile_h, tile_w)  # (tile_h, tile_w, 3)
             batch = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device)  # (1, 3, tile_h, tile_w)
+            if self.device.type in ("cpu", "cuda"):
+                # channels_last roughly halves the CPU forward time of the convolutions
+                batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 out = self.model(batch, return_gates=self.return_gates)
                 prob = torch.sigmoid(out["mask"][0, 0]).float().cpu().numpy()  # (tile_h, tile_w)
