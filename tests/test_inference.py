@@ -40,9 +40,9 @@ class PixelwiseModel(nn.Module):
 
     size_multiple = 32
 
-    def __init__(self, task: str = "semantic"):
+    def __init__(self, task: str = "semantic", resize_long_side: int = 0):
         super().__init__()
-        self.config = SimpleNamespace(task=task)
+        self.config = SimpleNamespace(task=task, resize_long_side=resize_long_side)
         self.head = nn.Conv2d(3, 2, 1)
         with torch.no_grad():
             self.head.weight.copy_(torch.tensor([[8.0, -8.0, 4.0], [-4.0, 6.0, 2.0]])[:, :, None, None])
@@ -242,3 +242,19 @@ def test_postprocess_stack_ids_unique_and_unseeded_components():
     boundary_only = np.ones_like(boundary)
     labels = postprocess(probability, boundary_only, min_size=10, instances=True)
     assert labels.max() == 1 and np.count_nonzero(labels) == 200
+
+
+def test_working_resolution_resizes_and_restores():
+    image = np.zeros((100, 150, 3), np.uint8)
+    image[:, :75] = (200, 30, 10)
+    image[:, 75:] = (10, 60, 220)
+    native = segment(PixelwiseModel(), image, return_gates=True)
+    calls = []
+    resized = segment(PixelwiseModel(resize_long_side=64), image, return_gates=True,
+                      progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 1)]  # 43 x 64 at the working resolution: one tile
+    assert resized.probability.shape == resized.boundary.shape == resized.mask.shape == (100, 150)
+    assert resized.gates[0].stride == 4 and resized.gates[0].data.shape == (2, 25, 38)
+    away_from_edge = (slice(None), np.r_[0:60, 90:150])
+    np.testing.assert_allclose(resized.probability[away_from_edge], native.probability[away_from_edge], atol=1e-4)
+    assert abs(native.probability[0, 0] - native.probability[0, -1]) > 0.1  # the halves differ

@@ -17,6 +17,11 @@ Pipeline for one plane:
     5. `postprocess` thresholds the probability into the mask and, for instance models,
        splits it into labelled instances with a seeded watershed.
 
+Working resolution: when the model's ``config.resize_long_side`` is > 0, each plane
+is first resized (bilinear, anti-aliased when shrinking) so that its longer side has
+that many pixels, and the probability, boundary and gate maps are resized back
+(bilinear) before thresholding, so every output has the input's pixel size.
+
 Stacks (Z or T, H, W [, C]) are processed plane by plane and every output gains a
 leading plane axis.
 """
@@ -151,8 +156,9 @@ class _PlaneSegmenter:
     """Runs the tiled forward pass of one model over planes, sharing progress state."""
 
     def __init__(self, model, device, tile, overlap, return_gates, progress, cancel, total_tiles_per_plane,
-                 n_planes):
+                 n_planes, working_long_side=0):
         self.model = model
+        self.working_long_side = working_long_side
         self.device = device
         self.tile = tile
         self.overlap = overlap
@@ -170,7 +176,33 @@ class _PlaneSegmenter:
         return self._weights[key]
 
     def run(self, plane: np.ndarray):
-        """Returns (probability (H, W), boundary (H, W), gates list or None) for one plane."""
+        """Returns (probability (H, W), boundary (H, W), gates list or None) for one plane.
+
+        With a working resolution the plane is resized so that its long side has that
+        many pixels, segmented, and the outputs are resized back to (H, W) (gates to
+        (ceil(H / stride), ceil(W / stride)), so their strides stay relative to the input).
+        """
+        height, width = plane.shape[:2]
+        working = _working_size(height, width, self.working_long_side)
+        if working == (height, width):
+            return self._run_native(plane)
+        from skimage.transform import resize
+
+        from .data.transforms import to_float_rgb
+
+        rgb = to_float_rgb(plane)  # (H, W, 3)
+        rgb = resize(rgb, (*working, 3), order=1, anti_aliasing=working[0] < height, preserve_range=True)
+        probability, boundary, gates = self._run_native(rgb.astype(np.float32))  # (h, w) at working size
+        probability = _resize_maps(probability[None], (height, width))[0]  # (H, W)
+        boundary = _resize_maps(boundary[None], (height, width))[0]
+        if gates is not None:
+            gates = [GateMap(g.name, g.stride, _resize_maps(g.data.astype(np.float32),
+                                                            (math.ceil(height / g.stride), math.ceil(width / g.stride)))
+                             .astype(np.float16)) for g in gates]
+        return probability, boundary, gates
+
+    def _run_native(self, plane: np.ndarray):
+        """Tiled forward pass at the plane's own pixel size."""
         if _needs_global_conversion(plane.dtype):
             from .data.transforms import to_float_rgb
 
@@ -241,6 +273,21 @@ class _PlaneSegmenter:
             entry["weight"][gy:gy + rows, gx:gx + cols] += weight
 
 
+def _working_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) with the longer side resized to `long_side` (unchanged when 0)."""
+    if not long_side or max(height, width) == long_side:
+        return height, width
+    scale = long_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of float maps (C, h, w) to (C, *size), float32."""
+    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None]  # (1, C, h, w)
+    resized = torch.nn.functional.interpolate(tensor, size=size, mode="bilinear", align_corners=False)  # (1, C, H, W)
+    return resized[0].numpy()
+
+
 def _tile_layout(height: int, width: int, tile: int | None, overlap: float):
     """Tile size and origins for an image of (height, width).
 
@@ -271,8 +318,9 @@ def segment(model: torch.nn.Module, image: np.ndarray, *, threshold: float = 0.5
         image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array of uint8, uint16 or float, or
             a stack (N, H, W) / (N, H, W, C) of such planes.
         threshold: probability threshold of the mask.
-        tile: tile size in pixels (rounded up to a multiple of 32); None or 0 runs the whole
-            image in one pass.
+        tile: tile size in pixels (rounded up to a multiple of 32) at the model's working
+            resolution (``config.resize_long_side``, see the module docstring); None or 0
+            runs the whole image in one pass.
         overlap: fraction of a tile shared with its neighbour, in [0, 1).
         device: where to run; None uses the model's device. The model is moved there.
         return_gates: also return the mean gate maps of the guided blocks.
@@ -310,10 +358,11 @@ def segment(model: torch.nn.Module, image: np.ndarray, *, threshold: float = 0.5
 
         target_device = resolve_device(device)
         model.to(target_device)
-    height, width = planes.shape[1:3]
-    tiles_per_plane = len(_tile_layout(height, width, tile, overlap)[2])
+    working_long_side = int(getattr(getattr(model, "config", None), "resize_long_side", 0) or 0)
+    working = _working_size(*planes.shape[1:3], working_long_side)
+    tiles_per_plane = len(_tile_layout(*working, tile, overlap)[2])
     runner = _PlaneSegmenter(model, target_device, tile, overlap, return_gates, progress, cancel,
-                             tiles_per_plane, planes.shape[0])
+                             tiles_per_plane, planes.shape[0], working_long_side)
     was_training = model.training
     model.eval()
     try:
