@@ -128,7 +128,9 @@ class FinetuneWidget(Container):
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
         super().__init__(labels=True)
-        self._viewer = napari_viewer
+        # napari may inject a public-only proxy that wraps every layer it returns in a new
+        # proxy object; the widgets key caches by layer identity, so they use the real viewer.
+        self._viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
         self._session = get_session(napari_viewer)
         self.pairs: list[TrainingPair] = []
         self.losses: list[float] = []

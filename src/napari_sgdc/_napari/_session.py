@@ -210,7 +210,10 @@ def get_session(viewer: Any) -> SGDCSession:
 
     The registry holds no reference to the viewer (keyed by id and dropped when
     the viewer is garbage-collected), so closing a viewer releases its models.
+    napari may hand widgets a public-only proxy of the viewer; the session belongs
+    to the real viewer behind it, so both widgets share one session.
     """
+    viewer = getattr(viewer, "__wrapped__", viewer)
     key = id(viewer)
     session = _SESSIONS.get(key)
     if session is None:

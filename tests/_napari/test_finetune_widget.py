@@ -1,0 +1,188 @@
+"""GUI tests of the "SGDC Fine-tune" widget: correct, retrain, re-segment, undo, cancel, save."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gui
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def _short_run(finetune_widget, steps: int = 8) -> None:
+    """Advanced settings for a fast test run (the mini model learns the disk in a few steps)."""
+    finetune_widget.advanced.value = True
+    finetune_widget.steps.value = steps
+    finetune_widget.learning_rate.value = 0.01
+    finetune_widget.freeze_encoder.value = False
+
+
+def _paint_correction(mask_layer, correction: np.ndarray) -> None:
+    """Paints `correction` (bool) into the mask layer the way the brush does (with undo history)."""
+    current = np.asarray(mask_layer.data)
+    add = np.nonzero(correction & (current == 0))
+    erase = np.nonzero(~correction & (current != 0))
+    if len(add[0]):
+        mask_layer.data_setitem(add, 1)
+    if len(erase[0]):
+        mask_layer.data_setitem(erase, 0)
+
+
+@pytest.fixture
+def corrected(sgdc, wait_segment):
+    """The lesion image segmented by the random tiny model, then its mask painted to the true disk."""
+    viewer, seg, ft, image, disk = sgdc
+    assert wait_segment(seg.run_segment()).error is None
+    mask_layer = viewer.layers["lesion mask"]
+    before = np.asarray(mask_layer.data) > 0
+    _paint_correction(mask_layer, disk)
+    ft.reset_choices()
+    ft.image_layer.value = image
+    ft.labels_layer.value = mask_layer
+    _short_run(ft)
+    return viewer, seg, ft, image, disk, before
+
+
+def test_finetune_lowers_loss_and_moves_mask_toward_correction(corrected, qtbot, wait_idle, notes):
+    viewer, seg, ft, image, disk, before = corrected
+    state = seg._session.current()
+    weights_before = _weights(state.model)
+    assert ft.start_finetune() is not None
+    wait_idle(seg._session)
+    assert not notes.matching("failed"), notes.messages
+    losses = ft.history.losses
+    assert len(losses) == 8 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert len(ft.axes.lines) == 1 and len(ft.axes.lines[0].get_xdata()) == 8  # the dock's loss plot
+    after = np.asarray(viewer.layers["lesion mask"].data) > 0  # re-segmented automatically
+    assert _iou(after, disk) > _iou(before, disk) + 0.3
+    assert not _same_weights(weights_before, _weights(state.model))
+    assert [pair.image_name for pair in ft.pairs] == ["lesion"]  # the corrections are kept in the list
+
+
+def test_undo_restores_weights_bit_for_bit(corrected, wait_idle):
+    viewer, seg, ft, image, disk, before = corrected
+    state = seg._session.current()
+    weights_before = _weights(state.model)
+    ft.start_finetune()
+    wait_idle(seg._session)
+    assert not _same_weights(weights_before, _weights(state.model))
+    assert ft.undo()
+    assert _same_weights(weights_before, _weights(state.model))
+    wait_idle(seg._session)
+    restored = np.asarray(viewer.layers["lesion mask"].data) > 0
+    np.testing.assert_array_equal(restored, before)  # re-segmented with the old weights
+    assert not ft.undo()  # nothing left to undo
+
+
+def test_cancel_stops_within_a_second_and_keeps_the_model(corrected, qtbot, notes):
+    viewer, seg, ft, image, disk, before = corrected
+    state = seg._session.current()
+    weights_before = _weights(state.model)
+    ft.steps.value = 2000
+    worker = ft.start_finetune()
+    qtbot.waitUntil(lambda: len(ft.losses) >= 1, timeout=30_000)
+    finished = []
+    worker.finished.connect(lambda: finished.append(time.perf_counter()))
+    cancelled_at = time.perf_counter()
+    ft.cancel_button.changed.emit(True)
+    qtbot.waitUntil(lambda: bool(finished), timeout=5_000)
+    assert finished[0] - cancelled_at < 1.0
+    qtbot.waitUntil(lambda: seg._session.busy is None, timeout=5_000)
+    assert _same_weights(weights_before, _weights(state.model))
+    assert notes.matching("cancelled")
+    assert not state.undo  # nothing to undo: the cancelled run left no trace
+
+
+def test_save_model_writes_checkpoint_with_provenance(corrected, wait_idle, tmp_path, tiny_checkpoint):
+    from napari_sgdc.io import load_checkpoint
+
+    viewer, seg, ft, image, disk, before = corrected
+    ft.start_finetune()
+    wait_idle(seg._session)
+    written = ft.save_model(str(tmp_path / "tuned"))
+    assert str(written).endswith(".safetensors")
+    model, metadata = load_checkpoint(written)
+    provenance = metadata["provenance"]
+    assert provenance["base_model"] == str(tiny_checkpoint)
+    assert provenance["corrected_images"] == 1
+    assert provenance["finetune_steps"] == 8
+    state = seg._session.current()
+    assert _same_weights(_weights(state.model), _weights(model))
+
+
+def test_training_list_add_and_remove(corrected):
+    viewer, seg, ft, image, disk, before = corrected
+    assert ft.add_pair()
+    assert ft.training_list.choices == ("lesion ← lesion mask",)
+    ft.training_list.value = ["lesion ← lesion mask"]
+    ft.remove_selected()
+    assert ft.pairs == [] and ft.training_list.choices == ()
+
+
+def _assert_rejected(ft, seg, notes, text, layers_before, viewer):
+    state = seg._session.current()
+    weights = _weights(state.model)
+    assert ft.start_finetune() is None
+    assert notes.matching(text), notes.messages
+    assert _same_weights(weights, _weights(state.model))
+    for name, data in layers_before.items():
+        np.testing.assert_array_equal(np.asarray(viewer.layers[name].data), data)
+
+
+def _snapshot(viewer) -> dict[str, np.ndarray]:
+    return {layer.name: np.array(layer.data) for layer in viewer.layers}
+
+
+def test_no_corrections_is_a_notification(sgdc, wait_segment, notes):
+    viewer, seg, ft, image, _ = sgdc
+    wait_segment(seg.run_segment())
+    ft.reset_choices()
+    ft.image_layer.value = image
+    ft.labels_layer.value = viewer.layers["lesion mask"]
+    viewer.layers["lesion mask"].data = np.zeros((192, 192), np.uint8)  # erase everything...
+    seg.threshold.value = 0.0  # ...then the slider re-thresholds: the mask equals the prediction again
+    _assert_rejected(ft, seg, notes, "No corrections", _snapshot(viewer), viewer)
+
+
+def test_labels_shape_mismatch_is_a_notification(sgdc, wait_segment, notes):
+    viewer, seg, ft, image, _ = sgdc
+    wait_segment(seg.run_segment())
+    other = viewer.add_labels(np.ones((100, 120), np.uint8), name="wrong size")
+    ft.reset_choices()
+    ft.image_layer.value = image
+    ft.labels_layer.value = other
+    _assert_rejected(ft, seg, notes, "must match pixel for pixel", _snapshot(viewer), viewer)
+
+
+def test_all_background_labels_are_a_notification(sgdc, wait_segment, notes):
+    viewer, seg, ft, image, _ = sgdc
+    wait_segment(seg.run_segment())
+    empty = viewer.add_labels(np.zeros((192, 192), np.uint8), name="empty")
+    ft.reset_choices()
+    ft.image_layer.value = image
+    ft.labels_layer.value = empty
+    _assert_rejected(ft, seg, notes, "all background", _snapshot(viewer), viewer)
+
+
+def test_wrong_layer_type_is_a_notification(sgdc, wait_segment, notes):
+    viewer, seg, ft, image, _ = sgdc
+    wait_segment(seg.run_segment())
+    points = viewer.add_points(np.array([[10.0, 10.0]]), name="clicks")
+    ft.reset_choices()
+    ft.image_layer.value = image
+    ft.labels_layer.value = points
+    _assert_rejected(ft, seg, notes, "not Labels", _snapshot(viewer), viewer)
