@@ -251,3 +251,23 @@ def test_end_to_end_train_evaluate_predict(tmp_path, capsys):
     labels = tifffile.imread(str(predictions / f"{consep_image.stem}_labels.tif"))
     assert labels.shape == (256, 256) and labels.dtype in (np.uint16, np.uint32)
     assert tifffile.imread(str(predictions / f"{consep_image.stem}_boundary.tif")).dtype == np.float32
+
+
+def test_train_on_several_splits_and_datasets_at_a_working_resolution(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  resize_long_side: 96\n  single_object: true\n")
+    ckpt = tmp_path / "ph2.safetensors"
+    assert main(["train", "--data", str(DATA / "ph2"), "--layout", "ph2", "--out", str(ckpt), "--epochs", "1",
+                 "--config", str(config), "--train-splits", "train,val", "--val-split", "none", "--encoder", "mini",
+                 "--crop-size", "64", "--batch-size", "2", "--device", "cpu", "--max-images", "3"]) == 0
+    metadata = read_metadata(ckpt)
+    assert metadata["model_config"]["resize_long_side"] == 96 and metadata["model_config"]["single_object"]
+    assert metadata["provenance"]["n_train"] == 3 and metadata["provenance"]["n_val"] == 0
+
+    nuclei = tmp_path / "nuclei.safetensors"
+    assert main(["train", "--data", str(DATA / "consep"), "--layout", "consep", "--out", str(nuclei),
+                 "--also", "monuseg", str(DATA / "monuseg"), "--val-split", "none", "--encoder", "mini",
+                 "--crop-size", "64", "--batch-size", "8", "--device", "cpu", "--max-images", "2",
+                 "--steps-per-epoch", "1", "--epochs", "1"]) == 0
+    provenance = read_metadata(nuclei)["provenance"]
+    assert provenance["n_train"] == 2 + 30 and provenance["also"] == [["monuseg", str(DATA / "monuseg")]]

@@ -261,3 +261,19 @@ def test_segmentation_dataset_items():
     assert item["edge"][0, 20, 29] == 1 and item["edge"][0, 20, 30] == 1  # contact line
     with pytest.raises(ValueError):
         SegmentationDataset([], crop_size=64)
+
+
+def test_resize_samples_to_a_working_resolution():
+    from napari_sgdc.data import Sample, resize_samples
+
+    image = np.zeros((60, 90, 3), np.uint8)
+    image[:, 45:] = 200
+    labels = np.zeros((60, 90), np.int32)
+    labels[10:30, 10:40] = 7
+    (resized,) = resize_samples([Sample("a", image, labels)], 45)
+    assert resized.image.shape == (30, 45, 3) and resized.image.dtype == np.uint8
+    assert resized.mask.shape == (30, 45) and resized.mask.dtype == np.int32
+    assert set(np.unique(resized.mask)) == {0, 7}  # nearest neighbour: no new label values
+    assert np.count_nonzero(resized.mask == 7) == 10 * 15
+    assert resized.image[:, :20].max() < 50 and resized.image[:, 25:].min() > 150
+    assert resize_samples([Sample("a", image, labels)], 0)[0].image is image

@@ -72,7 +72,9 @@ def test_result_types_and_non_multiple_of_32_size(mini_model):
     assert result.probability.dtype == np.float32 and result.boundary.dtype == np.float32
     assert result.mask.dtype == bool
     assert result.labels is None and result.gates is None
-    np.testing.assert_array_equal(result.mask, result.probability > 0.5)
+    expected = postprocess(result.probability, result.boundary, threshold=0.5, min_size=20)
+    np.testing.assert_array_equal(result.mask, expected)
+    assert not (result.mask & ~(result.probability > 0.5)).any()
     assert 0.0 <= result.probability.min() and result.probability.max() <= 1.0
     assert result.probability.std() > 0.01  # the amplified head really varies
 
@@ -229,7 +231,20 @@ def test_postprocess_splits_touching_instances():
     keep_speck = postprocess(probability, boundary, threshold=0.5, boundary_threshold=0.5, min_size=1, instances=True)
     assert keep_speck.max() == 3
     mask = postprocess(probability, boundary, threshold=0.5, boundary_threshold=0.5, min_size=10, instances=False)
-    assert mask.dtype == bool and mask.sum() == 204
+    raw = postprocess(probability, boundary, threshold=0.5, min_size=1, instances=False)
+    assert mask.dtype == bool and raw.sum() == 204
+    assert raw[17, 27] and not mask[17, 27]  # the speck is below min_size
+    assert mask.sum() == 204 - np.count_nonzero(raw & ~mask)
+
+
+def test_single_object_keeps_largest_region_with_holes_filled():
+    probability = np.zeros((40, 40), np.float32)
+    probability[5:30, 5:30] = 0.9
+    probability[15:18, 15:18] = 0.1  # a hole
+    probability[34:38, 34:38] = 0.9  # a stray blob
+    mask = postprocess(probability, probability, threshold=0.5, min_size=1, single_object=True)
+    assert mask[16, 16] and not mask[35, 35]
+    assert mask.sum() == 25 * 25
 
 
 def test_postprocess_stack_ids_unique_and_unseeded_components():

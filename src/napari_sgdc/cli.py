@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(ModelConfig/TrainConfig fields); flags override it")
     train.add_argument("--epochs", type=int, help="number of epochs (default: 30)")
     train.add_argument("--max-images", type=int, help="train on the first N training images only")
+    train.add_argument("--train-splits", default="train",
+                       help="comma-separated splits to train on (default: train; e.g. train,val)")
+    train.add_argument("--val-split", default="val",
+                       help="split used for validation, or 'none' (default: val)")
+    train.add_argument("--also", nargs=2, action="append", default=[], metavar=("LAYOUT", "DIR"),
+                       help="add the train split of another dataset (repeatable), e.g. --also monuseg data/monuseg")
     train.add_argument("--max-val-images", type=int, help="validate on the first N validation images only")
     train.add_argument("--device", choices=DEVICE_CHOICES, help="where to train (default: auto)")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
@@ -307,18 +313,27 @@ def _train_config(args, train_values: dict, layout: str):
 def _run_train(args) -> int:
     from tqdm import tqdm
 
-    from .data import SegmentationDataset, load_samples
+    from .data import SegmentationDataset, load_samples, resize_samples
     from .model import build_model
     from .train import fit
 
     model_values, train_values = _load_yaml_config(args.config)
-    train_samples = load_samples(args.data, args.layout, "train", max_images=args.max_images, task=args.task)
+    train_samples = []
+    for split in filter(None, (part.strip() for part in args.train_splits.split(","))):
+        train_samples += load_samples(args.data, args.layout, split, task=args.task)
+    train_samples = train_samples[: args.max_images] if args.max_images else train_samples
     if not train_samples:
         raise ValueError(f"no training images found in {args.data} (layout {args.layout})")
-    val_samples = load_samples(args.data, args.layout, "val", max_images=args.max_val_images, task=args.task)
     task = args.task or ("instance" if train_samples[0].is_instance else "semantic")
+    for layout, folder in args.also:
+        train_samples += load_samples(folder, layout, "train", task=task)
+    val_samples = []
+    if args.val_split != "none":
+        val_samples = load_samples(args.data, args.layout, args.val_split, max_images=args.max_val_images, task=task)
     model_cfg = _model_config(args, model_values, task, args.layout)
     train_cfg = _train_config(args, train_values, args.layout)
+    train_samples = resize_samples(train_samples, model_cfg.resize_long_side)
+    val_samples = resize_samples(val_samples, model_cfg.resize_long_side)
     train_data = SegmentationDataset(train_samples, crop_size=train_cfg.crop_size, augment=True,
                                      boundary_width=train_cfg.boundary_width, stain_jitter=train_cfg.stain_jitter,
                                      task=task, seed=train_cfg.seed)
@@ -348,6 +363,7 @@ def _run_train(args) -> int:
 
     cancel = threading.Event()
     provenance = {"command": "napari-sgdc train", "data": str(args.data), "layout": args.layout,
+                  "train_splits": args.train_splits, "also": [list(pair) for pair in args.also],
                   "max_images": args.max_images, "n_train": len(train_samples), "n_val": len(val_samples)}
     try:
         history = fit(model, train_data, val_data, train_cfg, callbacks=[on_event], cancel=cancel, out=args.out,

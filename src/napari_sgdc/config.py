@@ -60,6 +60,8 @@ class ModelConfig:
             longer side has this many pixels before the network sees them (training and
             inference alike) and the outputs are resized back; 0 keeps the native pixel
             size (histology, where magnification matters).
+        single_object: the images hold one object (a skin lesion): the mask keeps its
+            largest connected region with holes filled.
     """
 
     encoder: str = "efficientnet_lite0"
@@ -78,6 +80,7 @@ class ModelConfig:
     norm_mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
     norm_std: tuple[float, float, float] = (128.0, 128.0, 128.0)
     resize_long_side: int = 0
+    single_object: bool = False
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:

@@ -38,6 +38,8 @@ import torch
 from scipy import ndimage
 from skimage.segmentation import relabel_sequential, watershed
 
+from .data.transforms import resize_image, to_float_rgb, working_size
+
 __all__ = ["SegmentationResult", "GateMap", "Cancelled", "segment", "postprocess", "tile_origins"]
 
 SIZE_MULTIPLE = 32
@@ -121,7 +123,6 @@ def _gaussian_weight(height: int, width: int) -> np.ndarray:
 
 def _plane_input(plane: np.ndarray, y0: int, x0: int, height: int, width: int) -> np.ndarray:
     """Crops a tile from `plane`, converts it to float RGB and reflect-pads it to (height, width)."""
-    from .data.transforms import to_float_rgb
 
     crop = plane[y0:y0 + height, x0:x0 + width]
     rgb = to_float_rgb(crop)  # (h, w, 3) float32 in [0, 1]
@@ -183,15 +184,10 @@ class _PlaneSegmenter:
         (ceil(H / stride), ceil(W / stride)), so their strides stay relative to the input).
         """
         height, width = plane.shape[:2]
-        working = _working_size(height, width, self.working_long_side)
+        working = working_size(height, width, self.working_long_side)
         if working == (height, width):
             return self._run_native(plane)
-        from skimage.transform import resize
-
-        from .data.transforms import to_float_rgb
-
-        rgb = to_float_rgb(plane)  # (H, W, 3)
-        rgb = resize(rgb, (*working, 3), order=1, anti_aliasing=working[0] < height, preserve_range=True)
+        rgb = resize_image(to_float_rgb(plane), working)  # (h, w, 3)
         probability, boundary, gates = self._run_native(rgb.astype(np.float32))  # (h, w) at working size
         probability = _resize_maps(probability[None], (height, width))[0]  # (H, W)
         boundary = _resize_maps(boundary[None], (height, width))[0]
@@ -204,7 +200,6 @@ class _PlaneSegmenter:
     def _run_native(self, plane: np.ndarray):
         """Tiled forward pass at the plane's own pixel size."""
         if _needs_global_conversion(plane.dtype):
-            from .data.transforms import to_float_rgb
 
             plane = to_float_rgb(plane)  # (H, W, 3): value scaling depends on the whole plane
         height, width = plane.shape[:2]
@@ -271,14 +266,6 @@ class _PlaneSegmenter:
             weight = self.weight(means.shape[1], means.shape[2])[:rows, :cols]
             entry["sum"][:, gy:gy + rows, gx:gx + cols] += means[:, :rows, :cols] * weight[None]
             entry["weight"][gy:gy + rows, gx:gx + cols] += weight
-
-
-def _working_size(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """(h, w) with the longer side resized to `long_side` (unchanged when 0)."""
-    if not long_side or max(height, width) == long_side:
-        return height, width
-    scale = long_side / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -359,7 +346,7 @@ def segment(model: torch.nn.Module, image: np.ndarray, *, threshold: float = 0.5
         target_device = resolve_device(device)
         model.to(target_device)
     working_long_side = int(getattr(getattr(model, "config", None), "resize_long_side", 0) or 0)
-    working = _working_size(*planes.shape[1:3], working_long_side)
+    working = working_size(*planes.shape[1:3], working_long_side)
     tiles_per_plane = len(_tile_layout(*working, tile, overlap)[2])
     runner = _PlaneSegmenter(model, target_device, tile, overlap, return_gates, progress, cancel,
                              tiles_per_plane, planes.shape[0], working_long_side)
@@ -372,7 +359,8 @@ def segment(model: torch.nn.Module, image: np.ndarray, *, threshold: float = 0.5
 
     probability = np.stack([o[0] for o in outputs]) if is_stack else outputs[0][0]  # ([N,] H, W)
     boundary = np.stack([o[1] for o in outputs]) if is_stack else outputs[0][1]
-    mask = probability > threshold
+    single_object = bool(getattr(getattr(model, "config", None), "single_object", False))
+    mask = postprocess(probability, boundary, threshold=threshold, min_size=min_size, single_object=single_object)
     labels = None
     if instances:
         labels = postprocess(probability, boundary, threshold=threshold, boundary_threshold=boundary_threshold,
@@ -388,7 +376,6 @@ def segment(model: torch.nn.Module, image: np.ndarray, *, threshold: float = 0.5
 
 def _validate_plane(plane: np.ndarray) -> None:
     """Raises the converter's clear ValueError for unsupported plane shapes/dtypes."""
-    from .data.transforms import to_float_rgb
 
     if plane.ndim not in (2, 3):
         raise ValueError(f"image planes must be (H, W) or (H, W, C), got shape {plane.shape}")
@@ -415,8 +402,21 @@ def _split_instances(mask: np.ndarray, boundary: np.ndarray, boundary_threshold:
     return labels.astype(np.int32)
 
 
+def _clean_semantic(mask: np.ndarray, min_size: int, single_object: bool) -> np.ndarray:
+    """Largest region with holes filled (single object), or small regions removed."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if count == 0:
+        return mask
+    areas = np.bincount(labels.ravel())
+    areas[0] = 0
+    if single_object:
+        return ndimage.binary_fill_holes(labels == int(areas.argmax()))
+    return areas[labels] >= min_size
+
+
 def postprocess(probability: np.ndarray, boundary: np.ndarray, *, threshold: float = 0.5,
-                boundary_threshold: float = 0.5, min_size: int = 20, instances: bool = False) -> np.ndarray:
+                boundary_threshold: float = 0.5, min_size: int = 20, instances: bool = False,
+                single_object: bool = False) -> np.ndarray:
     """Turns cached probabilities into a mask or instance labels without re-running the network.
 
     Instances: seeds are the 4-connected components of (mask and not boundary >
@@ -432,6 +432,9 @@ def postprocess(probability: np.ndarray, boundary: np.ndarray, *, threshold: flo
         boundary_threshold: boundary threshold for the seeds.
         min_size: minimum instance area in pixels.
         instances: return int32 labels instead of the bool mask.
+        single_object: semantic masks keep only their largest 8-connected region, with
+            holes filled (one lesion per image); otherwise regions smaller than
+            `min_size` pixels are removed.
 
     Returns:
         bool mask, or int32 labels (0 = background), of the input's shape.
@@ -439,7 +442,8 @@ def postprocess(probability: np.ndarray, boundary: np.ndarray, *, threshold: flo
     probability = np.asarray(probability)
     mask = probability > threshold
     if not instances:
-        return mask
+        planes = mask.reshape((-1,) + mask.shape[-2:])
+        return np.stack([_clean_semantic(plane, min_size, single_object) for plane in planes]).reshape(mask.shape)
     boundary = np.asarray(boundary)
     if boundary.shape != probability.shape:
         raise ValueError(f"boundary shape {boundary.shape} differs from probability shape {probability.shape}")

@@ -9,9 +9,12 @@ from .datasets import (
     load_samples,
     read_image,
     read_mask,
+    resize_samples,
 )
 from .targets import boundary_target
-from .transforms import augment_pair, color_jitter, stain_jitter, to_float_rgb, to_uint8_rgb
+from .transforms import (
+    augment_pair, color_jitter, resize_image, resize_labels, stain_jitter, to_float_rgb, to_uint8_rgb, working_size,
+)
 
 __all__ = [
     "CONSEP_VAL_PARENTS",
@@ -25,7 +28,11 @@ __all__ = [
     "load_samples",
     "read_image",
     "read_mask",
+    "resize_image",
+    "resize_labels",
+    "resize_samples",
     "stain_jitter",
     "to_float_rgb",
     "to_uint8_rgb",
+    "working_size",
 ]

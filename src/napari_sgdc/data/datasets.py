@@ -405,3 +405,21 @@ class SegmentationDataset(Dataset):
             "mask": torch.from_numpy((mask > 0)[None].astype(np.float32)),  # (1, h, w)
             "edge": torch.from_numpy(edge[None].astype(np.float32)),  # (1, h, w)
         }
+
+
+def resize_samples(samples: Sequence[Sample], long_side: int) -> list[Sample]:
+    """Resizes each sample so its longer side has `long_side` pixels (0 = unchanged).
+
+    Images are resized bilinearly with anti-aliasing, masks and labels by nearest
+    neighbour: the same working resolution that `segment` uses for a model with
+    ``ModelConfig.resize_long_side``.
+    """
+    from .transforms import resize_image, resize_labels, working_size
+
+    if not long_side:
+        return list(samples)
+    resized = []
+    for sample in samples:
+        size = working_size(*sample.image.shape[:2], long_side)
+        resized.append(Sample(sample.name, resize_image(sample.image, size), resize_labels(sample.mask, size)))
+    return resized

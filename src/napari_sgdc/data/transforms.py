@@ -324,3 +324,33 @@ def augment_pair(
         image_float = stain_jitter(image_float, rng)
     image_float = color_jitter(image_float, rng, color_strength)
     return image_float, mask
+
+
+def working_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) with the longer side resized to `long_side` (unchanged when `long_side` is 0)."""
+    if not long_side or max(height, width) == long_side:
+        return height, width
+    scale = long_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an (H, W[, C]) image to `size`, anti-aliased when shrinking; keeps the dtype."""
+    from skimage.transform import resize
+
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    shrinking = size[0] < image.shape[0] or size[1] < image.shape[1]
+    resized = resize(image, (*size, *image.shape[2:]), order=1, anti_aliasing=shrinking, preserve_range=True)
+    if np.issubdtype(image.dtype, np.integer):
+        resized = np.clip(np.rint(resized), np.iinfo(image.dtype).min, np.iinfo(image.dtype).max)
+    return resized.astype(image.dtype)
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a mask or label image to `size`; keeps the dtype."""
+    if tuple(labels.shape[:2]) == tuple(size):
+        return labels
+    rows = np.minimum((np.arange(size[0]) + 0.5) * labels.shape[0] / size[0], labels.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(size[1]) + 0.5) * labels.shape[1] / size[1], labels.shape[1] - 1).astype(int)
+    return labels[rows[:, None], cols[None, :]]
