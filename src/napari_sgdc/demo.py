@@ -1,0 +1,96 @@
+"""The main job: napari with the plugin docked and a sample image, or a headless run.
+
+    python -m napari_sgdc.demo                      # napari, SGDC Segment docked, dermoscopy sample
+    python -m napari_sgdc.demo --sample nuclei      # the H&E sample instead
+    python -m napari_sgdc.demo --headless --out sgdc_demo
+        # no display needed: segments the sample and writes mask, boundary and gate PNGs
+
+Without a display (no ``DISPLAY``/``WAYLAND_DISPLAY`` on Linux) the headless variant runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SAMPLES = {"dermoscopy": ("dermoscopy_IMD019.jpg", "dermoscopy"), "nuclei": ("he_TCGA-21-5784_crop512.jpg", "nuclei")}
+
+
+def _has_display() -> bool:
+    if sys.platform != "linux":
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _to_png(array: np.ndarray) -> np.ndarray:
+    """Scales a float map in [0, 1] (or a bool mask) to uint8 0..255."""
+    return (np.clip(np.asarray(array, np.float32), 0, 1) * 255).round().astype(np.uint8)
+
+
+def run_headless(sample: str, model_name: str, out: Path, device: str = "auto") -> list[Path]:
+    """Segments a bundled sample and writes mask, boundary and gate PNGs into `out`."""
+    from skimage import io as skio
+
+    from ._napari._sample_data import read_sample
+    from .inference import segment
+    from .io import load_model
+
+    image = read_sample(SAMPLES[sample][0])
+    model = load_model(model_name, device=device)
+    result = segment(model, image, return_gates=True, tile=None)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {f"{sample}_image.png": image, f"{sample}_mask.png": _to_png(result.mask),
+               f"{sample}_probability.png": _to_png(result.probability),
+               f"{sample}_boundary.png": _to_png(result.boundary)}
+    if result.labels is not None:
+        from skimage.color import label2rgb
+
+        written[f"{sample}_labels.png"] = _to_png(label2rgb(result.labels, image=image, bg_label=0, alpha=0.35))
+    for gate in result.gates or []:
+        name = gate.name.replace("@", "_")
+        written[f"{sample}_gate1_{name}.png"] = _to_png(gate.data[0])
+        written[f"{sample}_gate2_{name}.png"] = _to_png(gate.data[1])
+    paths = []
+    for name, array in written.items():
+        skio.imsave(str(out / name), array, check_contrast=False)
+        paths.append(out / name)
+    return paths
+
+
+def run_gui(sample: str) -> None:
+    """Opens napari with the sample and both plugin widgets docked."""
+    import napari
+
+    viewer = napari.Viewer()
+    viewer.open_sample("napari-sgdc", SAMPLES[sample][1])
+    viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Fine-tune")
+    napari.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m napari_sgdc.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--sample", choices=sorted(SAMPLES), default="dermoscopy")
+    parser.add_argument("--headless", action="store_true", help="write PNGs instead of opening napari")
+    parser.add_argument("--model", help="model for the headless run (default: the sample's built-in model)")
+    parser.add_argument("--out", type=Path, default=Path("sgdc_demo"), help="output folder of the headless run")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if args.headless or not _has_display():
+        try:
+            paths = run_headless(args.sample, args.model or SAMPLES[args.sample][1], args.out, args.device)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"napari-sgdc demo: error: {error}", file=sys.stderr)
+            return 1
+        print("\n".join(str(path) for path in paths))
+        return 0
+    run_gui(args.sample)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
