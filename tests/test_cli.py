@@ -235,6 +235,7 @@ def test_end_to_end_train_evaluate_predict(tmp_path, capsys):
     assert len(rows) == 2 and "aji" in rows[0] and "object_f1" in rows[0]
     out = capsys.readouterr().out
     assert sum(line.startswith("IoU ") for line in out.splitlines()) == 2 and "AJI" in out
+    assert sum(line.startswith("Pooled IoU / Dice") for line in out.splitlines()) == 2
 
     # Predict through the CLI.
     predictions = tmp_path / "pred"

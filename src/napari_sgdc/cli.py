@@ -443,6 +443,7 @@ def summarize(rows: list[dict], keys: Sequence[str]) -> dict[str, tuple[float, f
 
 
 def _run_evaluate(args) -> int:
+    import numpy as np
     from tqdm import tqdm
 
     from . import metrics
@@ -451,6 +452,7 @@ def _run_evaluate(args) -> int:
     items = list(_evaluation_items(args))
     model = _load_model(args.model, args.device)
     rows, failures = [], 0
+    pooled = np.zeros(3, np.int64)  # intersection, predicted and reference foreground pixels over all images
     with tqdm(items, desc="evaluate", unit="image", file=sys.stderr) as bar:
         for name, load_image, load_mask, load_instances, problem in bar:
             if problem is not None:
@@ -467,6 +469,9 @@ def _run_evaluate(args) -> int:
                 if result.mask.shape != target.shape:
                     raise ValueError(f"mask shape {target.shape} differs from image shape {result.mask.shape}")
                 row = {"image": name, **metrics.semantic_scores(result.mask, target, args.tolerance)}
+                reference = np.asarray(target) > 0
+                pooled += [np.count_nonzero(result.mask & reference), np.count_nonzero(result.mask),
+                           np.count_nonzero(reference)]
                 if target_instances is not None:
                     row.update(metrics.instance_scores(result.labels, target_instances))
                 rows.append(row)
@@ -490,6 +495,10 @@ def _run_evaluate(args) -> int:
     print(f"{len(rows)} image(s), model {args.model}")
     for key, (mean, std) in summarize(rows, keys).items():
         print(f"{labels[key]:<28} {mean:.4f} ± {std:.4f}")
+    intersection, predicted, reference_total = (int(value) for value in pooled)
+    union = predicted + reference_total - intersection
+    print(f"{'Pooled IoU / Dice':<28} {intersection / max(union, 1):.4f} / "
+          f"{2 * intersection / max(predicted + reference_total, 1):.4f}  (pixels summed over all images)")
     print(f"per-image values: {args.csv}", file=sys.stderr)
     return 1 if failures else 0
 
