@@ -241,3 +241,27 @@ def test_finetune_errors_are_clear():
         finetune(model, [image], [labels + 1], "nope")
     with pytest.raises(ValueError, match="images"):
         finetune(model, [image, image], [labels + 1])
+
+
+def test_finetune_trains_at_the_models_working_resolution(monkeypatch):
+    import importlib
+
+    from napari_sgdc.config import TrainConfig
+    from napari_sgdc.model import build_model, tiny_config
+
+    finetune_module = importlib.import_module("napari_sgdc.train.finetune")  # the package exports the function
+    seen = {}
+    real_dataset = finetune_module.SegmentationDataset
+
+    def spy(samples, **kwargs):
+        seen["shapes"] = [sample.image.shape for sample in samples]
+        return real_dataset(samples, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "SegmentationDataset", spy)
+    model = build_model(tiny_config(resize_long_side=64))
+    image = np.zeros((120, 160, 3), np.uint8)
+    labels = np.zeros((120, 160), np.uint8)
+    labels[30:90, 40:120] = 1
+    finetune_module.finetune(model, [image], [labels], TrainConfig(max_steps=1, epochs=1, batch_size=1,
+                                                                    crop_size=32, val_every=0))
+    assert seen["shapes"] == [(48, 64, 3)]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..config import PRESETS, TrainConfig
-from ..data.datasets import Sample, SegmentationDataset
+from ..data.datasets import Sample, SegmentationDataset, resize_samples
 from ..data.transforms import to_uint8_rgb
 from .fit import History, fit
 
@@ -69,7 +69,8 @@ def finetune(
     quarter-window jitter, so object borders and nearby background are included) with
     probability `FOCUS_PROBABILITY`, and placed anywhere otherwise; they get flips,
     rotations, mild scale and colour jitter (plus stain jitter when
-    ``cfg.stain_jitter``). Images smaller than the crop are reflect-padded. For instance
+    ``cfg.stain_jitter``). Pairs are first resized to the model's working resolution
+    (``ModelConfig.resize_long_side``), as `segment` does. Images smaller than the crop are reflect-padded. For instance
     models (``model.config.task == "instance"``) integer labels are used as instances,
     so boundaries between touching objects are learnt; otherwise ``labels > 0`` is the mask.
 
@@ -100,6 +101,7 @@ def finetune(
     config = getattr(model, "config", None)
     instance = getattr(config, "task", "semantic") == "instance"
     samples = _prepare_pairs(images, labels, instance)
+    samples = resize_samples(samples, int(getattr(config, "resize_long_side", 0) or 0))  # the model's working size
     dataset = SegmentationDataset(
         samples, crop_size=cfg.crop_size, augment=True, boundary_width=cfg.boundary_width,
         stain_jitter=cfg.stain_jitter, task="instance" if instance else "semantic",
