@@ -262,6 +262,6 @@ def test_finetune_trains_at_the_models_working_resolution(monkeypatch):
     image = np.zeros((120, 160, 3), np.uint8)
     labels = np.zeros((120, 160), np.uint8)
     labels[30:90, 40:120] = 1
-    finetune_module.finetune(model, [image], [labels], TrainConfig(max_steps=1, epochs=1, batch_size=1,
+    finetune_module.finetune(model, [image], [labels], TrainConfig(max_steps=1, epochs=1, batch_size=2,
                                                                     crop_size=32, val_every=0))
     assert seen["shapes"] == [(48, 64, 3)]
