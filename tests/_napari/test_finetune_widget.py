@@ -67,10 +67,13 @@ def test_finetune_lowers_loss_and_moves_mask_toward_correction(corrected, qtbot,
     losses = ft.history.losses
     assert len(losses) == 8 and np.mean(losses[-3:]) < np.mean(losses[:3])
     assert len(ft.axes.lines) == 1 and len(ft.axes.lines[0].get_xdata()) == 8  # the dock's loss plot
-    after = np.asarray(viewer.layers["lesion mask"].data) > 0  # re-segmented automatically
+    after = np.asarray(viewer.layers["lesion mask"].data) > 0  # re-segmented automatically:
+    assert not np.array_equal(after, disk)  # the painted correction was replaced by a prediction
+    np.testing.assert_array_equal(seg._session.results[image].written_mask[0] > 0, after)
     assert _iou(after, disk) > _iou(before, disk) + 0.3
     assert not _same_weights(weights_before, _weights(state.model))
     assert [pair.image_name for pair in ft.pairs] == ["lesion"]  # the corrections are kept in the list
+    assert ft.status.value.startswith("fine-tuned 8 steps"), ft.status.value
 
 
 def test_undo_restores_weights_bit_for_bit(corrected, wait_idle):

@@ -64,6 +64,8 @@ def test_segment_writes_four_aligned_layer_kinds_and_rerun_replaces(sgdc, wait_s
 
 
 def test_threshold_slider_moves_mask_without_a_forward_pass(sgdc, wait_segment):
+    from napari_sgdc.inference import postprocess
+
     viewer, seg, _, image, _ = sgdc
     wait_segment(seg.run_segment())
     state = seg._session.current()
@@ -75,7 +77,10 @@ def test_threshold_slider_moves_mask_without_a_forward_pass(sgdc, wait_segment):
         new_threshold = round(float(np.quantile(probability, 0.5)), 3)
         seg.threshold.value = new_threshold
         after = np.asarray(mask_layer.data)
-        np.testing.assert_array_equal(after > 0, probability > new_threshold)
+        expected = postprocess(probability, viewer.layers["lesion SGE boundary"].data,
+                               threshold=seg.threshold.value, min_size=seg.min_size.value, instances=False)
+        np.testing.assert_array_equal(after > 0, expected)
+        assert not np.any((after > 0) & (probability <= seg.threshold.value))
         assert not np.array_equal(after, before)
         assert calls == []
     finally:

@@ -151,7 +151,8 @@ class FinetuneWidget(Container):
         self.training_list = Select(name="training_list", label="training list", choices=self._pair_titles)
         self.add_button = PushButton(name="add_button", text="Add pair")
         self.remove_button = PushButton(name="remove_button", text="Remove selected")
-        list_buttons = Container(layout="horizontal", labels=False, widgets=[self.add_button, self.remove_button])
+        list_buttons = Container(layout="horizontal", labels=False, label=" ",
+                                 widgets=[self.add_button, self.remove_button])
         list_buttons.margins = (0, 0, 0, 0)
         self.preset = ComboBox(name="preset", label="preset", choices=list(PRESETS), value="quick")
         self.advanced = CheckBox(name="advanced", text="advanced", value=False)
@@ -163,13 +164,15 @@ class FinetuneWidget(Container):
         self.freeze_encoder = CheckBox(name="freeze_encoder", text="freeze encoder")
         self.finetune_button = PushButton(name="finetune_button", text="Fine-tune")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
-        run_buttons = Container(layout="horizontal", labels=False, widgets=[self.finetune_button, self.cancel_button])
+        run_buttons = Container(layout="horizontal", labels=False, label=" ",
+                                widgets=[self.finetune_button, self.cancel_button])
         run_buttons.margins = (0, 0, 0, 0)
         self.undo_button = PushButton(name="undo_button", text="Undo fine-tune")
         self.save_button = PushButton(name="save_button", text="Save model…")
-        file_buttons = Container(layout="horizontal", labels=False, widgets=[self.undo_button, self.save_button])
+        file_buttons = Container(layout="horizontal", labels=False, label=" ",
+                                 widgets=[self.undo_button, self.save_button])
         file_buttons.margins = (0, 0, 0, 0)
-        self.status = Label(name="status", label="", value="")
+        self.status = Label(name="status", label="status", value="")
         self.extend([
             self.image_layer, self.labels_layer, self.training_list, list_buttons, self.preset, self.advanced,
             self.steps, self.learning_rate, self.freeze_encoder, run_buttons, file_buttons, self.status,
@@ -382,20 +385,22 @@ class FinetuneWidget(Container):
         return self.worker
 
     def _on_train_event(self, event: dict[str, Any]) -> None:
-        if event.get("kind") != "step":
-            return
-        if event.get("loss") is not None:
-            self.losses.append(float(event["loss"]))
-            self._draw_losses()
-        if self._pbar is not None:
-            total = int(event.get("total_steps") or self._pbar.total or 0)
-            if total and self._pbar.total != total:
-                self._pbar.total = total
-            self._pbar.update(max(0, int(event.get("step", 0)) - self._pbar.n))
+        if event.get("kind") != "step" or self._pbar is None:
+            return  # not a step, or a late event after the run ended
         loss = event.get("loss")
+        if loss is not None:
+            self.losses.append(float(loss))
+            self._draw_losses()
         self.status.value = f"step {event.get('step')}/{event.get('total_steps')}" + (
             f"  loss {loss:.4f}" if loss is not None else ""
         )
+        # Last: updating napari's progress bar may process queued events, including the
+        # worker's "returned" signal (which ends the run and closes the bar).
+        pbar = self._pbar
+        total = int(event.get("total_steps") or pbar.total or 0)
+        if total and pbar.total != total:
+            pbar.total = total
+        pbar.update(max(0, int(event.get("step", 0)) - pbar.n))
 
     def cancel(self, *_: Any) -> None:
         """Stops fine-tuning (the weights are then restored) or the re-segmentation."""
@@ -440,6 +445,7 @@ class FinetuneWidget(Container):
             f"fine-tuned {run_info['steps']} steps in {outcome.seconds:.1f} s"
             + (f"; loss {losses[0]:.3f} → {losses[-1]:.3f}" if losses else "")
         )
+        self._session.emit("model_changed")
         self._resegment([pair.image_name for pair in pairs])
 
     # -- re-segmentation --------------------------------------------------------------------------
@@ -497,6 +503,7 @@ class FinetuneWidget(Container):
         state.last_train_config = None
         self.status.value = f"undone; {len(state.runs)} fine-tune run(s) kept"
         show_info("Fine-tune undone: the previous weights are restored.")
+        self._session.emit("model_changed")
         self._resegment(run["images"])
         return True
 

@@ -217,12 +217,20 @@ def show_result_layers(
         key = f"{KIND_GATES} {gate['name']}"
         layers[key] = _set_or_add(
             viewer, result_name(image.name, KIND_GATES, gate["name"]), Image, data,
-            {"colormap": "viridis", "contrast_limits": (0.0, 1.0), "visible": False, "opacity": 0.8,
+            {"colormap": "viridis", "contrast_limits": gate_contrast(data), "visible": False, "opacity": 0.8,
              "metadata": {"sgdc": {"image": image.name, "stride": int(gate["stride"]),
                                    "axis0": ["gate1 (channel-mean)", "gate2 (channel-mean)"]}}},
             gate_transform_kwargs(image, int(gate["stride"])),
         )
     return layers
+
+
+def gate_contrast(data: np.ndarray) -> tuple[float, float]:
+    """Contrast limits of a gate map: its 1st-99th percentile (gates are sigmoids in 0..1,
+    but a block's channel means often span a narrow range)."""
+    values = np.asarray(data, dtype=np.float32)
+    low, high = (float(v) for v in np.percentile(values, [1, 99])) if values.size else (0.0, 1.0)
+    return (low, high) if high > low else (0.0, 1.0)
 
 
 def mask_layer_of(viewer: Any, image: Image) -> Labels | None:

@@ -152,7 +152,9 @@ class SegmentJob:
             show_info(f"'{self.image.name}' was closed during segmentation; result dropped.")
         else:
             state, result = outcome.value
-            store_and_show(self.viewer, self.session, self.image, self.planes, state.source, result)
+            single_object = bool(getattr(getattr(state.model, "config", None), "single_object", False))
+            store_and_show(self.viewer, self.session, self.image, self.planes, state.source, result,
+                           single_object=single_object)
         if self.on_done is not None:
             self.on_done(self, outcome)
 
@@ -171,7 +173,8 @@ def _as_planes(array: np.ndarray | None, n: int) -> np.ndarray | None:
     return array[None] if array.ndim == 2 and n == 1 else array
 
 
-def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes, source: str, result: Any) -> CachedResult:
+def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes, source: str, result: Any,
+                   single_object: bool = False) -> CachedResult:
     """Merges a SegmentationResult into the layer's cache and writes the result layers.
 
     Args:
@@ -181,6 +184,7 @@ def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes, sour
         planes: the PlaneInput that was segmented.
         source: the model that produced `result`.
         result: the SegmentationResult of `planes`.
+        single_object: the model keeps one region per semantic mask (for the sliders).
     """
     n_total, n_new = planes.n_planes, len(planes.indices)
     height, width = planes.spatial_shape
@@ -211,6 +215,7 @@ def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes, sour
             model_source=source,
         )
     cache.model_source = source
+    cache.single_object = single_object
     cache.probability[planes.indices] = probability
     cache.boundary[planes.indices] = boundary
     cache.written_mask[planes.indices] = new_mask
@@ -265,5 +270,6 @@ def postprocess_cache(cache: CachedResult, threshold: float, boundary_threshold:
             boundary_threshold=boundary_threshold,
             min_size=min_size,
             instances=cache.instances,
+            single_object=cache.single_object,
         )
     return mask

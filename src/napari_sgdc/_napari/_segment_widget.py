@@ -65,7 +65,8 @@ class SegmentWidget(Container):
 
         self.image_layer = ComboBox(name="image_layer", label="image", choices=self._image_choices)
         self.model = ComboBox(name="model", label="model", choices=self._model_choices, nullable=True)
-        self.model_note = Label(name="model_note", label="")
+        self.model_note = Label(name="model_note", label=" ")
+        self.model_note.native.setWordWrap(True)
         self.device = ComboBox(name="device", label="device", choices=DEVICES, value="auto")
         self.tile = SpinBox(name="tile", label="tile size", min=64, max=4096, step=32, value=512)
         self.planes = ComboBox(
@@ -75,7 +76,7 @@ class SegmentWidget(Container):
         self.gates = CheckBox(name="gates", text="compute SGDC gate maps", value=True)
         self.segment_button = PushButton(name="segment_button", text=f"Segment ({SEGMENT_SHORTCUT})")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
-        buttons = Container(name="buttons", layout="horizontal", labels=False,
+        buttons = Container(name="buttons", label=" ", layout="horizontal", labels=False,
                             widgets=[self.segment_button, self.cancel_button])
         buttons.margins = (0, 0, 0, 0)
         self.threshold = FloatSlider(name="threshold", label="threshold", min=0.0, max=1.0, step=0.001, value=0.5)
@@ -84,7 +85,7 @@ class SegmentWidget(Container):
             tooltip="Boundary probability above which touching nuclei are split (instance models).",
         )
         self.min_size = SpinBox(name="min_size", label="min size (px)", min=0, max=1_000_000, value=20)
-        self.status = Label(name="status", label="", value="")
+        self.status = Label(name="status", label="status", value="")
         self.extend([
             self.image_layer, self.model, self.model_note, self.device, self.tile, self.planes,
             self.gates, buttons, self.threshold, self.boundary_threshold, self.min_size, self.status,
@@ -101,6 +102,8 @@ class SegmentWidget(Container):
             control.changed.connect(self._sync_options)
         for slider in (self.threshold, self.boundary_threshold, self.min_size):
             slider.changed.connect(self._on_postprocess_changed)
+        self._session.connect("segmented", self._on_session_event)
+        self._session.connect("model_changed", self._on_session_event)
         self._sync_options()
         self._on_model_changed(self.model.value)
         self._bind_shortcut()
@@ -116,13 +119,17 @@ class SegmentWidget(Container):
 
     def _refresh_model_note(self) -> None:
         if not available_builtins() and not self._session.models:
-            self.model_note.value = "No built-in models installed: choose Load checkpoint…"
+            note = "No built-in models installed: choose Load checkpoint…"
         elif self._session.current_source in self._session.models:
-            state = self._session.models[self._session.current_source]
-            runs = len(state.runs)
-            self.model_note.value = f"fine-tuned {runs}×" if runs else ""
+            runs = len(self._session.models[self._session.current_source].runs)
+            note = f"in memory: fine-tuned {runs}× (Save model… in SGDC Fine-tune)" if runs else ""
         else:
-            self.model_note.value = ""
+            note = ""
+        self.model_note.value = note
+        self.model_note.visible = bool(note)
+
+    def _on_session_event(self, **_: Any) -> None:
+        self._refresh_model_note()
 
     # -- model picker ------------------------------------------------------------------
     def _on_model_changed(self, value: str | None) -> None:

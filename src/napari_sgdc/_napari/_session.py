@@ -55,6 +55,8 @@ class CachedResult:
         written_mask: (N, H, W) copy of what was last written into the mask layer,
             used to tell whether the user painted corrections.
         model_source: the model that produced the result.
+        single_object: semantic masks keep one filled region (the model config's
+            ``single_object``, e.g. one lesion per dermoscopy image).
     """
 
     probability: np.ndarray
@@ -64,6 +66,7 @@ class CachedResult:
     instances: bool
     written_mask: np.ndarray
     model_source: str
+    single_object: bool = False
 
 
 @dataclass
