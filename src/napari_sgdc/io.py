@@ -53,6 +53,9 @@ def atomic_write(path: str | Path, write) -> Path:
         write(Path(tmp_name))
         with open(tmp_name, "rb") as stream:
             os.fsync(stream.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
