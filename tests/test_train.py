@@ -265,3 +265,24 @@ def test_finetune_trains_at_the_models_working_resolution(monkeypatch):
     finetune_module.finetune(model, [image], [labels], TrainConfig(max_steps=1, epochs=1, batch_size=2,
                                                                     crop_size=32, val_every=0))
     assert seen["shapes"] == [(48, 64, 3)]
+
+
+def test_freeze_batchnorm_keeps_running_statistics_of_the_base_model():
+    from napari_sgdc.config import PRESETS, TrainConfig
+    from napari_sgdc.model import build_model, tiny_config
+    from napari_sgdc.train import finetune
+
+    assert PRESETS["quick"].freeze_batchnorm and PRESETS["standard"].freeze_batchnorm
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    image = (np.random.default_rng(0).random((96, 96, 3)) * 255).astype(np.uint8)
+    labels = np.zeros((96, 96), np.uint8)
+    labels[20:70, 30:80] = 1
+    finetune(model, [image], [labels], TrainConfig(max_steps=3, epochs=1, batch_size=2, crop_size=64, val_every=0,
+                                                  freeze_encoder=False, freeze_batchnorm=True))
+    after = model.state_dict()
+    running = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert running and all(torch.equal(before[k], after[k]) for k in running)
+    assert not torch.equal(before["mask_head.weight"], after["mask_head.weight"])
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder.") and k.endswith(".weight"))

@@ -119,6 +119,9 @@ class TrainConfig:
         grad_clip: max gradient norm (0 = off).
         amp: bf16 autocast on CUDA.
         freeze_encoder: keep the encoder's weights (and BatchNorm statistics) fixed.
+        freeze_batchnorm: keep every BatchNorm layer's running statistics fixed. Fine-tuning
+            on one or a few images otherwise replaces the base model's statistics with those
+            of the corrected images, which hurts every other image.
         seed: seeds Python, NumPy and torch; the run is deterministic for a seed on CPU.
         val_every: validate every this many epochs (0 = never).
         edge_weight: weight of the edge (boundary) loss in the total loss.
@@ -141,6 +144,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     amp: bool = False
     freeze_encoder: bool = False
+    freeze_batchnorm: bool = False
     seed: int = 0
     val_every: int = 1
     edge_weight: float = 0.5
@@ -163,10 +167,12 @@ PRESETS: dict[str, TrainConfig] = {
     # Fine-tuning presets for the GUI's correct-and-retrain loop (frozen encoder, small LR).
     "quick": TrainConfig(
         epochs=1, max_steps=30, steps_per_epoch=30, batch_size=4, crop_size=256,
-        lr_encoder=0.0, lr_decoder=3e-4, warmup_steps=3, freeze_encoder=True, val_every=0,
+        lr_encoder=0.0, lr_decoder=3e-4, warmup_steps=3, freeze_encoder=True, freeze_batchnorm=True,
+        val_every=0,
     ),
     "standard": TrainConfig(
         epochs=1, max_steps=120, steps_per_epoch=120, batch_size=4, crop_size=256,
-        lr_encoder=3e-5, lr_decoder=3e-4, warmup_steps=10, freeze_encoder=True, val_every=0,
+        lr_encoder=3e-5, lr_decoder=3e-4, warmup_steps=10, freeze_encoder=True, freeze_batchnorm=True,
+        val_every=0,
     ),
 }

@@ -216,10 +216,14 @@ def evaluate(
     return {"iou": float(np.mean(ious)), "dice": float(np.mean(dices)), "val_loss": float(np.mean(losses))}
 
 
-def _set_train_mode(model: torch.nn.Module, freeze_encoder: bool) -> None:
+def _set_train_mode(model: torch.nn.Module, freeze_encoder: bool, freeze_batchnorm: bool = False) -> None:
     model.train()
     if freeze_encoder and getattr(model, "encoder", None) is not None:
         model.encoder.eval()  # BatchNorm statistics stay fixed
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()  # running statistics stay those of the base model
 
 
 def fit(
@@ -382,7 +386,7 @@ def fit(
             last = (epoch_end - epoch * steps_per_epoch) * batch_size
             loader = DataLoader(train_data, batch_size=batch_size, sampler=indices[first:last],
                                 num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-            _set_train_mode(model, cfg.freeze_encoder)
+            _set_train_mode(model, cfg.freeze_encoder, cfg.freeze_batchnorm)
             epoch_step_losses = []
             for batch in loader:
                 if cancel is not None and cancel.is_set():
