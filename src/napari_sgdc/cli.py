@@ -27,8 +27,6 @@ __all__ = ["main", "build_parser"]
 PROG = "napari-sgdc"
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
-LABEL_STEM_SUFFIXES = ("", "_mask", "_label", "_labels", "_segmentation", "_instances")
 
 
 def _error_line(message: Any) -> str:
@@ -382,12 +380,9 @@ def _run_train(args) -> int:
 
 
 def _find_label(folder: Path, stem: str) -> Path | None:
-    for stem_suffix in LABEL_STEM_SUFFIXES:
-        for suffix in LABEL_SUFFIXES:
-            candidate = folder / f"{stem}{stem_suffix}{suffix}"
-            if candidate.is_file():
-                return candidate
-    return None
+    from .data.datasets import find_label_file
+
+    return find_label_file([folder], stem)
 
 
 def _evaluation_items(args):

@@ -36,7 +36,7 @@ from napari_sgdc._napari._runner import (
     error_text,
     notify_error,
 )
-from napari_sgdc._napari._session import ModelState, get_session
+from napari_sgdc._napari._session import ModelState, get_session, real_viewer
 
 if TYPE_CHECKING:
     import napari
@@ -128,9 +128,7 @@ class FinetuneWidget(Container):
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
         super().__init__(labels=True)
-        # napari may inject a public-only proxy that wraps every layer it returns in a new
-        # proxy object; the widgets key caches by layer identity, so they use the real viewer.
-        self._viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
+        self._viewer = real_viewer(napari_viewer)
         self._session = get_session(napari_viewer)
         self.pairs: list[TrainingPair] = []
         self.losses: list[float] = []

@@ -208,6 +208,12 @@ class SGDCSession:
 _SESSIONS: dict[int, SGDCSession] = {}
 
 
+def real_viewer(viewer: Any) -> Any:
+    """The viewer behind napari's public-only proxy (which wraps every layer it returns
+    in a new object, so caches keyed by layer identity need the real viewer)."""
+    return getattr(viewer, "__wrapped__", viewer)
+
+
 def get_session(viewer: Any) -> SGDCSession:
     """Returns the session of `viewer`, creating it on first use.
 
@@ -216,7 +222,7 @@ def get_session(viewer: Any) -> SGDCSession:
     napari may hand widgets a public-only proxy of the viewer; the session belongs
     to the real viewer behind it, so both widgets share one session.
     """
-    viewer = getattr(viewer, "__wrapped__", viewer)
+    viewer = real_viewer(viewer)
     key = id(viewer)
     session = _SESSIONS.get(key)
     if session is None:

@@ -154,7 +154,8 @@ def _make_sample(image_path: Path, mask_path: Path, instance: bool) -> Sample:
     return Sample(name=image_path.stem, image=image, mask=mask)
 
 
-def _find_mask(mask_dirs: Sequence[Path], stem: str) -> Path | None:
+def find_label_file(mask_dirs: Sequence[Path], stem: str) -> Path | None:
+    """The first ``<dir>/<stem><suffix>.<ext>`` label file (suffixes like ``_mask``), or None."""
     for mask_dir in mask_dirs:
         for suffix in _MASK_STEM_SUFFIXES:
             for extension in MASK_SUFFIXES:
@@ -226,7 +227,7 @@ def _pairs_folders(root: Path, split: str) -> list[tuple[Path, Path]]:
         raise ValueError(f"folders layout needs a masks/, labels/ or instances/ folder in {base}")
     pairs = []
     for image_path in _list_images(image_dir):
-        mask_path = _find_mask(mask_dirs, image_path.stem)
+        mask_path = find_label_file(mask_dirs, image_path.stem)
         if mask_path is None:
             raise ValueError(f"no mask for image {image_path} in {', '.join(map(str, mask_dirs))}")
         pairs.append((image_path, mask_path))

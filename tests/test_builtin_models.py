@@ -1,0 +1,40 @@
+"""The shipped models load offline by name and segment the shipped samples well."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage import io as skio
+
+from napari_sgdc._napari._sample_data import DERMOSCOPY_FILE, HE_FILE, read_sample
+from napari_sgdc.data.transforms import resize_labels
+from napari_sgdc.inference import segment
+from napari_sgdc.io import builtin_models, load_model
+from napari_sgdc.metrics import dice, iou
+
+CASES = {
+    # sample file, reference mask in shared/data, crop of the reference, minimum score
+    "dermoscopy": (DERMOSCOPY_FILE, "ph2/masks/IMD019.png", None, ("iou", 0.85)),
+    "nuclei": (HE_FILE, "monuseg/train/masks/TCGA-21-5784-01Z-00-DX1.png", (512, 512), ("dice", 0.7)),
+}
+
+
+def test_both_builtin_models_are_shipped():
+    assert {"dermoscopy", "nuclei"} <= set(builtin_models())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_builtin_model_segments_its_sample(name, shared_data):
+    sample_file, reference_file, crop, (metric, minimum) = CASES[name]
+    model = load_model(name, device="cpu")
+    image = read_sample(sample_file)
+    result = segment(model, image)
+    reference = skio.imread(str(shared_data / reference_file)) > 0
+    if crop is not None:
+        reference = reference[: crop[0], : crop[1]]
+    reference = resize_labels(reference, image.shape[:2])
+    assert 0.01 < result.mask.mean() < 0.9  # non-trivial
+    score = {"iou": iou, "dice": dice}[metric](result.mask, reference)
+    assert score >= minimum, f"{name}: {metric} {score:.3f} < {minimum}"
+    if model.config.task == "instance":
+        assert result.labels is not None and result.labels.max() > 20  # many separate nuclei
