@@ -61,14 +61,18 @@ def run_headless(sample: str, model_name: str, out: Path, device: str = "auto") 
     return paths
 
 
+def setup_viewer(viewer, sample: str) -> None:
+    """Opens the sample in `viewer` and docks both plugin widgets."""
+    viewer.open_sample("napari-sgdc", SAMPLES[sample][1])
+    viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Fine-tune")
+
+
 def run_gui(sample: str) -> None:
     """Opens napari with the sample and both plugin widgets docked."""
     import napari
 
-    viewer = napari.Viewer()
-    viewer.open_sample("napari-sgdc", SAMPLES[sample][1])
-    viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
-    viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Fine-tune")
+    setup_viewer(napari.Viewer(), sample)
     napari.run()
 
 

@@ -69,3 +69,13 @@ def test_writer_rejects_stacks_as_png_and_writes_them_as_tiff(tmp_path):
     assert write_labels(str(tmp_path / "s.tif"), stack, {}) == [str(tmp_path / "s.tif")]
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "s.tif"), stack)
     assert write_labels(str(tmp_path / "s.bmp"), stack, {}) == []
+
+
+def test_main_job_opens_the_sample_with_both_widgets_docked(make_napari_viewer):
+    from napari_sgdc.demo import setup_viewer
+
+    viewer = make_napari_viewer()
+    setup_viewer(viewer, "dermoscopy")
+    assert [layer.name for layer in viewer.layers] == ["dermoscopy IMD019"]
+    docked = set(viewer.window._dock_widgets)
+    assert any("SGDC Segment" in name for name in docked) and any("SGDC Fine-tune" in name for name in docked)
