@@ -72,7 +72,7 @@ def test_predict_writes_all_files(tmp_path, checkpoints, capsys):
     inputs = _write_inputs(tmp_path / "in")
     out = tmp_path / "out"
     code = main(["predict", "--model", str(checkpoints["semantic"]), "--out", str(out), "--device", "cpu",
-                 "--tile", "32", str(inputs["rgb"]), str(inputs["gray16"])])
+                 "--tile", "64", str(inputs["rgb"]), str(inputs["gray16"])])
     assert code == 0
     for stem, shape in (("rgb", (50, 70)), ("gray16", (40, 33))):
         mask = skio.imread(str(out / f"{stem}_mask.png"))
@@ -96,7 +96,7 @@ def test_predict_folder_input_and_instance_labels(tmp_path, checkpoints):
     assert code == 0
     labels = tifffile.imread(str(out / "rgb_labels.tif"))
     mask = skio.imread(str(out / "rgb_mask.png"))
-    assert labels.dtype == np.uint16 and labels.shape == (50, 70)
+    assert labels.dtype in (np.uint8, np.uint16) and labels.shape == (50, 70)
     assert labels.max() >= 1
     np.testing.assert_array_equal(labels > 0, mask == 255)
     assert (out / "gray16_labels.tif").exists()
@@ -124,6 +124,57 @@ def test_predict_bad_inputs_one_line_each_and_exit_1(tmp_path, checkpoints, caps
         for suffix in ("_mask.png", "_prob.tif", "_boundary.tif"):
             assert (out / f"{stem}{suffix}").is_file()
     assert not any(out.glob("broken*")) and not any(out.glob("two_channel*"))
+
+
+def test_predict_refuses_colliding_stems_before_writing(tmp_path, checkpoints, capsys):
+    first = _write_inputs(tmp_path / "a")["rgb"]
+    second = _write_inputs(tmp_path / "b")["rgb"]
+    same_stem_jpg = tmp_path / "a" / "rgb.jpg"
+    skio.imsave(str(same_stem_jpg), skio.imread(str(first)), check_contrast=False)
+    for pair in ((first, second), (first, same_stem_jpg)):
+        out = tmp_path / f"out_{pair[1].parent.name}_{pair[1].suffix[1:]}"
+        code = main(["predict", "--model", str(checkpoints["semantic"]), "--out", str(out), "--device", "cpu",
+                     *map(str, pair)])
+        assert code == 1
+        errors = _error_lines(capsys.readouterr().err)
+        assert len(errors) == 1 and str(pair[0]) in errors[0] and str(pair[1]) in errors[0]
+        assert not out.exists() or not any(out.iterdir())
+    # the same file named twice is one input, not a clash
+    out = tmp_path / "out_twice"
+    assert main(["predict", "--model", str(checkpoints["semantic"]), "--out", str(out), "--device", "cpu",
+                 str(first), str(tmp_path / "a" / ".." / "a" / "rgb.png")]) == 0
+    assert "1 of 1" in capsys.readouterr().err
+
+
+def test_predict_never_replaces_existing_files_without_overwrite(tmp_path, checkpoints, capsys):
+    inputs = _write_inputs(tmp_path / "in")
+    ground_truth = tmp_path / "in" / "rgb_mask.png"  # a reference mask in the `folders` layout
+    ground_truth.write_bytes(b"precious")
+    args = ["predict", "--model", str(checkpoints["semantic"]), "--out", str(tmp_path / "in"), "--device", "cpu",
+            str(inputs["rgb"])]
+    assert main(args) == 1
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "rgb_mask.png" in errors[0] and "--overwrite" in errors[0]
+    assert ground_truth.read_bytes() == b"precious"
+    assert not (tmp_path / "in" / "rgb_prob.tif").exists()
+    assert main([*args, "--overwrite"]) == 0
+    assert skio.imread(str(ground_truth)).shape == (50, 70)
+
+
+@pytest.mark.parametrize("option, value, field", [
+    ("--threshold", "1.5", "threshold"), ("--threshold", "-1", "threshold"), ("--threshold", "nan", "threshold"),
+    ("--boundary-threshold", "2", "boundary_threshold"), ("--min-size", "-3", "min_size"),
+    ("--tile", "17", "tile"), ("--tile", "-5", "tile"),
+])
+def test_predict_out_of_range_options_are_one_line(tmp_path, checkpoints, capsys, option, value, field):
+    inputs = _write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(checkpoints["semantic"]), "--out", str(out), "--device", "cpu",
+                 option, value, str(inputs["rgb"])])
+    assert code == 1
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and field in errors[0]
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_predict_unknown_model_is_one_line(tmp_path, capsys):
@@ -250,7 +301,7 @@ def test_end_to_end_train_evaluate_predict(tmp_path, capsys):
     assert tifffile.imread(str(predictions / f"{ph2_image.stem}_prob.tif")).shape == ph2_shape
     assert not (predictions / f"{ph2_image.stem}_labels.tif").exists()
     labels = tifffile.imread(str(predictions / f"{consep_image.stem}_labels.tif"))
-    assert labels.shape == (256, 256) and labels.dtype in (np.uint16, np.uint32)
+    assert labels.shape == (256, 256) and labels.dtype in (np.uint8, np.uint16, np.uint32)
     assert tifffile.imread(str(predictions / f"{consep_image.stem}_boundary.tif")).dtype == np.float32
 
 

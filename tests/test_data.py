@@ -16,11 +16,11 @@ from napari_sgdc.data import (
     SegmentationDataset,
     boundary_target,
     load_samples,
-    read_image,
-    read_mask,
+    read_rgb,
     to_float_rgb,
 )
 from napari_sgdc.data.transforms import augment_pair, pad_to_size, random_scale_crop, stain_jitter
+from napari_sgdc.imageio import read_mask
 
 DATA = Path(os.environ.get("NAPARI_SGDC_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -105,13 +105,13 @@ def test_bad_files_raise_value_error_naming_the_file(tmp_path):
         load_samples(tmp_path, "folders")
     with pytest.raises(ValueError, match="broken.jpg"):
         (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8garbage")
-        read_image(tmp_path / "broken.jpg")
+        read_rgb(tmp_path / "broken.jpg")
     two_channel = tmp_path / "two.tif"
     import tifffile
 
     tifffile.imwrite(two_channel, np.zeros((8, 8, 2), np.uint8))
     with pytest.raises(ValueError, match="two.tif"):
-        read_image(two_channel)
+        read_rgb(two_channel)
     # mask with another size than its image
     (tmp_path / "masks" / "img2_mask.png").unlink()
     skio.imsave(tmp_path / "masks" / "img2_mask.png", np.zeros((10, 10), np.uint8), check_contrast=False)

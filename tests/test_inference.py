@@ -1,11 +1,9 @@
-"""segment() and postprocess() on tiny models: inputs, tiling, progress, cancel, stacks, gates, instances."""
+"""segment() on tiny models: inputs, tiling, progress, cancel, stacks, gates, instances."""
 
 from __future__ import annotations
 
 import math
 import threading
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_sgdc.config import ModelConfig
-from napari_sgdc.inference import Cancelled, GateMap, SegmentationResult, postprocess, segment
+from napari_sgdc.inference import Cancelled, GateMap, SegmentationResult, segment
+from napari_sgdc.postprocess import PostprocessOptions, postprocess
 from napari_sgdc.model import build_model
 
 torch.set_num_threads(1)
@@ -42,7 +41,7 @@ class PixelwiseModel(nn.Module):
 
     def __init__(self, task: str = "semantic", resize_long_side: int = 0):
         super().__init__()
-        self.config = SimpleNamespace(task=task, resize_long_side=resize_long_side)
+        self.config = ModelConfig(**MINI, task=task, resize_long_side=resize_long_side)
         self.head = nn.Conv2d(3, 2, 1)
         with torch.no_grad():
             self.head.weight.copy_(torch.tensor([[8.0, -8.0, 4.0], [-4.0, 6.0, 2.0]])[:, :, None, None])
@@ -72,8 +71,9 @@ def test_result_types_and_non_multiple_of_32_size(mini_model):
     assert result.probability.dtype == np.float32 and result.boundary.dtype == np.float32
     assert result.mask.dtype == bool
     assert result.labels is None and result.gates is None
-    expected = postprocess(result.probability, result.boundary, threshold=0.5, min_size=20)
+    expected, no_labels = postprocess(result.probability, result.boundary, PostprocessOptions(0.5, 0.5, 20))
     np.testing.assert_array_equal(result.mask, expected)
+    assert no_labels is None
     assert not (result.mask & ~(result.probability > 0.5)).any()
     assert 0.0 <= result.probability.min() and result.probability.max() <= 1.0
     assert result.probability.std() > 0.01  # the amplified head really varies
@@ -197,66 +197,23 @@ def test_gates_shapes_and_strides(mini_model):
     assert segment(static, _image(64, 64), return_gates=True).gates == []
 
 
-def test_device_argument_and_instances_flag(mini_model):
-    result = segment(mini_model, _image(64, 64), device="cpu", instances=True, min_size=1)
+def test_device_argument_and_instance_models():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**MINI, task="instance")).eval()
+    result = segment(model, _image(64, 64), PostprocessOptions(min_size=1), device="cpu")
     assert result.labels is not None and result.labels.dtype == np.int32
     assert result.labels.shape == (64, 64)
     np.testing.assert_array_equal(result.labels > 0, result.mask)
-    instance_model = PixelwiseModel(task="instance")
-    labelled = segment(instance_model, _image(64, 64))
+    labelled = segment(PixelwiseModel(task="instance"), _image(64, 64))
     assert labelled.labels is not None and labelled.labels.dtype == np.int32
+    assert segment(PixelwiseModel(task="semantic"), _image(64, 64)).labels is None
 
 
-def _touching_pair():
-    probability = np.zeros((20, 30), np.float32)
-    boundary = np.zeros((20, 30), np.float32)
-    probability[4:14, 4:24] = 0.9  # two 10x10 nuclei touching at column 14
-    boundary[4:14, 13:15] = 0.8    # the boundary between them
-    probability[17:19, 27:29] = 0.9  # a 4-pixel speck
-    return probability, boundary
-
-
-def test_postprocess_splits_touching_instances():
-    probability, boundary = _touching_pair()
-    labels = postprocess(probability, boundary, threshold=0.5, boundary_threshold=0.5, min_size=10, instances=True)
-    assert labels.dtype == np.int32
-    assert sorted(np.unique(labels)) == [0, 1, 2]
-    left, right = labels[8, 6], labels[8, 20]
-    assert left != right and left > 0 and right > 0
-    assert np.count_nonzero(labels == left) == np.count_nonzero(labels == right) == 100
-    assert labels[17, 27] == 0  # the speck is below min_size
-    # Without a boundary (or with a threshold above it) the pair stays one instance.
-    merged = postprocess(probability, boundary, threshold=0.5, boundary_threshold=0.85, min_size=10, instances=True)
-    assert sorted(np.unique(merged)) == [0, 1]
-    keep_speck = postprocess(probability, boundary, threshold=0.5, boundary_threshold=0.5, min_size=1, instances=True)
-    assert keep_speck.max() == 3
-    mask = postprocess(probability, boundary, threshold=0.5, boundary_threshold=0.5, min_size=10, instances=False)
-    raw = postprocess(probability, boundary, threshold=0.5, min_size=1, instances=False)
-    assert mask.dtype == bool and raw.sum() == 204
-    assert raw[17, 27] and not mask[17, 27]  # the speck is below min_size
-    assert mask.sum() == 204 - np.count_nonzero(raw & ~mask)
-
-
-def test_single_object_keeps_largest_region_with_holes_filled():
-    probability = np.zeros((40, 40), np.float32)
-    probability[5:30, 5:30] = 0.9
-    probability[15:18, 15:18] = 0.1  # a hole
-    probability[34:38, 34:38] = 0.9  # a stray blob
-    mask = postprocess(probability, probability, threshold=0.5, min_size=1, single_object=True)
-    assert mask[16, 16] and not mask[35, 35]
-    assert mask.sum() == 25 * 25
-
-
-def test_postprocess_stack_ids_unique_and_unseeded_components():
-    probability, boundary = _touching_pair()
-    labels = postprocess(np.stack([probability, probability]), np.stack([boundary, boundary]),
-                         min_size=10, instances=True)
-    assert labels.shape == (2, 20, 30)
-    assert set(np.unique(labels[0])) == {0, 1, 2} and set(np.unique(labels[1])) == {0, 3, 4}
-    # A component that is boundary everywhere still becomes an instance.
-    boundary_only = np.ones_like(boundary)
-    labels = postprocess(probability, boundary_only, min_size=10, instances=True)
-    assert labels.max() == 1 and np.count_nonzero(labels) == 200
+def test_bad_tile_sizes_are_refused(mini_model):
+    for tile in (-5, 17, 63, 2.5):
+        with pytest.raises(ValueError, match="tile must be"):
+            segment(mini_model, _image(40, 50), tile=tile)
+    assert segment(mini_model, _image(40, 50), tile=0).mask.shape == (40, 50)
 
 
 def test_working_resolution_resizes_and_restores():

@@ -37,14 +37,12 @@ def test_encoders_expose_strides_and_channels(encoder_type):
     assert encoder.output_stride == 32
 
 
-def test_resnet50_feeds_sge_with_256_and_2048_channels(tmp_path):
+def test_resnet50_feeds_sge_with_256_and_2048_channels():
     encoder = ResNet50()
     assert encoder.out_channels[1] == 256 and encoder.out_channels[4] == 2048
-    # a torchvision-format state dict (with fc) loads safely
-    state = dict(encoder.state_dict(), **{"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
-    torch.save(state, tmp_path / "resnet50.pth")
-    loaded = ResNet50(state_dict_path=tmp_path / "resnet50.pth")
-    assert torch.equal(loaded.conv1.weight, encoder.conv1.weight)
+    keys = set(encoder.state_dict())  # torchvision's names, without fc
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.downsample.0.weight", "layer4.2.conv3.weight"} <= keys
+    assert len([key for key in keys if key.endswith(".weight")]) == 106
 
 
 def test_lite0_segmenter_segments_512_rgb_on_cpu():
@@ -91,10 +89,18 @@ def test_config_rejects_unknown_values():
 
 
 def test_core_imports_no_gui_toolkit():
+    """Every module outside ``_napari`` (found by walking the package) imports no GUI toolkit."""
     code = (
-        "import sys, napari_sgdc.model, napari_sgdc.io, napari_sgdc.config\n"
+        "import importlib, pkgutil, sys, napari_sgdc\n"
+        "names = [m.name for m in pkgutil.walk_packages(napari_sgdc.__path__, 'napari_sgdc.')\n"
+        "         if '._napari' not in m.name]\n"
+        "for name in names: importlib.import_module(name)\n"
         "bad = [m for m in ('napari', 'qtpy', 'PyQt6', 'PyQt5', 'PySide6', 'magicgui') if m in sys.modules]\n"
-        "print(bad); sys.exit(1 if bad else 0)\n"
+        "print(len(names), sorted(names), bad); sys.exit(1 if bad or len(names) < 20 else 0)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    for module in ("napari_sgdc.inference", "napari_sgdc.train.fit", "napari_sgdc.data.datasets",
+                   "napari_sgdc.metrics", "napari_sgdc.cli", "napari_sgdc.postprocess", "napari_sgdc.imageio",
+                   "napari_sgdc.samples", "napari_sgdc.demo"):
+        assert f"'{module}'" in result.stdout

@@ -25,8 +25,6 @@ from typing import Any, Sequence
 __all__ = ["main", "build_parser"]
 
 PROG = "napari-sgdc"
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
 
 def _error_line(message: Any) -> str:
@@ -45,11 +43,14 @@ def _report(command: str, message: Any) -> None:
 
 
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+    from .device import DEVICES
+
+    parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="where to run (default: auto = CUDA, then MPS, then CPU)")
     parser.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold (default: 0.5)")
     parser.add_argument("--tile", type=int, default=512,
-                        help="tile size in pixels for large images, 0 = whole image at once (default: 512)")
+                        help="tile size in pixels for large images (>= 64, rounded up to a multiple of 32), "
+                             "0 = whole image at once (default: 512)")
     parser.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default: 0.25)")
     parser.add_argument("--boundary-threshold", type=float, default=0.5,
                         help="boundary probability that separates instances (default: 0.5)")
@@ -58,7 +59,10 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of all commands."""
-    from .config import BLOCKS, ENCODERS, TASKS
+    from .config import TASKS
+    from .data.datasets import LAYOUTS
+    from .device import DEVICES
+    from .model.registry import BLOCK_TYPES, ENCODERS
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -70,10 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict", help="segment image files or folders",
         description="Segment images and write, for each input stem S: S_mask.png (uint8 0/255), S_prob.tif "
-                    "(float32), S_boundary.tif (float32) and, for instance models, S_labels.tif (uint16/uint32).",
+                    "(float32), S_boundary.tif (float32) and, for instance models, S_labels.tif (uint8/16/32). "
+                    "Existing files are never replaced unless --overwrite is given; inputs whose outputs would "
+                    "collide (same stem) are refused up front.",
     )
     predict.add_argument("--model", required=True, help="built-in model name (e.g. dermoscopy, nuclei) or checkpoint path")
     predict.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
+    predict.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_inference_options(predict)
     predict.add_argument("inputs", nargs="+", metavar="INPUT", type=Path,
                          help="image files or folders of images (.jpg .png .tif .bmp)")
@@ -83,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an SGDC segmenter and save the best checkpoint (safetensors) at --out.",
     )
     train.add_argument("--data", required=True, type=Path, help="dataset folder")
-    train.add_argument("--layout", required=True, choices=("ph2", "consep", "monuseg", "folders"),
+    train.add_argument("--layout", required=True, choices=LAYOUTS,
                        help="dataset layout")
     train.add_argument("--out", required=True, type=Path, help="checkpoint path (.safetensors)")
     train.add_argument("--config", type=Path, help="optional YAML with 'model:' and 'train:' sections "
@@ -97,12 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--also", nargs=2, action="append", default=[], metavar=("LAYOUT", "DIR"),
                        help="add the train split of another dataset (repeatable), e.g. --also monuseg data/monuseg")
     train.add_argument("--max-val-images", type=int, help="validate on the first N validation images only")
-    train.add_argument("--device", choices=DEVICE_CHOICES, help="where to train (default: auto)")
+    train.add_argument("--device", choices=DEVICES, help="where to train (default: auto)")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                        help="continue an interrupted run (from --out, or from CKPT)")
-    train.add_argument("--encoder", choices=ENCODERS, help="encoder (default: efficientnet_lite0; mini = tiny test net)")
+    train.add_argument("--encoder", choices=tuple(ENCODERS), help="encoder (default: efficientnet_lite0; mini = tiny test net)")
     train.add_argument("--no-pretrained", action="store_true", help="do not load ImageNet encoder weights")
-    train.add_argument("--block", choices=BLOCKS, help="guided decoder block (default: sgdc)")
+    train.add_argument("--block", choices=tuple(BLOCK_TYPES), help="guided decoder block (default: sgdc)")
     train.add_argument("--no-edge-supervision", action="store_true", help="do not supervise the SGE edge output")
     train.add_argument("--task", choices=TASKS, help="semantic or instance (default: from the layout / masks)")
     train.add_argument("--seed", type=int, help="random seed (default: 0)")
@@ -122,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", type=Path, help="folder of images")
     evaluate.add_argument("--masks", type=Path, help="folder of reference masks (0/255 or labels; same stems)")
     evaluate.add_argument("--instances", type=Path, help="folder of reference instance maps (adds AJI and F1)")
-    evaluate.add_argument("--layout", choices=("ph2", "consep", "monuseg", "folders"), help="dataset layout")
+    evaluate.add_argument("--layout", choices=LAYOUTS, help="dataset layout")
     evaluate.add_argument("--data", type=Path, help="dataset folder (with --layout)")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
                           help="split (with --layout; default: test)")
@@ -143,12 +150,18 @@ def _load_model(name: str, device: str):
     return load_model(name, device=device)
 
 
-def _is_instance_model(model) -> bool:
-    return getattr(getattr(model, "config", None), "task", "semantic") == "instance"
+def _postprocess_options(args):
+    """The one `PostprocessOptions` of a predict or evaluate run (validated)."""
+    from .postprocess import PostprocessOptions
+
+    return PostprocessOptions(threshold=args.threshold, boundary_threshold=args.boundary_threshold,
+                              min_size=args.min_size)
 
 
 def _expand_inputs(inputs: Sequence[Path], command: str) -> tuple[list[Path], int]:
     """Files from files and folders; returns (files, number of bad paths reported)."""
+    from .imageio import IMAGE_SUFFIXES
+
     files, bad = [], 0
     for path in inputs:
         if path.is_dir():
@@ -165,35 +178,14 @@ def _expand_inputs(inputs: Sequence[Path], command: str) -> tuple[list[Path], in
     return files, bad
 
 
-def _read_raw_image(path: Path):
-    """Reads an image file without changing its dtype (uint16 stays uint16)."""
-    import numpy as np
-
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            image = tifffile.imread(str(path))
-        else:
-            from skimage import io as skio
-
-            image = skio.imread(str(path))
-    except Exception as error:  # noqa: BLE001 - any reader failure means a bad file
-        raise ValueError(f"cannot read image ({type(error).__name__}: {error})") from None
-    image = np.asarray(image)
-    if image.dtype == object or image.size == 0:
-        raise ValueError(f"cannot read image: no pixel data (shape {image.shape})")
-    return image
-
-
-def _segment_file(model, path: Path, args, instances: bool, progress=None):
+def _segment_file(model, path: Path, options, args, progress=None):
+    from .imageio import read_image
     from .inference import segment
 
-    image = _read_raw_image(path)
+    image = read_image(path)
     try:
-        return segment(model, image, threshold=args.threshold, tile=args.tile or None, overlap=args.overlap,
-                       boundary_threshold=args.boundary_threshold, min_size=args.min_size, instances=instances,
-                       progress=progress, stack=False)
+        return segment(model, image, options, tile=args.tile or None, overlap=args.overlap, progress=progress,
+                       stack=False)
     except ValueError as error:
         raise ValueError(f"unsupported image (shape {image.shape}, dtype {image.dtype}): {error}") from None
 
@@ -201,37 +193,37 @@ def _segment_file(model, path: Path, args, instances: bool, progress=None):
 # --------------------------------------------------------------------------- predict
 
 
-def _write_outputs(out_dir: Path, stem: str, result) -> list[Path]:
-    import numpy as np
-    import tifffile
-    from skimage import io as skio
+def _planned_outputs(files: list[Path], out_dir: Path, instances: bool, overwrite: bool) -> None:
+    """Refuses, before any work, inputs whose outputs collide or would replace existing files."""
+    from .imageio import result_paths
 
-    written = []
-    mask_path = out_dir / f"{stem}_mask.png"
-    skio.imsave(str(mask_path), (result.mask.astype(np.uint8) * 255), check_contrast=False)
-    written.append(mask_path)
-    for suffix, array in (("prob", result.probability), ("boundary", result.boundary)):
-        path = out_dir / f"{stem}_{suffix}.tif"
-        tifffile.imwrite(str(path), np.asarray(array, dtype=np.float32))
-        written.append(path)
-    if result.labels is not None:
-        labels = result.labels
-        dtype = np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32
-        path = out_dir / f"{stem}_labels.tif"
-        tifffile.imwrite(str(path), labels.astype(dtype))
-        written.append(path)
-    return written
+    owners: dict[Path, Path] = {}
+    for path in files:
+        for target in result_paths(out_dir, path.stem, instances=instances):
+            if target in owners:
+                raise ValueError(f"{owners[target]} and {path} would both write {target.name}: "
+                                 "rename one or predict them into different --out folders")
+            owners[target] = path
+            if not overwrite and target.exists():
+                raise ValueError(f"{target} already exists; not replaced (use --overwrite, or another --out)")
 
 
 def _run_predict(args) -> int:
     from tqdm import tqdm
 
+    from .imageio import write_result
+
+    options = _postprocess_options(args)
     files, failures = _expand_inputs(args.inputs, "predict")
+    unique: dict[Path, Path] = {}
+    for path in files:
+        unique.setdefault(path.resolve(), path)  # a file named twice runs once
+    files = list(unique.values())
     if not files:
         _report("predict", "no input images")
         return 1
     model = _load_model(args.model, args.device)
-    instances = _is_instance_model(model)
+    _planned_outputs(files, args.out, model.config.is_instance, args.overwrite)
     args.out.mkdir(parents=True, exist_ok=True)
     done = 0
     with tqdm(total=len(files), desc="predict", unit="image", file=sys.stderr) as bar:
@@ -242,8 +234,8 @@ def _run_predict(args) -> int:
                 bar.set_postfix_str(f"{path.name} tile {tiles_done}/{tiles_total}")
 
             try:
-                result = _segment_file(model, path, args, instances, progress=on_tile)
-                _write_outputs(args.out, path.stem, result)
+                result = _segment_file(model, path, options, args, progress=on_tile)
+                write_result(result, args.out, path.stem, overwrite=args.overwrite)
                 done += 1
             except (ValueError, OSError) as error:
                 _report("predict", f"{path}: {error}")
@@ -379,15 +371,11 @@ def _run_train(args) -> int:
 # --------------------------------------------------------------------------- evaluate
 
 
-def _find_label(folder: Path, stem: str) -> Path | None:
-    from .data.datasets import find_label_file
-
-    return find_label_file([folder], stem)
-
-
 def _evaluation_items(args):
     """Yields (name, image loader, semantic mask loader, instance loader or None, error or None)."""
-    from .data import load_samples, read_mask
+    from .data import load_samples
+    from .data.datasets import find_label_file
+    from .imageio import read_image, read_mask
 
     if args.layout:
         if args.data is None:
@@ -408,15 +396,15 @@ def _evaluation_items(args):
     if not files:
         raise ValueError(f"no images in {args.images}")
     for path in files:
-        mask_path = _find_label(args.masks, path.stem) if args.masks else None
-        instance_path = _find_label(args.instances, path.stem) if args.instances else None
+        mask_path = find_label_file([args.masks], path.stem) if args.masks else None
+        instance_path = find_label_file([args.instances], path.stem) if args.instances else None
         if args.masks and mask_path is None:
             yield path.name, None, None, None, f"{path}: no mask with stem {path.stem!r} in {args.masks}"
             continue
         if args.instances and instance_path is None:
             yield path.name, None, None, None, f"{path}: no instance map with stem {path.stem!r} in {args.instances}"
             continue
-        image_loader = (lambda p=path: _read_raw_image(p))
+        image_loader = (lambda p=path: read_image(p))
         if mask_path is not None:
             mask_loader = (lambda p=mask_path: read_mask(p, instance=False))
         else:
@@ -443,7 +431,9 @@ def _run_evaluate(args) -> int:
 
     from . import metrics
     from .inference import segment
+    from .postprocess import postprocess
 
+    options = _postprocess_options(args)
     items = list(_evaluation_items(args))
     model = _load_model(args.model, args.device)
     rows, failures = [], 0
@@ -458,9 +448,7 @@ def _run_evaluate(args) -> int:
                 image = load_image()
                 target = load_mask()
                 target_instances = load_instances() if load_instances is not None else None
-                result = segment(model, image, threshold=args.threshold, tile=args.tile or None, overlap=args.overlap,
-                                 boundary_threshold=args.boundary_threshold, min_size=args.min_size,
-                                 instances=target_instances is not None, stack=False)
+                result = segment(model, image, options, tile=args.tile or None, overlap=args.overlap, stack=False)
                 if result.mask.shape != target.shape:
                     raise ValueError(f"mask shape {target.shape} differs from image shape {result.mask.shape}")
                 row = {"image": name, **metrics.semantic_scores(result.mask, target, args.tolerance)}
@@ -468,7 +456,10 @@ def _run_evaluate(args) -> int:
                 pooled += [np.count_nonzero(result.mask & reference), np.count_nonzero(result.mask),
                            np.count_nonzero(reference)]
                 if target_instances is not None:
-                    row.update(metrics.instance_scores(result.labels, target_instances))
+                    labels = result.labels
+                    if labels is None:  # a semantic model scored against instances: split its mask
+                        labels = postprocess(result.probability, result.boundary, options, instances=True)[1]
+                    row.update(metrics.instance_scores(labels, target_instances))
                 rows.append(row)
             except (ValueError, OSError) as error:
                 _report("evaluate", f"{name}: {error}")

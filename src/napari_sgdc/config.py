@@ -8,11 +8,9 @@ presets used by the GUI's correct-and-retrain loop.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-ENCODERS = ("efficientnet_lite0", "resnet50", "mini")
-BLOCKS = ("sgdc", "pooling", "static")
 TASKS = ("semantic", "instance")
 
 
@@ -83,16 +81,23 @@ class ModelConfig:
     single_object: bool = False
 
     def __post_init__(self) -> None:
+        from .model.registry import BLOCK_TYPES, ENCODERS
+
         if self.encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        if self.block not in BLOCKS:
-            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+            raise ValueError(f"encoder must be one of {tuple(ENCODERS)}, got {self.encoder!r}")
+        if self.block not in BLOCK_TYPES:
+            raise ValueError(f"block must be one of {tuple(BLOCK_TYPES)}, got {self.block!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if len(self.decoder_channels) != 5:
             raise ValueError("decoder_channels needs 5 widths (strides 16, 8, 4, 2, 1)")
         if self.kernel_size % 2 != 1:
             raise ValueError("kernel_size must be odd")
+
+    @property
+    def is_instance(self) -> bool:
+        """Whether the model splits its mask into instances (``task == "instance"``)."""
+        return self.task == "instance"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,7 +158,6 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"
     select_metric: str = "iou"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

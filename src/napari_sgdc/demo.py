@@ -15,9 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
-SAMPLES = {"dermoscopy": ("dermoscopy_IMD019.jpg", "dermoscopy"), "nuclei": ("he_TCGA-21-5784_crop512.jpg", "nuclei")}
+from .samples import SAMPLES
 
 
 def _has_display() -> bool:
@@ -26,44 +24,23 @@ def _has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def _to_png(array: np.ndarray) -> np.ndarray:
-    """Scales a float map in [0, 1] (or a bool mask) to uint8 0..255."""
-    return (np.clip(np.asarray(array, np.float32), 0, 1) * 255).round().astype(np.uint8)
-
-
-def run_headless(sample: str, model_name: str, out: Path, device: str = "auto") -> list[Path]:
-    """Segments a bundled sample and writes mask, boundary and gate PNGs into `out`."""
-    from skimage import io as skio
-
-    from ._napari._sample_data import read_sample
+def run_headless(sample: str, model_name: str, out: Path, device: str = "auto",
+                 overwrite: bool = True) -> list[Path]:
+    """Segments a bundled sample and writes image, mask, probability, boundary and gate PNGs into `out`."""
+    from .imageio import write_result
     from .inference import segment
     from .io import load_model
+    from .samples import read_sample
 
-    image = read_sample(SAMPLES[sample][0])
+    image = read_sample(sample)
     model = load_model(model_name, device=device)
     result = segment(model, image, return_gates=True, tile=None)
-    out.mkdir(parents=True, exist_ok=True)
-    written = {f"{sample}_image.png": image, f"{sample}_mask.png": _to_png(result.mask),
-               f"{sample}_probability.png": _to_png(result.probability),
-               f"{sample}_boundary.png": _to_png(result.boundary)}
-    if result.labels is not None:
-        from skimage.color import label2rgb
-
-        written[f"{sample}_labels.png"] = _to_png(label2rgb(result.labels, image=image, bg_label=0, alpha=0.35))
-    for gate in result.gates or []:
-        name = gate.name.replace("@", "_")
-        written[f"{sample}_gate1_{name}.png"] = _to_png(gate.data[0])
-        written[f"{sample}_gate2_{name}.png"] = _to_png(gate.data[1])
-    paths = []
-    for name, array in written.items():
-        skio.imsave(str(out / name), array, check_contrast=False)
-        paths.append(out / name)
-    return paths
+    return write_result(result, out, sample, "preview", image=image, overwrite=overwrite)
 
 
 def setup_viewer(viewer, sample: str) -> None:
     """Opens the sample in `viewer` and docks both plugin widgets."""
-    viewer.open_sample("napari-sgdc", SAMPLES[sample][1])
+    viewer.open_sample("napari-sgdc", sample)
     viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
     viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Fine-tune")
 
@@ -86,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.headless or not _has_display():
         try:
-            paths = run_headless(args.sample, args.model or SAMPLES[args.sample][1], args.out, args.device)
+            paths = run_headless(args.sample, args.model or SAMPLES[args.sample].model, args.out, args.device)
         except (FileNotFoundError, ValueError) as error:
             print(f"napari-sgdc demo: error: {error}", file=sys.stderr)
             return 1

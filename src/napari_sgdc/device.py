@@ -1,8 +1,9 @@
-"""Device selection and mixed precision."""
+"""Devices: choosing one, finding a model's, and running a model in eval mode safely."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -37,9 +38,33 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, enabled: bool, dtype: str = "bf16"):
-    """Autocast context: bf16 (or fp16) on CUDA when enabled, a no-op elsewhere."""
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for an empty model."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Runs the block with every submodule in eval mode, then restores each one's own mode.
+
+    ``model.train(was_training)`` would switch every submodule back to train mode and so
+    undo a frozen encoder or frozen BatchNorm layers; this restores them one by one.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled, a no-op elsewhere."""
     if not enabled or device.type != "cuda":
         return contextlib.nullcontext()
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=torch_dtype)
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16)

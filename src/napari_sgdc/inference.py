@@ -14,8 +14,8 @@ Pipeline for one plane:
     4. Optional gates: for each guided block, the channel means of gate1 and gate2 at the
        block's native stride are blended the same way at that stride, then stored as
        float16 ``GateMap``s with the stride recorded.
-    5. `postprocess` thresholds the probability into the mask and, for instance models,
-       splits it into labelled instances with a seeded watershed.
+    5. `napari_sgdc.postprocess.postprocess` thresholds the probability into the mask
+       and, for instance models, splits it into labelled instances with a seeded watershed.
 
 Working resolution: when the model's ``config.resize_long_side`` is > 0, each plane
 is first resized (bilinear, anti-aliased when shrinking) so that its longer side has
@@ -35,16 +35,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
-from skimage.segmentation import relabel_sequential, watershed
 
 from .data.transforms import resize_image, to_float_rgb, working_size
+from .device import eval_mode, model_device, resolve_device
+from .model import SGDCSegmenter
+from .postprocess import PostprocessOptions, postprocess
 
-__all__ = ["SegmentationResult", "GateMap", "Cancelled", "segment", "postprocess", "tile_origins"]
+__all__ = ["SegmentationResult", "GateMap", "Cancelled", "segment", "tile_origins"]
 
 SIZE_MULTIPLE = 32
+MIN_TILE = 64
 GAUSSIAN_SIGMA_SCALE = 0.125
-_CROSS = ndimage.generate_binary_structure(2, 1)
 
 
 class Cancelled(RuntimeError):
@@ -135,14 +136,6 @@ def _plane_input(plane: np.ndarray, y0: int, x0: int, height: int, width: int) -
 def _needs_global_conversion(dtype: np.dtype) -> bool:
     """Whether `to_float_rgb` depends on the whole image (not pixel-wise) for this dtype."""
     return not (dtype == np.uint8 or dtype == np.uint16 or dtype == bool)
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _is_stack(image: np.ndarray, stack: bool | None) -> bool:
@@ -292,36 +285,34 @@ def _tile_layout(height: int, width: int, tile: int | None, overlap: float):
     return tile_h, tile_w, origins
 
 
-def segment(model: torch.nn.Module, image: np.ndarray, *, threshold: float = 0.5, tile: int | None = 512,
-            overlap: float = 0.25, device: str | torch.device | None = None, return_gates: bool = False,
-            boundary_threshold: float = 0.5, min_size: int = 20, instances: bool | None = None,
-            progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None,
-            stack: bool | None = None) -> SegmentationResult:
+def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions | None = None, *,
+            tile: int | None = 512, overlap: float = 0.25, device: str | torch.device | None = None,
+            return_gates: bool = False, progress: Callable[[int, int], None] | None = None,
+            cancel: threading.Event | None = None, stack: bool | None = None) -> SegmentationResult:
     """Segments a 2D image or a stack of 2D planes of any size.
 
     Args:
-        model: an SGDC segmenter (``model(x, return_gates)`` returning "mask"/"edge" logits).
-            It is switched to eval mode for the call (its training flag is restored after).
+        model: an `SGDCSegmenter`. It runs in eval mode for the call; the mode of every
+            submodule is restored afterwards.
         image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array of uint8, uint16 or float, or
             a stack (N, H, W) / (N, H, W, C) of such planes.
-        threshold: probability threshold of the mask.
-        tile: tile size in pixels (rounded up to a multiple of 32) at the model's working
+        options: thresholds and minimum object size for `napari_sgdc.postprocess.postprocess`
+            (default `PostprocessOptions()`).
+        tile: tile size in pixels (>= 64, rounded up to a multiple of 32) at the model's working
             resolution (``config.resize_long_side``, see the module docstring); None or 0
             runs the whole image in one pass.
         overlap: fraction of a tile shared with its neighbour, in [0, 1).
         device: where to run; None uses the model's device. The model is moved there.
         return_gates: also return the mean gate maps of the guided blocks.
-        boundary_threshold: boundary probability above which pixels do not seed instances.
-        min_size: instances smaller than this many pixels are removed.
-        instances: compute instance labels; None means ``model.config.task == "instance"``.
         progress: called as ``progress(done, total)`` after every tile (all planes counted).
         cancel: when set, the call stops before the next tile and raises `Cancelled`.
         stack: treat the first axis as planes; None auto-detects (4D, or 3D whose last axis
             is longer than 4, i.e. cannot be channels).
 
     Returns:
-        A `SegmentationResult`; stacks get a leading plane axis on every array (and on
-        each `GateMap.data`); instance ids are unique across the whole stack.
+        A `SegmentationResult`; instance labels when ``model.config.is_instance``. Stacks
+        get a leading plane axis on every array (and on each `GateMap.data`); instance ids
+        are unique across the whole stack.
 
     Raises:
         Cancelled: when `cancel` is set during the run.
@@ -330,41 +321,30 @@ def segment(model: torch.nn.Module, image: np.ndarray, *, threshold: float = 0.5
     array = np.asarray(image)
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if tile is not None and (isinstance(tile, bool) or int(tile) != tile or (tile != 0 and tile < MIN_TILE)):
+        raise ValueError(f"tile must be 0 or None (whole image) or at least {MIN_TILE} pixels, got {tile}")
     is_stack = _is_stack(array, stack)
     planes = array if is_stack else array[None]
     if planes.ndim not in (3, 4) or planes.shape[0] == 0:
         raise ValueError(f"cannot segment an array of shape {array.shape}")
     _validate_plane(planes[0])
-    if instances is None:
-        config = getattr(model, "config", None)
-        instances = getattr(config, "task", "semantic") == "instance"
+    config = model.config
     if device is None:
-        target_device = _model_device(model)
+        target_device = model_device(model)
     else:
-        from .device import resolve_device
-
         target_device = resolve_device(device)
         model.to(target_device)
-    working_long_side = int(getattr(getattr(model, "config", None), "resize_long_side", 0) or 0)
-    working = working_size(*planes.shape[1:3], working_long_side)
+    working = working_size(*planes.shape[1:3], config.resize_long_side)
     tiles_per_plane = len(_tile_layout(*working, tile, overlap)[2])
     runner = _PlaneSegmenter(model, target_device, tile, overlap, return_gates, progress, cancel,
-                             tiles_per_plane, planes.shape[0], working_long_side)
-    was_training = model.training
-    model.eval()
-    try:
+                             tiles_per_plane, planes.shape[0], config.resize_long_side)
+    with eval_mode(model):
         outputs = [runner.run(plane) for plane in planes]
-    finally:
-        model.train(was_training)
 
     probability = np.stack([o[0] for o in outputs]) if is_stack else outputs[0][0]  # ([N,] H, W)
     boundary = np.stack([o[1] for o in outputs]) if is_stack else outputs[0][1]
-    single_object = bool(getattr(getattr(model, "config", None), "single_object", False))
-    mask = postprocess(probability, boundary, threshold=threshold, min_size=min_size, single_object=single_object)
-    labels = None
-    if instances:
-        labels = postprocess(probability, boundary, threshold=threshold, boundary_threshold=boundary_threshold,
-                             min_size=min_size, instances=True)
+    mask, labels = postprocess(probability, boundary, options, single_object=config.single_object,
+                               instances=config.is_instance)
     gates = None
     if return_gates:
         gates = outputs[0][2]
@@ -380,81 +360,3 @@ def _validate_plane(plane: np.ndarray) -> None:
     if plane.ndim not in (2, 3):
         raise ValueError(f"image planes must be (H, W) or (H, W, C), got shape {plane.shape}")
     to_float_rgb(plane[:2, :2])
-
-
-def _split_instances(mask: np.ndarray, boundary: np.ndarray, boundary_threshold: float,
-                     min_size: int) -> np.ndarray:
-    """Seeded watershed of one plane; returns int32 labels 1..K."""
-    seeds = mask & ~(boundary > boundary_threshold)
-    markers, n_seeds = ndimage.label(seeds, structure=_CROSS)
-    labels = watershed(boundary, markers, mask=mask, connectivity=1) if n_seeds else np.zeros(mask.shape, np.int32)
-    # Mask components that hold no seed (entirely boundary) become instances of their own.
-    unseeded = mask & (labels == 0)
-    if unseeded.any():
-        extra, n_extra = ndimage.label(unseeded, structure=_CROSS)
-        labels = np.where(extra > 0, extra + labels.max(), labels)
-    if min_size > 1 and labels.max() > 0:
-        sizes = np.bincount(labels.ravel())
-        too_small = sizes < min_size
-        too_small[0] = False
-        labels[too_small[labels]] = 0
-    labels, _, _ = relabel_sequential(labels.astype(np.int32))
-    return labels.astype(np.int32)
-
-
-def _clean_semantic(mask: np.ndarray, min_size: int, single_object: bool) -> np.ndarray:
-    """Largest region with holes filled (single object), or small regions removed."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    if count == 0:
-        return mask
-    areas = np.bincount(labels.ravel())
-    areas[0] = 0
-    if single_object:
-        return ndimage.binary_fill_holes(labels == int(areas.argmax()))
-    return areas[labels] >= min_size
-
-
-def postprocess(probability: np.ndarray, boundary: np.ndarray, *, threshold: float = 0.5,
-                boundary_threshold: float = 0.5, min_size: int = 20, instances: bool = False,
-                single_object: bool = False) -> np.ndarray:
-    """Turns cached probabilities into a mask or instance labels without re-running the network.
-
-    Instances: seeds are the 4-connected components of (mask and not boundary >
-    boundary_threshold); a watershed on the boundary probability floods the mask from
-    them; mask components without any seed become their own instance; instances
-    smaller than `min_size` pixels are removed (set to background); ids are relabelled
-    1..K (unique across planes for stacks).
-
-    Args:
-        probability: float (H, W) or (N, H, W) foreground probability.
-        boundary: float array of the same shape, boundary probability.
-        threshold: mask threshold (mask = probability > threshold).
-        boundary_threshold: boundary threshold for the seeds.
-        min_size: minimum instance area in pixels.
-        instances: return int32 labels instead of the bool mask.
-        single_object: semantic masks keep only their largest 8-connected region, with
-            holes filled (one lesion per image); otherwise regions smaller than
-            `min_size` pixels are removed.
-
-    Returns:
-        bool mask, or int32 labels (0 = background), of the input's shape.
-    """
-    probability = np.asarray(probability)
-    mask = probability > threshold
-    if not instances:
-        planes = mask.reshape((-1,) + mask.shape[-2:])
-        return np.stack([_clean_semantic(plane, min_size, single_object) for plane in planes]).reshape(mask.shape)
-    boundary = np.asarray(boundary)
-    if boundary.shape != probability.shape:
-        raise ValueError(f"boundary shape {boundary.shape} differs from probability shape {probability.shape}")
-    if probability.ndim == 2:
-        return _split_instances(mask, boundary, boundary_threshold, min_size)
-    if probability.ndim != 3:
-        raise ValueError(f"expected (H, W) or (N, H, W) probabilities, got shape {probability.shape}")
-    labels = np.zeros(probability.shape, np.int32)
-    offset = 0
-    for index in range(probability.shape[0]):
-        plane = _split_instances(mask[index], boundary[index], boundary_threshold, min_size)
-        labels[index] = np.where(plane > 0, plane + offset, 0)
-        offset = int(labels[index].max()) if plane.max() > 0 else offset
-    return labels

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .config import ModelConfig, TrainConfig
 from .device import resolve_device
+from .imageio import atomic_write
 
 FORMAT = "napari-sgdc/1"
 METADATA_KEY = "napari_sgdc"
@@ -38,29 +37,6 @@ class CheckpointError(ValueError):
 def builtin_models() -> list[str]:
     """Names of the built-in models shipped in the package (``load_model(name)``)."""
     return sorted(path.stem for path in BUILTIN_DIR.glob("*.safetensors"))
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Calls ``write(tmp_path)`` and moves the result onto `path` atomically.
-
-    A crash or an exception leaves any existing file at `path` untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(tmp_name))
-        with open(tmp_name, "rb") as stream:
-            os.fsync(stream.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _as_dict(value: Any) -> Any:

@@ -7,8 +7,7 @@ from .datasets import (
     Sample,
     SegmentationDataset,
     load_samples,
-    read_image,
-    read_mask,
+    read_rgb,
     resize_samples,
 )
 from .targets import boundary_target
@@ -26,8 +25,7 @@ __all__ = [
     "boundary_target",
     "color_jitter",
     "load_samples",
-    "read_image",
-    "read_mask",
+    "read_rgb",
     "resize_image",
     "resize_labels",
     "resize_samples",

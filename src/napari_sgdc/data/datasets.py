@@ -24,10 +24,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from skimage import io as skio
-from skimage.measure import label as connected_components
 from torch.utils.data import Dataset
 
+from ..imageio import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image, read_mask
 from .targets import boundary_target
 from .transforms import augment_pair, center_crop, to_float_rgb, to_uint8_rgb
 
@@ -35,8 +34,7 @@ __all__ = [
     "Sample",
     "SegmentationDataset",
     "load_samples",
-    "read_image",
-    "read_mask",
+    "read_rgb",
     "LAYOUTS",
     "SPLITS",
     "CONSEP_VAL_PARENTS",
@@ -45,8 +43,6 @@ __all__ = [
 LAYOUTS = ("ph2", "consep", "monuseg", "folders")
 SPLITS = ("train", "val", "test", "all")
 CONSEP_VAL_PARENTS = (19, 20)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 _MASK_STEM_SUFFIXES = ("", "_mask", "_label", "_labels", "_segmentation", "_instances")
 _DEFAULT_TASK = {"ph2": "semantic", "consep": "instance", "monuseg": "instance", "folders": None}
 
@@ -74,78 +70,22 @@ def _natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def _imread(path: Path) -> np.ndarray:
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        return tifffile.imread(str(path))
-    return skio.imread(str(path))
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Reads an image file as RGB uint8.
-
-    Gray, RGBA, uint16 and float files are converted with `to_float_rgb` rules.
-
-    Args:
-        path: image file (.jpg, .png, .tif, ...).
-
-    Returns:
-        (H, W, 3) uint8 array.
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Reads an image file as (H, W, 3) uint8 RGB (gray, RGBA, uint16 and float converted
+    with `to_float_rgb` rules).
 
     Raises:
         ValueError: naming the file when it cannot be read or has an unsupported shape.
     """
-    path = Path(path)
-    try:
-        raw = _imread(path)
-    except Exception as error:  # noqa: BLE001 - any reader failure is a bad file
-        raise ValueError(f"cannot read image {path}: {error}") from None
+    raw = read_image(path)
     try:
         return to_uint8_rgb(raw)
     except ValueError as error:
         raise ValueError(f"bad image {path}: {error}") from None
 
 
-def read_mask(path: str | Path, instance: bool = False) -> np.ndarray:
-    """Reads a label file as a semantic mask or an instance map.
-
-    Args:
-        path: single-channel label file (0/255 or 0/1 mask, label PNG/TIFF, uint16
-            instance map). RGB(A) masks are accepted: any non-zero colour is foreground.
-        instance: return instance ids; binary masks are split into connected components.
-
-    Returns:
-        (H, W) bool mask, or (H, W) int32 instance ids when `instance` is True.
-
-    Raises:
-        ValueError: naming the file when it cannot be read or is not 2D.
-    """
-    path = Path(path)
-    try:
-        raw = np.asarray(_imread(path))
-    except Exception as error:  # noqa: BLE001
-        raise ValueError(f"cannot read mask {path}: {error}") from None
-    if raw.ndim == 3 and raw.shape[2] in (3, 4):
-        raw = (raw[:, :, :3] > 0).any(axis=2).astype(np.uint8)
-    elif raw.ndim == 3 and raw.shape[2] == 1:
-        raw = raw[:, :, 0]
-    if raw.ndim != 2 or raw.size == 0:
-        raise ValueError(f"bad mask {path}: expected a 2D label image, got shape {raw.shape}")
-    if not np.issubdtype(raw.dtype, np.integer) and raw.dtype != bool:
-        if np.issubdtype(raw.dtype, np.floating) and np.all(raw == np.round(raw)):
-            raw = raw.astype(np.int64)
-        else:
-            raise ValueError(f"bad mask {path}: labels must be integers, got {raw.dtype}")
-    if not instance:
-        return raw > 0
-    if raw.dtype == bool or np.unique(raw).size <= 2:
-        return connected_components(raw > 0, connectivity=1).astype(np.int32)
-    return raw.astype(np.int32)
-
-
 def _make_sample(image_path: Path, mask_path: Path, instance: bool) -> Sample:
-    image = read_image(image_path)
+    image = read_rgb(image_path)
     mask = read_mask(mask_path, instance=instance)
     if mask.shape != image.shape[:2]:
         raise ValueError(
@@ -238,7 +178,7 @@ def _guess_instance(mask_path: Path) -> bool:
     """Folders layout with task=None: instance when the file looks like an instance map."""
     if mask_path.parent.name == "instances":
         return True
-    raw = np.asarray(_imread(mask_path))
+    raw = read_image(mask_path)
     return raw.ndim == 2 and raw.dtype not in (np.uint8, bool) and np.unique(raw).size > 2
 
 
@@ -322,14 +262,13 @@ class SegmentationDataset(Dataset):
         task: ``semantic`` or ``instance`` (boundaries between touching instances are
             part of the edge target); None: instance when the samples carry instance ids.
         scale_range: random zoom range of the scale-crop.
-        base_scale: fixed zoom (0.5 = train at half resolution); also applied when not
-            augmenting.
         foreground_prob: probability that a random crop is centred on foreground.
         seed: base seed of the per-item generators.
 
     Items:
         dict with ``image`` (3, h, w) float32 in [0, 1], ``mask`` (1, h, w) float32 {0, 1}
-        and ``edge`` (1, h, w) float32 {0, 1}.
+        and ``edge`` (1, h, w) float32 {0, 1}; instance datasets add ``instances`` (1, h, w)
+        int32 ids (0 = background), e.g. for AJI in validation.
     """
 
     def __init__(
@@ -342,7 +281,6 @@ class SegmentationDataset(Dataset):
         task: str | None = None,
         *,
         scale_range: tuple[float, float] = (0.75, 1.33),
-        base_scale: float = 1.0,
         foreground_prob: float = 0.5,
         seed: int = 0,
     ) -> None:
@@ -359,7 +297,6 @@ class SegmentationDataset(Dataset):
         self.stain_jitter = stain_jitter
         self.instance = (task == "instance") if task else self.samples[0].is_instance
         self.scale_range = scale_range
-        self.base_scale = base_scale
         self.foreground_prob = foreground_prob
         self.seed = seed
         self.epoch = 0
@@ -373,15 +310,6 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _rescale(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from skimage.transform import rescale
-
-        image = rescale(image, self.base_scale, order=1, channel_axis=2, preserve_range=True,
-                        anti_aliasing=self.base_scale < 1)
-        mask = rescale(mask, self.base_scale, order=0, preserve_range=True,
-                       anti_aliasing=False).astype(mask.dtype)
-        return np.clip(image + 0.5, 0, 255).astype(np.uint8), mask
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
         image, mask = sample.image, sample.mask
@@ -390,22 +318,23 @@ class SegmentationDataset(Dataset):
             image_float, mask = augment_pair(
                 image, mask, self.crop_size, rng,
                 stain=self.stain_jitter, scale_range=self.scale_range,
-                base_scale=self.base_scale, foreground_prob=self.foreground_prob,
+                foreground_prob=self.foreground_prob,
             )
         else:
-            if self.base_scale != 1.0:
-                image, mask = self._rescale(image, mask)
             if self.crop_size:
                 image, mask = center_crop(image, mask, self.crop_size)
             image_float = to_float_rgb(image)
         if not self.instance:
             mask = mask > 0
         edge = boundary_target(mask, self.boundary_width, instance=self.instance)
-        return {
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(image_float.transpose(2, 0, 1))),  # (3, h, w)
             "mask": torch.from_numpy((mask > 0)[None].astype(np.float32)),  # (1, h, w)
             "edge": torch.from_numpy(edge[None].astype(np.float32)),  # (1, h, w)
         }
+        if self.instance:
+            item["instances"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int32)[None])  # (1, h, w)
+        return item
 
 
 def resize_samples(samples: Sequence[Sample], long_side: int) -> list[Sample]:

@@ -19,7 +19,6 @@ __all__ = [
     "to_float_rgb",
     "to_uint8_rgb",
     "pad_to_size",
-    "pad_to_multiple",
     "random_scale_crop",
     "center_crop",
     "random_flip_rot90",
@@ -128,13 +127,6 @@ def pad_to_size(array: np.ndarray, height: int, width: int, mode: str = "reflect
     return np.pad(array, pads, mode=mode)
 
 
-def pad_to_multiple(array: np.ndarray, multiple: int = 32, mode: str = "reflect") -> np.ndarray:
-    """Pads the first two axes at the bottom/right up to the next multiple of `multiple`."""
-    height = int(math.ceil(array.shape[0] / multiple) * multiple)
-    width = int(math.ceil(array.shape[1] / multiple) * multiple)
-    return pad_to_size(array, height, width, mode)
-
-
 def _resize_pair(
     image: np.ndarray, mask: np.ndarray, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -159,12 +151,11 @@ def random_scale_crop(
     crop_size: int,
     rng: np.random.Generator,
     scale_range: tuple[float, float] = (0.75, 1.33),
-    base_scale: float = 1.0,
     foreground_prob: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cuts a random square window and resamples it to crop_size x crop_size.
 
-    The scale factor is ``base_scale * s`` with ``s`` log-uniform in `scale_range`
+    The scale factor is log-uniform in `scale_range`
     (a factor above 1 enlarges the content). The window is ``crop_size / factor`` source
     pixels wide. With probability `foreground_prob` it is centred (with jitter of a
     quarter window) on a random foreground pixel, otherwise placed uniformly. Images
@@ -176,14 +167,13 @@ def random_scale_crop(
         crop_size: output side in pixels.
         rng: random generator.
         scale_range: range of the random zoom factor.
-        base_scale: fixed zoom applied on top (e.g. 0.5 trains at half resolution).
         foreground_prob: probability of centring the window on foreground.
 
     Returns:
         (image crop (crop, crop, 3), mask crop (crop, crop)) with the input dtypes.
     """
     low, high = scale_range
-    factor = base_scale * math.exp(rng.uniform(math.log(low), math.log(high)))
+    factor = math.exp(rng.uniform(math.log(low), math.log(high)))
     window = max(1, int(round(crop_size / factor)))
     image = pad_to_size(image, window, window)
     mask = pad_to_size(mask, window, window)
@@ -295,7 +285,6 @@ def augment_pair(
     *,
     stain: bool = False,
     scale_range: tuple[float, float] = (0.75, 1.33),
-    base_scale: float = 1.0,
     foreground_prob: float = 0.5,
     color_strength: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -308,7 +297,6 @@ def augment_pair(
         rng: random generator (the only source of randomness).
         stain: also apply H&E stain jitter (histology), with probability 0.8.
         scale_range: random zoom range.
-        base_scale: fixed zoom.
         foreground_prob: probability of centring the crop on foreground.
         color_strength: scales the colour jitter ranges.
 
@@ -316,7 +304,7 @@ def augment_pair(
         (float32 image (crop, crop, 3) in [0, 1], mask (crop, crop) with the input dtype).
     """
     image, mask = random_scale_crop(
-        image, mask, crop_size, rng, scale_range, base_scale, foreground_prob
+        image, mask, crop_size, rng, scale_range, foreground_prob
     )
     image, mask = random_flip_rot90(image, mask, rng)
     image_float = to_float_rgb(image)

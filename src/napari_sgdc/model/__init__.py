@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .encoders import EfficientNetLite0, MiniEncoder, ResNet50, build_encoder
+from .encoders import ENCODERS, EfficientNetLite0, MiniEncoder, ResNet50, build_encoder
 from .segmenter import SGDCSegmenter
 from .sge import SGE
-from .sgdc import SGDC, PoolingDynamicConv, StaticBlock, dynamic_aggregate
+from .sgdc import BLOCK_TYPES, SGDC, PoolingDynamicConv, StaticBlock, dynamic_aggregate
 
 __all__ = ["ModelConfig", "build_model", "SGDCSegmenter", "SGE", "SGDC", "PoolingDynamicConv",
            "StaticBlock", "dynamic_aggregate", "EfficientNetLite0", "ResNet50", "MiniEncoder",
-           "build_encoder", "tiny_config"]
+           "build_encoder", "tiny_config", "ENCODERS", "BLOCK_TYPES"]
 
 
 def build_model(cfg: ModelConfig | None = None) -> SGDCSegmenter:

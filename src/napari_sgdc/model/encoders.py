@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -158,16 +159,13 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50(nn.Module):
-    """ResNet-50 feature extractor with torchvision's state_dict keys (no ``fc``).
-
-    Args:
-        state_dict_path: optional torchvision-format weights (loaded with ``weights_only=True``).
-    """
+    """ResNet-50 feature extractor with torchvision's state_dict keys (no ``fc``); random init
+    (no ImageNet weights can be shipped offline)."""
 
     out_channels = (64, 256, 512, 1024, 2048)
     output_stride = 32
 
-    def __init__(self, state_dict_path: str | Path | None = None):
+    def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -178,10 +176,6 @@ class ResNet50(nn.Module):
             stage += [Bottleneck(in_ch, width, 1) for _ in range(blocks - 1)]
             layers.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        if state_dict_path is not None:
-            state = torch.load(state_dict_path, map_location="cpu", weights_only=True)
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            self.load_state_dict(state, strict=True)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         stem = F.relu(self.bn1(self.conv1(x)))  # (B, 64, H/2, W/2)
@@ -215,12 +209,17 @@ class MiniEncoder(nn.Module):
         return features
 
 
+ENCODERS: dict[str, Callable[[bool], nn.Module]] = {
+    "efficientnet_lite0": lambda pretrained: EfficientNetLite0(pretrained=pretrained),
+    "resnet50": lambda pretrained: ResNet50(),
+    "mini": lambda pretrained: MiniEncoder(),
+}
+"""Encoder registry: name → ``factory(pretrained)``; each encoder returns features at
+strides 2, 4, 8, 16 and 32 and declares ``out_channels`` and ``output_stride``."""
+
+
 def build_encoder(name: str, pretrained: bool) -> nn.Module:
-    """Builds the encoder `name` (``efficientnet_lite0``, ``resnet50`` or ``mini``)."""
-    if name == "efficientnet_lite0":
-        return EfficientNetLite0(pretrained=pretrained)
-    if name == "resnet50":
-        return ResNet50()
-    if name == "mini":
-        return MiniEncoder()
-    raise ValueError(f"unknown encoder {name!r}")
+    """Builds the registered encoder `name` (ImageNet weights where shipped and `pretrained`)."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[name](pretrained)

@@ -59,6 +59,7 @@ class SGDCSegmenter(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.metadata: dict = {}  # the checkpoint's metadata (provenance, metrics) once loaded
         self.register_buffer("norm_mean", torch.tensor(cfg.norm_mean).view(1, 3, 1, 1) / 255.0)
         self.register_buffer("norm_std", torch.tensor(cfg.norm_std).view(1, 3, 1, 1) / 255.0)
         self.encoder = build_encoder(cfg.encoder, cfg.pretrained)

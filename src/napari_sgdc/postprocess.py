@@ -1,0 +1,136 @@
+"""The one post-processing stage: probabilities → mask and instance labels.
+
+`segment()`, the napari sliders, the CLI, the demo and whole-slide inference all call
+`postprocess` with one `PostprocessOptions`, so a threshold means the same thing
+everywhere and the sliders never need a new forward pass.
+
+Semantic mask: ``probability > threshold``; with ``single_object`` (one lesion per
+image) only the largest 8-connected region is kept, with holes filled; otherwise
+8-connected regions smaller than ``min_size`` pixels are removed.
+
+Instance labels: seeds are the 4-connected components of (mask and not boundary >
+``boundary_threshold``); a watershed on the boundary probability floods the raw mask
+from them; mask components without any seed become their own instance; instances
+smaller than ``min_size`` pixels are removed; ids are 1..K, and unique across the
+planes of a stack (plane i's ids follow plane i − 1's).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.morphology import remove_small_objects
+from skimage.segmentation import relabel_sequential, watershed
+
+__all__ = ["PostprocessOptions", "postprocess"]
+
+_CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
+_SQUARE = ndimage.generate_binary_structure(2, 2)  # 8-connectivity
+
+
+@dataclass(frozen=True)
+class PostprocessOptions:
+    """How probabilities become a mask and instances (validated on construction).
+
+    Attributes:
+        threshold: mask probability threshold in [0, 1] (mask = probability > threshold).
+        boundary_threshold: boundary probability in [0, 1] above which pixels do not
+            seed instances (splits touching nuclei).
+        min_size: objects smaller than this many pixels are removed (>= 0).
+    """
+
+    threshold: float = 0.5
+    boundary_threshold: float = 0.5
+    min_size: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "boundary_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                    or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+            object.__setattr__(self, name, float(value))
+        size = self.min_size
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+            raise ValueError(f"min_size must be a whole number of pixels >= 0, got {size!r}")
+        object.__setattr__(self, "min_size", int(size))
+
+
+def _remove_small(objects: np.ndarray, min_size: int, connectivity: int = 1) -> np.ndarray:
+    """Removes objects (a bool mask's components, or labels) of fewer than `min_size` pixels."""
+    if min_size <= 1:
+        return objects
+    with warnings.catch_warnings():  # "only one label": a plane with one instance is fine
+        warnings.filterwarnings("ignore", message="Only one label", category=UserWarning)
+        return remove_small_objects(objects, max_size=min_size - 1, connectivity=connectivity)
+
+
+def _semantic_plane(mask: np.ndarray, min_size: int, single_object: bool) -> np.ndarray:
+    """Largest region with holes filled (single object), or small regions removed."""
+    if not single_object:
+        return _remove_small(mask, min_size, connectivity=2)
+    regions, count = ndimage.label(mask, structure=_SQUARE)
+    if count == 0:
+        return mask
+    areas = np.bincount(regions.ravel())
+    areas[0] = 0
+    return ndimage.binary_fill_holes(regions == int(areas.argmax()))
+
+
+def _instance_plane(mask: np.ndarray, boundary: np.ndarray, boundary_threshold: float, min_size: int) -> np.ndarray:
+    """Seeded watershed of one plane; int32 labels 1..K."""
+    seeds = mask & ~(boundary > boundary_threshold)
+    markers, n_seeds = ndimage.label(seeds, structure=_CROSS)
+    labels = watershed(boundary, markers, mask=mask, connectivity=1) if n_seeds else np.zeros(mask.shape, np.int32)
+    unseeded = mask & (labels == 0)  # components that are boundary throughout
+    if unseeded.any():
+        extra, _ = ndimage.label(unseeded, structure=_CROSS)
+        labels = np.where(extra > 0, extra + labels.max(), labels)
+    labels = _remove_small(labels.astype(np.int32), min_size)
+    return relabel_sequential(labels)[0].astype(np.int32)
+
+
+def postprocess(probability: np.ndarray, boundary: np.ndarray | None, options: PostprocessOptions | None = None, *,
+                single_object: bool = False, instances: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Turns probabilities into the mask and, for instance models, the instance labels.
+
+    Args:
+        probability: float (H, W) or (N, H, W) foreground probability.
+        boundary: float array of the same shape (boundary probability); needed only
+            when `instances`.
+        options: thresholds and minimum size (default `PostprocessOptions()`).
+        single_object: the model's ``ModelConfig.single_object`` (one lesion per image).
+        instances: also compute instance labels (``ModelConfig.is_instance``).
+
+    Returns:
+        ``(mask, labels)``: bool mask of the input's shape, and int32 labels (0 =
+        background, ids unique across planes) or None when not `instances`.
+
+    Raises:
+        ValueError: shapes that are not (H, W) or (N, H, W), or that differ.
+    """
+    options = options or PostprocessOptions()
+    probability = np.asarray(probability)
+    if probability.ndim not in (2, 3):
+        raise ValueError(f"expected (H, W) or (N, H, W) probabilities, got shape {probability.shape}")
+    raw_mask = probability > options.threshold  # NaN compares False: background
+    planes = raw_mask.reshape((-1,) + raw_mask.shape[-2:])  # (N, H, W)
+    mask = np.stack([_semantic_plane(p, options.min_size, single_object) for p in planes]).reshape(raw_mask.shape)
+    if not instances:
+        return mask, None
+    boundary = np.asarray(boundary) if boundary is not None else None
+    if boundary is None or boundary.shape != probability.shape:
+        shape = None if boundary is None else boundary.shape
+        raise ValueError(f"boundary shape {shape} differs from probability shape {probability.shape}")
+    boundaries = np.nan_to_num(boundary.reshape(planes.shape), nan=1.0)  # (N, H, W)
+    labels = np.zeros(planes.shape, np.int32)
+    offset = 0
+    for index, (plane_mask, plane_boundary) in enumerate(zip(planes, boundaries)):
+        plane = _instance_plane(plane_mask, plane_boundary, options.boundary_threshold, options.min_size)
+        labels[index] = np.where(plane > 0, plane + offset, 0)
+        offset += int(plane.max())
+    return mask, labels.reshape(raw_mask.shape)

@@ -1,0 +1,89 @@
+"""The one post-processing stage: options, masks, instances, stacks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from napari_sgdc.postprocess import PostprocessOptions, postprocess
+
+
+def _touching_pair():
+    probability = np.zeros((20, 30), np.float32)
+    boundary = np.zeros((20, 30), np.float32)
+    probability[4:14, 4:24] = 0.9  # two 10x10 nuclei touching at column 14
+    boundary[4:14, 13:15] = 0.8    # the boundary between them
+    probability[17:19, 27:29] = 0.9  # a 4-pixel speck
+    return probability, boundary
+
+
+def test_postprocess_splits_touching_instances():
+    probability, boundary = _touching_pair()
+    mask, labels = postprocess(probability, boundary, PostprocessOptions(0.5, 0.5, 10), instances=True)
+    assert labels.dtype == np.int32
+    assert sorted(np.unique(labels)) == [0, 1, 2]
+    left, right = labels[8, 6], labels[8, 20]
+    assert left != right and left > 0 and right > 0
+    assert np.count_nonzero(labels == left) == np.count_nonzero(labels == right) == 100
+    assert labels[17, 27] == 0  # the speck is below min_size
+    # Without a boundary (or with a threshold above it) the pair stays one instance.
+    _, merged = postprocess(probability, boundary, PostprocessOptions(0.5, 0.85, 10), instances=True)
+    assert sorted(np.unique(merged)) == [0, 1]
+    _, keep_speck = postprocess(probability, boundary, PostprocessOptions(0.5, 0.5, 1), instances=True)
+    assert keep_speck.max() == 3
+    semantic_only, none = postprocess(probability, boundary, PostprocessOptions(0.5, 0.5, 10))
+    assert none is None
+    np.testing.assert_array_equal(semantic_only, mask)  # the mask does not depend on `instances`
+    raw, _ = postprocess(probability, None, PostprocessOptions(0.5, 0.5, 1))
+    assert mask.dtype == bool and raw.sum() == 204
+    assert raw[17, 27] and not mask[17, 27]  # the speck is below min_size
+    assert mask.sum() == 204 - np.count_nonzero(raw & ~mask)
+
+
+def test_single_object_keeps_largest_region_with_holes_filled():
+    probability = np.zeros((40, 40), np.float32)
+    probability[5:30, 5:30] = 0.9
+    probability[15:18, 15:18] = 0.1  # a hole
+    probability[34:38, 34:38] = 0.9  # a stray blob
+    mask, _ = postprocess(probability, probability, PostprocessOptions(min_size=1), single_object=True)
+    assert mask[16, 16] and not mask[35, 35]
+    assert mask.sum() == 25 * 25
+
+
+def test_postprocess_stack_ids_unique_and_unseeded_components():
+    probability, boundary = _touching_pair()
+    _, labels = postprocess(np.stack([probability, probability]), np.stack([boundary, boundary]),
+                            PostprocessOptions(min_size=10), instances=True)
+    assert labels.shape == (2, 20, 30)
+    assert set(np.unique(labels[0])) == {0, 1, 2} and set(np.unique(labels[1])) == {0, 3, 4}
+    # A component that is boundary everywhere still becomes an instance.
+    boundary_only = np.ones_like(boundary)
+    _, labels = postprocess(probability, boundary_only, PostprocessOptions(min_size=10), instances=True)
+    assert labels.max() == 1 and np.count_nonzero(labels) == 200
+
+
+@pytest.mark.parametrize("field, value", [
+    ("threshold", 1.5), ("threshold", -1), ("threshold", math.nan), ("threshold", "0.5"),
+    ("boundary_threshold", math.inf), ("min_size", -1), ("min_size", 2.5), ("min_size", True),
+])
+def test_options_out_of_range_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        PostprocessOptions(**{field: value})
+
+
+def test_nan_probabilities_are_background():
+    probability, boundary = _touching_pair()
+    probability[5, 5] = np.nan
+    boundary[:] = np.nan
+    mask, labels = postprocess(probability, boundary, PostprocessOptions(min_size=1), instances=True)
+    assert not mask[5, 5] and labels[5, 5] == 0
+    assert labels.max() >= 1 and (labels > 0).sum() == mask.sum()
+
+
+def test_shape_errors_name_the_shapes():
+    with pytest.raises(ValueError, match=r"\(4,\)"):
+        postprocess(np.zeros(4), None)
+    with pytest.raises(ValueError, match="boundary shape"):
+        postprocess(np.zeros((4, 4)), np.zeros((4, 5)), instances=True)
