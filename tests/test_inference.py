@@ -98,8 +98,10 @@ def test_input_dtypes_and_channels_agree(mini_model):
 
 
 def test_bad_inputs_raise_value_error(mini_model):
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(ValueError, match=r"channels last; got shape \(40, 50, 2\)$"):  # the real shape
         segment(mini_model, np.zeros((40, 50, 2), np.uint8))
+    with pytest.raises(ValueError, match=r"got shape \(3, 40, 50\).*moveaxis"):  # channels-first hint
+        segment(mini_model, np.zeros((3, 40, 50), np.uint8), stack=False)
     with pytest.raises(ValueError):
         segment(mini_model, np.zeros((2, 3, 40, 50, 3), np.uint8))
     with pytest.raises(ValueError, match="overlap"):
@@ -178,8 +180,12 @@ def test_stacks_plane_by_plane(mini_model):
     for stacked, plane in zip(result.gates, single.gates):
         assert stacked.data.shape == (3, *plane.data.shape)
         np.testing.assert_array_equal(stacked.data[1], plane.data)
-    gray_stack = planes[..., 0]  # (3, 48, 70) auto-detected as a stack
-    assert segment(mini_model, gray_stack).probability.shape == (3, 48, 70)
+    gray_stack = planes[..., 0]  # (3, 48, 70): channels-first RGB or 3 gray planes?
+    with pytest.raises(ValueError, match=r"\(3, 48, 70\) looks channels-first"):
+        segment(mini_model, gray_stack)
+    assert segment(mini_model, gray_stack, stack=True).probability.shape == (3, 48, 70)
+    five_planes = np.concatenate([gray_stack, gray_stack[:2]])  # (5, 48, 70) cannot be channels
+    assert segment(mini_model, five_planes).probability.shape == (5, 48, 70)
     assert segment(mini_model, planes[0]).probability.shape == (48, 70)  # RGB is not a stack
     assert segment(mini_model, planes[:, :, :, 0][:, :, :3], stack=True).probability.shape == (3, 48, 3)
 

@@ -106,3 +106,32 @@ def test_metadata_is_plain_json(tiny_model, tmp_path):
     path = save_checkpoint(tmp_path / "m.safetensors", tiny_model)
     metadata = read_metadata(path)
     assert json.loads(json.dumps(metadata)) == metadata
+
+
+@pytest.mark.parametrize("field, value", [
+    ("heads", 0), ("decoder_channels", [10**7] * 5), ("decoder_channels", [0, 8, 8, 8, 8]), ("sge_channels", 0),
+    ("kernel_size", 4), ("norm_std", [1.0, 0.0, 1.0]), ("resize_long_side", -3), ("n_classes", "two"),
+])
+def test_forged_model_config_is_refused_before_building(tiny_model, tmp_path, monkeypatch, field, value):
+    import napari_sgdc.model as model_module
+    from safetensors.torch import save_file
+
+    path = save_checkpoint(tmp_path / "real.safetensors", tiny_model)
+    metadata = read_metadata(path)
+    metadata["model_config"][field] = value
+    forged = tmp_path / "forged.safetensors"
+    save_file({"x": torch.zeros(1)}, str(forged), metadata={"napari_sgdc": json.dumps(metadata)})
+    monkeypatch.setattr(model_module, "build_model", lambda cfg: pytest.fail("built a model from a forged config"))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(forged)
+    message = str(error.value)
+    assert "forged.safetensors" in message and field in message and "\n" not in message
+
+
+def test_non_json_metadata_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bad), metadata={"napari_sgdc": "{not json"})
+    with pytest.raises(CheckpointError, match="bad.safetensors.*JSON"):
+        load_checkpoint(bad)

@@ -8,10 +8,35 @@ presets used by the GUI's correct-and-retrain loop.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 TASKS = ("semantic", "instance")
+MAX_CHANNELS = 4096
+MAX_CLASSES = 256
+MAX_KERNEL = 31
+MAX_WORKING_SIDE = 16384
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _whole(name: str, value: Any, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+
+
+def _sequence(name: str, value: Any, length: int) -> tuple:
+    if not isinstance(value, (list, tuple)) or len(value) != length:
+        raise ValueError(f"{name} needs {length} values, got {value!r}")
+    return tuple(value)
 
 
 def _from_dict(cls, data: dict[str, Any]):
@@ -81,18 +106,42 @@ class ModelConfig:
     single_object: bool = False
 
     def __post_init__(self) -> None:
+        """Checks every field's type and range, so a bad config (or checkpoint metadata)
+        fails with one line naming the field before anything is allocated."""
         from .model.registry import BLOCK_TYPES, ENCODERS
 
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {tuple(ENCODERS)}, got {self.encoder!r}")
-        if self.block not in BLOCK_TYPES:
-            raise ValueError(f"block must be one of {tuple(BLOCK_TYPES)}, got {self.block!r}")
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if len(self.decoder_channels) != 5:
-            raise ValueError("decoder_channels needs 5 widths (strides 16, 8, 4, 2, 1)")
+        _choice("encoder", self.encoder, tuple(ENCODERS))
+        _choice("block", self.block, tuple(BLOCK_TYPES))
+        _choice("task", self.task, TASKS)
+        for name in ("pretrained", "edge_supervision", "single_object"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _whole("n_classes", self.n_classes, 1, MAX_CLASSES)
+        _whole("sge_channels", self.sge_channels, 1, MAX_CHANNELS)
+        _whole("guide_channels", self.guide_channels, 1, MAX_CHANNELS)
+        _whole("kernel_size", self.kernel_size, 1, MAX_KERNEL)
         if self.kernel_size % 2 != 1:
-            raise ValueError("kernel_size must be odd")
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        _whole("heads", self.heads, 1, MAX_CHANNELS)
+        _whole("pool_grid", self.pool_grid, 1, 64)
+        _whole("resize_long_side", self.resize_long_side, 0, MAX_WORKING_SIDE)
+        if 0 < self.resize_long_side < 32:
+            raise ValueError(f"resize_long_side must be 0 or at least 32, got {self.resize_long_side}")
+        self.decoder_channels = _sequence("decoder_channels", self.decoder_channels, 5)
+        for width in self.decoder_channels:
+            _whole("decoder_channels", width, 1, MAX_CHANNELS)
+        for width in self.decoder_channels[:3]:  # the guided blocks at strides 16, 8, 4
+            if width % self.heads:
+                raise ValueError(f"decoder_channels {self.decoder_channels[:3]} (guided blocks) must be divisible "
+                                 f"by heads={self.heads}")
+        self.class_names = _sequence("class_names", self.class_names, self.n_classes)
+        if not all(isinstance(name, str) for name in self.class_names):
+            raise ValueError(f"class_names must be {self.n_classes} text names, got {self.class_names!r}")
+        self.norm_mean = _sequence("norm_mean", self.norm_mean, 3)
+        self.norm_std = _sequence("norm_std", self.norm_std, 3)
+        for name, values, low in (("norm_mean", self.norm_mean, -math.inf), ("norm_std", self.norm_std, 0.0)):
+            if not all(_is_number(v) and math.isfinite(v) and v > low for v in values):
+                raise ValueError(f"{name} must be 3 finite numbers{' > 0' if low == 0 else ''}, got {values!r}")
 
     @property
     def is_instance(self) -> bool:

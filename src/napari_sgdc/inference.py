@@ -36,8 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data.transforms import resize_image, to_float_rgb, working_size
+from .data.transforms import check_image, resize_image, to_float_rgb, working_size
 from .device import eval_mode, model_device, resolve_device
+from .locks import model_lock
 from .model import SGDCSegmenter
 from .postprocess import PostprocessOptions, postprocess
 
@@ -139,10 +140,14 @@ def _needs_global_conversion(dtype: np.dtype) -> bool:
 
 
 def _is_stack(image: np.ndarray, stack: bool | None) -> bool:
+    """Whether the first axis holds planes; None guesses, refusing the ambiguous channels-first case."""
     if stack is not None:
         return bool(stack)
     # A last axis of at most 4 is read as channels (so a 2-channel image gets a clear error
     # instead of becoming a stack of 2-pixel-wide planes).
+    if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[-1] > 4:
+        raise ValueError(f"image of shape {image.shape} looks channels-first: pass numpy.moveaxis(image, 0, -1) "
+                         f"for an RGB image, or stack=True for {image.shape[0]} gray planes")
     return image.ndim == 4 or (image.ndim == 3 and image.shape[-1] > 4)
 
 
@@ -293,7 +298,8 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
 
     Args:
         model: an `SGDCSegmenter`. It runs in eval mode for the call; the mode of every
-            submodule is restored afterwards.
+            submodule is restored afterwards, and no weight or buffer changes. The call
+            holds `napari_sgdc.locks.model_lock(model)`, so it never overlaps a fine-tune.
         image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array of uint8, uint16 or float, or
             a stack (N, H, W) / (N, H, W, C) of such planes.
         options: thresholds and minimum object size for `napari_sgdc.postprocess.postprocess`
@@ -327,7 +333,11 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
     planes = array if is_stack else array[None]
     if planes.ndim not in (3, 4) or planes.shape[0] == 0:
         raise ValueError(f"cannot segment an array of shape {array.shape}")
-    _validate_plane(planes[0])
+    try:
+        check_image(planes.shape[1:], planes.dtype)
+    except ValueError as error:
+        raise ValueError(f"{error}{' (one plane of a stack of shape ' + str(array.shape) + ')' if is_stack else ''}") \
+            from None
     config = model.config
     if device is None:
         target_device = model_device(model)
@@ -338,7 +348,7 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
     tiles_per_plane = len(_tile_layout(*working, tile, overlap)[2])
     runner = _PlaneSegmenter(model, target_device, tile, overlap, return_gates, progress, cancel,
                              tiles_per_plane, planes.shape[0], config.resize_long_side)
-    with eval_mode(model):
+    with model_lock(model), eval_mode(model):  # waits for a fine-tune of this model to end
         outputs = [runner.run(plane) for plane in planes]
 
     probability = np.stack([o[0] for o in outputs]) if is_stack else outputs[0][0]  # ([N,] H, W)
@@ -354,9 +364,4 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
     return SegmentationResult(probability=probability, mask=mask, boundary=boundary, labels=labels, gates=gates)
 
 
-def _validate_plane(plane: np.ndarray) -> None:
-    """Raises the converter's clear ValueError for unsupported plane shapes/dtypes."""
 
-    if plane.ndim not in (2, 3):
-        raise ValueError(f"image planes must be (H, W) or (H, W, C), got shape {plane.shape}")
-    to_float_rgb(plane[:2, :2])

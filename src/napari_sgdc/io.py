@@ -93,7 +93,13 @@ def read_metadata(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
     if raw is None:
         raise CheckpointError(f"{path}: safetensors file has no napari-sgdc metadata (not a napari-sgdc checkpoint)")
-    return json.loads(raw)
+    try:
+        metadata = json.loads(raw)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: napari-sgdc metadata is not valid JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: napari-sgdc metadata must be a JSON object, got {type(metadata).__name__}")
+    return metadata
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -152,10 +158,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     tensors, metadata = _read_tensors(path)
+    model_config = metadata.get("model_config")
+    if not isinstance(model_config, dict):
+        raise CheckpointError(f"{path}: metadata has no model_config object")
     try:
-        cfg = ModelConfig.from_dict(dict(metadata["model_config"], pretrained=False))
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: invalid model_config in metadata ({error})") from None
+        cfg = ModelConfig.from_dict(dict(model_config, pretrained=False))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: invalid model_config: {error}") from None
     model = build_model(cfg)
     load_state_checked(model, tensors, source=str(path))
     model.metadata = metadata

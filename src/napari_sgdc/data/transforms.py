@@ -22,10 +22,26 @@ __all__ = [
     "random_scale_crop",
     "center_crop",
     "random_flip_rot90",
+    "check_image",
     "color_jitter",
     "stain_jitter",
     "augment_pair",
 ]
+
+
+def check_image(shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Raises a one-line ValueError (with the full shape) unless (shape, dtype) is a 2-D image
+    that `to_float_rgb` accepts: (H, W) or (H, W, C) with C in 1, 3, 4, of a number type."""
+    shape = tuple(int(n) for n in shape)
+    if 0 in shape:
+        raise ValueError(f"image is empty (shape {shape})")
+    if len(shape) not in (2, 3):
+        raise ValueError(f"image must be 2D (H, W) or (H, W, C) with C in 1, 3, 4; got shape {shape}")
+    if len(shape) == 3 and shape[2] not in (1, 3, 4):
+        hint = " (channels must be last: use numpy.moveaxis(image, 0, -1))" if shape[0] in (1, 3, 4) else ""
+        raise ValueError(f"image must have 1 (gray), 3 (RGB) or 4 (RGBA) channels last; got shape {shape}{hint}")
+    if not (np.dtype(dtype) == bool or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise ValueError(f"image dtype {np.dtype(dtype)} is not a number type")
 
 
 def to_float_rgb(image: np.ndarray) -> np.ndarray:
@@ -51,23 +67,10 @@ def to_float_rgb(image: np.ndarray) -> np.ndarray:
             (for example 4D stacks or 2-channel images), or non-numeric dtypes.
     """
     array = np.asarray(image)
-    if array.size == 0:
-        raise ValueError(f"image is empty (shape {array.shape})")
+    check_image(array.shape, array.dtype)
     if array.ndim == 2:
         array = array[:, :, None]
-    elif array.ndim != 3:
-        raise ValueError(
-            f"image must be 2D (H, W) or (H, W, C) with C in 1, 3, 4; got shape {array.shape}"
-        )
-    channels = array.shape[2]
-    if channels not in (1, 3, 4):
-        hint = ""
-        if array.shape[0] in (3, 4) and channels > 4:
-            hint = " (channels must be last: use numpy.moveaxis(image, 0, -1))"
-        raise ValueError(
-            f"image must have 1 (gray), 3 (RGB) or 4 (RGBA) channels last; got shape {array.shape}{hint}"
-        )
-    if channels == 4:
+    if array.shape[2] == 4:
         array = array[:, :, :3]
     if array.dtype == bool:
         out = array.astype(np.float32)
@@ -90,7 +93,7 @@ def to_float_rgb(image: np.ndarray) -> np.ndarray:
             out = (out - low) / (high - low)
         else:
             out = np.zeros_like(out)
-    else:
+    else:  # unreachable: check_image accepts number types only
         raise ValueError(f"image dtype {array.dtype} is not a number type")
     if out.shape[2] == 1:
         out = np.repeat(out, 3, axis=2)
