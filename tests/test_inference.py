@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_sgdc.config import ModelConfig
-from napari_sgdc.inference import Cancelled, GateMap, SegmentationResult, segment
+from napari_sgdc.inference import Cancelled, GateMap, OutOfMemoryFallback, SegmentationResult, segment
 from napari_sgdc.postprocess import PostprocessOptions, postprocess
 from napari_sgdc.model import build_model
 
@@ -236,3 +236,45 @@ def test_working_resolution_resizes_and_restores():
     away_from_edge = (slice(None), np.r_[0:60, 90:150])
     np.testing.assert_allclose(resized.probability[away_from_edge], native.probability[away_from_edge], atol=1e-4)
     assert abs(native.probability[0, 0] - native.probability[0, -1]) > 0.1  # the halves differ
+
+
+class OutOfMemoryAbove(nn.Module):
+    """No weights; runs out of memory for inputs of more than `limit` pixels, or on any
+    device but the CPU (the meta device stands in for a GPU here)."""
+
+    size_multiple = 32
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.config = ModelConfig(**MINI)
+        self.limit = limit
+        self.devices: list[str] = []
+
+    def forward(self, x, return_gates=False):
+        self.devices.append(x.device.type)
+        if x.device.type != "cpu" or x.shape[-1] * x.shape[-2] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        logits = x.mean(dim=1, keepdim=True) * 8 - 4  # (B, 1, H, W)
+        return {"mask": logits, "edge": -logits}
+
+
+def test_out_of_memory_retries_with_smaller_tiles():
+    image = _image(300, 300)
+    model = OutOfMemoryAbove(limit=128 * 128)
+    with pytest.warns(OutOfMemoryFallback) as caught:
+        result = segment(model, image, tile=512)
+    assert [str(w.message).split("; ")[1] for w in caught] == ["retrying on cpu with 256-px tiles",
+                                                               "retrying on cpu with 128-px tiles"]
+    reference = segment(OutOfMemoryAbove(limit=10**9), image, tile=128)
+    np.testing.assert_array_equal(result.probability, reference.probability)
+
+
+def test_out_of_memory_on_the_accelerator_falls_back_to_the_cpu():
+    model = OutOfMemoryAbove(limit=10**9)
+    with pytest.warns(OutOfMemoryFallback) as caught:
+        result = segment(model, _image(100, 100), tile=256, device=torch.device("meta"))
+    assert "retrying on cpu with 256-px tiles" in str(caught[-1].message)
+    assert model.devices[0] == "meta" and model.devices[-1] == "cpu"
+    assert result.mask.shape == (100, 100)
+    with pytest.raises(torch.OutOfMemoryError):  # nothing left to try: the error surfaces
+        segment(OutOfMemoryAbove(limit=10), _image(100, 100), tile=128)

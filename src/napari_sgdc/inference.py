@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,15 +43,36 @@ from .locks import model_lock
 from .model import SGDCSegmenter
 from .postprocess import PostprocessOptions, postprocess
 
-__all__ = ["SegmentationResult", "GateMap", "Cancelled", "segment", "tile_origins"]
+__all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "segment", "tile_origins"]
 
 SIZE_MULTIPLE = 32
 MIN_TILE = 64
+FALLBACK_MIN_TILE = 128
 GAUSSIAN_SIGMA_SCALE = 0.125
 
 
 class Cancelled(RuntimeError):
     """Raised by `segment` when its ``cancel`` event is set."""
+
+
+class OutOfMemoryFallback(UserWarning):
+    """Warned by `segment` when it ran out of memory and retries with smaller tiles or on the CPU."""
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _fallback_plan(device: torch.device, tile: int) -> list[tuple[torch.device, int]]:
+    """(device, tile) attempts after an out-of-memory error: halve the tile down to
+    `FALLBACK_MIN_TILE`, then run on the CPU with the original tile."""
+    plan = [(device, tile)]
+    while plan[-1][1] // 2 >= FALLBACK_MIN_TILE:
+        plan.append((device, _round_up(plan[-1][1] // 2, SIZE_MULTIPLE)))
+    if device.type != "cpu":
+        plan.append((torch.device("cpu"), tile))
+    return plan
 
 
 @dataclass
@@ -154,8 +176,8 @@ def _is_stack(image: np.ndarray, stack: bool | None) -> bool:
 class _PlaneSegmenter:
     """Runs the tiled forward pass of one model over planes, sharing progress state."""
 
-    def __init__(self, model, device, tile, overlap, return_gates, progress, cancel, total_tiles_per_plane,
-                 n_planes, working_long_side=0):
+    def __init__(self, model, device, tile, overlap, return_gates, progress, cancel, n_planes, working_shape,
+                 working_long_side=0):
         self.model = model
         self.working_long_side = working_long_side
         self.device = device
@@ -164,7 +186,7 @@ class _PlaneSegmenter:
         self.return_gates = return_gates
         self.progress = progress
         self.cancel = cancel
-        self.total = total_tiles_per_plane * n_planes
+        self.total = len(_tile_layout(*working_shape, tile, overlap)[2]) * n_planes
         self.done = 0
         self._weights: dict[tuple[int, int], np.ndarray] = {}
 
@@ -322,7 +344,10 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
 
     Raises:
         Cancelled: when `cancel` is set during the run.
-        ValueError: for unsupported image shapes or dtypes, or a bad `overlap`.
+        ValueError: for unsupported image shapes or dtypes, or a bad `overlap` or `tile`.
+
+    Out of memory: the run is retried with tiles halved down to 128 px, then on the CPU,
+    each retry announced by an `OutOfMemoryFallback` warning (the GUI shows it).
     """
     array = np.asarray(image)
     if not 0.0 <= overlap < 1.0:
@@ -336,20 +361,32 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
     try:
         check_image(planes.shape[1:], planes.dtype)
     except ValueError as error:
-        raise ValueError(f"{error}{' (one plane of a stack of shape ' + str(array.shape) + ')' if is_stack else ''}") \
-            from None
+        where = f" (a plane of the stack of shape {array.shape})" if is_stack else ""
+        raise ValueError(f"{error}{where}") from None
     config = model.config
-    if device is None:
-        target_device = model_device(model)
-    else:
-        target_device = resolve_device(device)
-        model.to(target_device)
     working = working_size(*planes.shape[1:3], config.resize_long_side)
-    tiles_per_plane = len(_tile_layout(*working, tile, overlap)[2])
-    runner = _PlaneSegmenter(model, target_device, tile, overlap, return_gates, progress, cancel,
-                             tiles_per_plane, planes.shape[0], config.resize_long_side)
     with model_lock(model), eval_mode(model):  # waits for a fine-tune of this model to end
-        outputs = [runner.run(plane) for plane in planes]
+        home = model_device(model)
+        target_device = home if device is None else resolve_device(device)
+        attempts = _fallback_plan(target_device, tile or max(_round_up(side, SIZE_MULTIPLE) for side in working))
+        for number, (attempt_device, attempt_tile) in enumerate(attempts):
+            runner = _PlaneSegmenter(model.to(attempt_device), attempt_device, attempt_tile if number else tile,
+                                     overlap, return_gates, progress, cancel, len(planes), working,
+                                     config.resize_long_side)
+            try:
+                outputs = [runner.run(plane) for plane in planes]
+                break
+            except RuntimeError as error:
+                if not _is_out_of_memory(error) or number == len(attempts) - 1:
+                    raise
+                if attempt_device.type == "cuda":
+                    torch.cuda.empty_cache()
+                retry_device, retry_tile = attempts[number + 1]
+                warnings.warn(f"segment: out of memory on {attempt_device.type} with {attempt_tile}-px tiles; "
+                              f"retrying on {retry_device.type} with {retry_tile}-px tiles", OutOfMemoryFallback,
+                              stacklevel=2)
+        if model_device(model) != target_device:
+            model.to(target_device)  # after a CPU fallback the model goes back where the caller put it
 
     probability = np.stack([o[0] for o in outputs]) if is_stack else outputs[0][0]  # ([N,] H, W)
     boundary = np.stack([o[1] for o in outputs]) if is_stack else outputs[0][1]
