@@ -220,11 +220,11 @@ def test_finetune_small_image_instance_labels():
     labels[10:20, 20:30] = 8
     cfg = TrainConfig(epochs=1, max_steps=3, steps_per_epoch=3, batch_size=2, crop_size=64,
                       lr_encoder=0.0, lr_decoder=1e-3, warmup_steps=1, freeze_encoder=True, val_every=0)
-    before = weights(model)
+    before, modes = weights(model), _modes(model)
     history = finetune(model, [image], [labels], cfg)
     assert history.steps == 3 and len(history.losses) == 3 and all(np.isfinite(history.losses))
     assert any(not torch.equal(before[k], v) for k, v in weights(model).items())
-    assert not model.training
+    assert _modes(model) == modes  # every module's mode as before (here: train mode, as built)
 
 
 def test_finetune_errors_are_clear():
@@ -286,3 +286,262 @@ def test_freeze_batchnorm_keeps_running_statistics_of_the_base_model():
     assert running and all(torch.equal(before[k], after[k]) for k in running)
     assert not torch.equal(before["mask_head.weight"], after["mask_head.weight"])
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder.") and k.endswith(".weight"))
+
+
+# ----------------------------------------------------------------------------- state files, validation, config
+
+
+def _trained_run(tmp_path, **overrides):
+    out = tmp_path / "run.safetensors"
+    fit(tiny_model(), train_set(), None, run_config(epochs=1, steps_per_epoch=1, **overrides), out=out)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_dict", "wrong_format", "missing_keys",
+                                    "wrong_weights"])
+def test_corrupt_state_file_is_one_clear_error(tmp_path, damage):
+    from napari_sgdc.io import CheckpointError
+    from napari_sgdc.train import state_path_for
+
+    out = _trained_run(tmp_path)
+    state_file = state_path_for(out)
+    raw = state_file.read_bytes()
+    state = torch.load(state_file, weights_only=True)
+    if damage == "truncated":
+        state_file.write_bytes(raw[: len(raw) // 2])
+    elif damage == "garbage":
+        state_file.write_bytes(b"\x00not a state file" * 10)
+    elif damage == "not_a_dict":
+        torch.save([1, 2, 3], state_file)
+    elif damage == "wrong_format":
+        torch.save({**state, "format": "something-else/9"}, state_file)
+    elif damage == "missing_keys":
+        torch.save({key: value for key, value in state.items() if key != "optimizer"}, state_file)
+    else:
+        torch.save({**state, "model": {"nope": torch.zeros(1)}}, state_file)
+    with pytest.raises(CheckpointError) as error:
+        fit(tiny_model(), train_set(), None, run_config(epochs=2, steps_per_epoch=1), out=out, resume=out)
+    assert str(state_file) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_state_round_trip_keeps_the_format(tmp_path):
+    from napari_sgdc.train import last_checkpoint_path_for, state_path_for
+    from napari_sgdc.train.state import STATE_FORMAT
+
+    out = _trained_run(tmp_path)
+    assert last_checkpoint_path_for(out) == tmp_path / "run.last.safetensors"
+    for given in (out, tmp_path / "run.last.safetensors", tmp_path / "run.last.pt"):
+        assert state_path_for(given) == tmp_path / "run.last.pt"
+    state = torch.load(tmp_path / "run.last.pt", weights_only=True)
+    assert state["format"] == STATE_FORMAT and state["step"] == 1
+
+
+def test_cancel_before_the_first_step_writes_no_state(tmp_path):
+    cancel = threading.Event()
+    cancel.set()
+    out = tmp_path / "run.safetensors"
+    history = fit(tiny_model(), train_set(), None, run_config(), out=out, cancel=cancel)
+    assert history.cancelled and history.steps == 0
+    assert list(tmp_path.iterdir()) == []  # nothing to resume from
+
+
+def test_fit_removes_stale_temporaries_of_its_run_only(tmp_path):
+    stale = [tmp_path / ".run.safetensors.k2j3.tmp", tmp_path / ".run.last.safetensors.x1.tmp",
+             tmp_path / ".run.last.pt.abc.tmp"]
+    kept = [tmp_path / ".other.safetensors.k2j3.tmp", tmp_path / "run.safetensors.tmp",
+            tmp_path / ".run.safetensors.k2j3.tmp.keep"]
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    _trained_run(tmp_path)
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept)
+
+
+def test_validate_reports_aji_and_instance_models_select_by_it(tmp_path):
+    from skimage.measure import label
+
+    from napari_sgdc.train import validate
+
+    def instance_samples(n, size, seed):
+        return [Sample(s.name, s.image, label(s.mask).astype(np.int32)) for s in synthetic_samples(n, size, seed)]
+
+    train = SegmentationDataset(instance_samples(6, 80, 0), crop_size=64, augment=True, boundary_width=2)
+    val = SegmentationDataset(instance_samples(2, 70, 9), crop_size=None, augment=False, boundary_width=2)
+    model = tiny_model(task="instance")
+    out = tmp_path / "nuclei.safetensors"
+    history = fit(model, train, val, run_config(epochs=2, steps_per_epoch=2, select_metric="auto"), out=out)
+    assert history.select_metric == "aji"
+    assert all(0.0 <= m["aji"] <= 1.0 for m in history.val_metrics)
+    assert history.best_metric == max(m["aji"] for m in history.val_metrics)
+    assert load_checkpoint(out)[1]["metrics"]["aji"] == pytest.approx(history.best_metric)
+    scores = validate(model, val, device="cpu")
+    assert set(scores) == {"iou", "dice", "val_loss", "aji"}
+    semantic = fit(tiny_model(), train_set(), val_set(), run_config(epochs=1, steps_per_epoch=1, select_metric="auto"))
+    assert semantic.select_metric == "iou" and "aji" not in semantic.val_metrics[0]
+    with pytest.raises(ValueError, match="aji"):
+        fit(tiny_model(), train_set(), val_set(), run_config(select_metric="aji"))
+
+
+def test_param_groups_split_encoder_and_skip_frozen():
+    model = tiny_model()
+    groups = model.param_groups(1e-4, 1e-3)
+    assert [(g["name"], g["lr"]) for g in groups] == [("encoder", 1e-4), ("decoder", 1e-3)]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    model.encoder.requires_grad_(False)
+    model.mask_head.bias.requires_grad_(False)
+    groups = model.param_groups(1e-4, 1e-3)
+    assert [g["name"] for g in groups] == ["decoder"]
+    assert all(p.requires_grad for p in groups[0]["params"])
+    assert len(groups[0]["params"]) == sum(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("epochs", 0), ("epochs", -1), ("batch_size", 0), ("crop_size", 48), ("crop_size", 0), ("crop_size", -32),
+    ("lr_decoder", -1e-3), ("lr_encoder", float("nan")), ("lr_decoder", float("inf")), ("max_steps", -1),
+    ("steps_per_epoch", -2), ("warmup_steps", -1), ("grad_clip", -1.0), ("val_every", -1), ("seed", -1),
+    ("edge_weight", -0.5), ("boundary_width", 0), ("num_workers", -1), ("weight_decay", float("nan")),
+    ("select_metric", "bogus"), ("epochs", 1.5), ("batch_size", True),
+])
+def test_bad_train_config_is_refused_before_training(field, value):
+    from napari_sgdc.train import check_train_config
+
+    cfg = run_config(**{field: value})
+    with pytest.raises(ValueError, match=field) as error:
+        check_train_config(cfg)
+    assert "\n" not in str(error.value)
+    model = tiny_model()
+    before = weights(model)
+    with pytest.raises(ValueError, match=field):
+        fit(model, train_set(), val_set(), cfg)
+    assert all(torch.equal(before[name], value) for name, value in weights(model).items())
+
+
+def test_good_train_configs_pass_the_check():
+    from napari_sgdc.config import PRESETS
+    from napari_sgdc.train import check_train_config
+
+    for cfg in (TrainConfig(), run_config(), *PRESETS.values(), run_config(select_metric="auto")):
+        check_train_config(cfg)
+
+
+# ----------------------------------------------------------------------------- fine-tuning safety
+
+
+def _finetune_pair(size: int = 96):
+    sample = synthetic_samples(1, size=size, seed=3)[0]
+    return sample.image, sample.mask.astype(np.uint8)
+
+
+def _modes(model):
+    return [module.training for module in model.modules()]
+
+
+def _finetune_config(**overrides):
+    values = dict(epochs=1, max_steps=4, steps_per_epoch=4, batch_size=2, crop_size=64, lr_encoder=1e-3,
+                  lr_decoder=1e-3, warmup_steps=1, freeze_encoder=True, val_every=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("how", ["error", "cancel", "nan"])
+def test_failed_or_cancelled_finetune_restores_the_model(how):
+    model = tiny_model()
+    model.eval()
+    model.decoder[0].train()  # an unusual mix of modes, restored module by module
+    model.edge_head.weight.requires_grad_(False)
+    before, modes, flags = weights(model), _modes(model), [p.requires_grad for p in model.parameters()]
+    cancel = threading.Event()
+
+    def callback(event):
+        if event["kind"] == "step" and event["step"] == 2:
+            if how == "error":
+                raise RuntimeError("callback failed")
+            if how == "cancel":
+                cancel.set()
+            if how == "nan":
+                with torch.no_grad():
+                    model.mask_head.bias.fill_(float("nan"))
+
+    image, labels = _finetune_pair()
+    expected = {"error": RuntimeError, "nan": FloatingPointError}.get(how)
+    if expected is None:
+        history = finetune(model, [image], [labels], _finetune_config(freeze_encoder=False, freeze_batchnorm=False),
+                           callbacks=[callback], cancel=cancel)
+        assert history.cancelled and history.steps == 2
+    else:
+        with pytest.raises(expected):
+            finetune(model, [image], [labels], _finetune_config(freeze_encoder=False, freeze_batchnorm=False),
+                     callbacks=[callback], cancel=cancel)
+    after = weights(model)
+    assert all(torch.equal(before[name], after[name]) for name in before)  # bit for bit, buffers included
+    assert _modes(model) == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_successful_finetune_keeps_modes_and_flags():
+    model = tiny_model().eval()
+    image, labels = _finetune_pair()
+    before = weights(model)
+    finetune(model, [image], [labels], _finetune_config())
+    assert any(not torch.equal(before[name], value) for name, value in weights(model).items())
+    assert not any(_modes(model)) and all(p.requires_grad for p in model.parameters())
+
+
+def test_segment_during_finetune_does_not_disturb_training():
+    from napari_sgdc.inference import segment
+    from napari_sgdc.locks import model_lock
+
+    model = tiny_model().eval()
+    image, labels = _finetune_pair()
+    buffers = {name: value.clone() for name, value in model.named_buffers()}
+    encoder_modes, lock_free_elsewhere = [], []
+
+    def probe_lock():
+        lock = model_lock(model)
+        got = lock.acquire(blocking=False)
+        if got:
+            lock.release()
+        lock_free_elsewhere.append(got)
+
+    def callback(event):
+        if event["kind"] != "step":
+            return
+        segment(model, image, tile=None)  # same thread: the lock is re-entrant
+        encoder_modes.append(model.encoder.training or any(m.training for m in model.encoder.modules()))
+        thread = threading.Thread(target=probe_lock)
+        thread.start()
+        thread.join()
+
+    finetune(model, [image], [labels], _finetune_config(freeze_batchnorm=True), callbacks=[callback])
+    assert encoder_modes == [False] * 4  # the frozen encoder stayed in eval mode
+    assert lock_free_elsewhere == [False] * 4  # fit holds the model's lock
+    assert all(torch.equal(buffers[name], value) for name, value in model.named_buffers())
+    probe_lock()
+    assert lock_free_elsewhere[-1]  # released afterwards
+
+
+def test_segment_from_another_thread_waits_for_finetune():
+    from napari_sgdc.inference import segment
+    from napari_sgdc.locks import model_lock
+
+    model = tiny_model().eval()
+    image, labels = _finetune_pair()
+    order = []
+
+    def other_thread():
+        with model_lock(model):  # what segment() does
+            order.append("segment")
+            segment(model, image, tile=None)
+
+    threads = []
+
+    def callback(event):
+        if event["kind"] == "step":
+            order.append(f"step {event['step']}")
+            if event["step"] == 1:
+                threads.append(threading.Thread(target=other_thread))
+                threads[0].start()
+
+    finetune(model, [image], [labels], _finetune_config(max_steps=3, steps_per_epoch=3), callbacks=[callback])
+    threads[0].join()
+    assert order == ["step 1", "step 2", "step 3", "segment"]

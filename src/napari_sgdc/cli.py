@@ -282,7 +282,9 @@ def _model_config(args, model_values: dict, task: str, layout: str):
 
 
 def _train_config(args, train_values: dict, layout: str):
+    """The run's `TrainConfig` from the YAML values and the flags, checked (one-line errors)."""
     from .config import TrainConfig
+    from .train import check_train_config
 
     values = dict(train_values)
     overrides = {"epochs": args.epochs, "seed": args.seed, "crop_size": args.crop_size,
@@ -294,50 +296,29 @@ def _train_config(args, train_values: dict, layout: str):
     if args.amp:
         values["amp"] = True
     values.setdefault("stain_jitter", layout in ("consep", "monuseg"))
+    values.setdefault("select_metric", "auto")  # AJI for instance models, IoU otherwise
     config = TrainConfig.from_dict(values)
-    if config.crop_size % 32:
-        raise ValueError(f"--crop-size must be a multiple of 32, got {config.crop_size}")
+    check_train_config(config)
     return config
 
 
 def _run_train(args) -> int:
+    import signal
+
     from tqdm import tqdm
 
+    from . import train
     from .data import SegmentationDataset, load_samples, resize_samples
     from .model import build_model
-    from .train import fit
 
     model_values, train_values = _load_yaml_config(args.config)
-    train_samples = []
-    for split in filter(None, (part.strip() for part in args.train_splits.split(","))):
-        train_samples += load_samples(args.data, args.layout, split, task=args.task)
-    train_samples = train_samples[: args.max_images] if args.max_images else train_samples
-    if not train_samples:
-        raise ValueError(f"no training images found in {args.data} (layout {args.layout})")
-    task = args.task or ("instance" if train_samples[0].is_instance else "semantic")
-    for layout, folder in args.also:
-        train_samples += load_samples(folder, layout, "train", task=task)
-    val_samples = []
-    if args.val_split != "none":
-        val_samples = load_samples(args.data, args.layout, args.val_split, max_images=args.max_val_images, task=task)
-    model_cfg = _model_config(args, model_values, task, args.layout)
-    train_cfg = _train_config(args, train_values, args.layout)
-    train_samples = resize_samples(train_samples, model_cfg.resize_long_side)
-    val_samples = resize_samples(val_samples, model_cfg.resize_long_side)
-    train_data = SegmentationDataset(train_samples, crop_size=train_cfg.crop_size, augment=True,
-                                     boundary_width=train_cfg.boundary_width, stain_jitter=train_cfg.stain_jitter,
-                                     task=task, seed=train_cfg.seed)
-    val_data = None
-    if val_samples:
-        val_data = SegmentationDataset(val_samples, crop_size=None, augment=False,
-                                       boundary_width=train_cfg.boundary_width, task=task)
-    model = build_model(model_cfg)
+    train_cfg = _train_config(args, train_values, args.layout)  # bad settings fail before any data is read
     resume = None
     if args.resume is not None:
         resume = args.out if args.resume is True else Path(args.resume)
-    print(f"training {model_cfg.encoder}/{model_cfg.block} ({task}) on {len(train_samples)} image(s)"
-          f", validating on {len(val_samples)}", file=sys.stderr)
-    bar = tqdm(total=None, desc="train", unit="step", file=sys.stderr)
+    state_file = train.state_path_for(resume if resume is not None else args.out)
+    cancel, progress = threading.Event(), {"saved": resume is not None and state_file.is_file()}
+    history, bar, handler = None, None, None
 
     def on_event(event: dict) -> None:
         if bar.total != event["total_steps"]:
@@ -347,23 +328,69 @@ def _run_train(args) -> int:
             bar.set_postfix(loss=f"{event['loss']:.4f}")
             bar.refresh()
         else:
+            progress["saved"] = True  # fit saved the state before the epoch event
             parts = [f"{key} {value:.4f}" for key, value in sorted((event.get("metrics") or {}).items())
                      if isinstance(value, (int, float))]
             tqdm.write(f"epoch {event['epoch'] + 1}/{event.get('epochs', '?')}: " + ", ".join(parts), file=sys.stderr)
 
-    cancel = threading.Event()
-    provenance = {"command": "napari-sgdc train", "data": str(args.data), "layout": args.layout,
-                  "train_splits": args.train_splits, "also": [list(pair) for pair in args.also],
-                  "max_images": args.max_images, "n_train": len(train_samples), "n_val": len(val_samples)}
+    def on_interrupt(signum, frame) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        cancel.set()
+        tqdm.write("interrupt: stopping after this step and saving (Ctrl-C again to stop at once)", file=sys.stderr)
+
     try:
-        history = fit(model, train_data, val_data, train_cfg, callbacks=[on_event], cancel=cancel, out=args.out,
-                      resume=resume, provenance=provenance)
+        train_samples = []
+        for split in filter(None, (part.strip() for part in args.train_splits.split(","))):
+            train_samples += load_samples(args.data, args.layout, split, task=args.task)
+        train_samples = train_samples[: args.max_images] if args.max_images else train_samples
+        if not train_samples:
+            raise ValueError(f"no training images found in {args.data} (layout {args.layout})")
+        task = args.task or ("instance" if train_samples[0].is_instance else "semantic")
+        for layout, folder in args.also:
+            train_samples += load_samples(folder, layout, "train", task=task)
+        val_samples = []
+        if args.val_split != "none":
+            val_samples = load_samples(args.data, args.layout, args.val_split, max_images=args.max_val_images,
+                                       task=task)
+        model_cfg = _model_config(args, model_values, task, args.layout)
+        train_samples = resize_samples(train_samples, model_cfg.resize_long_side)
+        val_samples = resize_samples(val_samples, model_cfg.resize_long_side)
+        train_data = SegmentationDataset(train_samples, crop_size=train_cfg.crop_size, augment=True,
+                                         boundary_width=train_cfg.boundary_width,
+                                         stain_jitter=train_cfg.stain_jitter, task=task, seed=train_cfg.seed)
+        val_data = None
+        if val_samples:
+            val_data = SegmentationDataset(val_samples, crop_size=None, augment=False,
+                                           boundary_width=train_cfg.boundary_width, task=task)
+        train.seed_everything(train_cfg.seed)  # before build_model, so --seed also fixes the initial weights
+        model = build_model(model_cfg)
+        print(f"training {model_cfg.encoder}/{model_cfg.block} ({task}) on {len(train_samples)} image(s)"
+              f", validating on {len(val_samples)}", file=sys.stderr)
+        provenance = {"command": "napari-sgdc train", "data": str(args.data), "layout": args.layout,
+                      "train_splits": args.train_splits, "also": [list(pair) for pair in args.also],
+                      "max_images": args.max_images, "n_train": len(train_samples), "n_val": len(val_samples)}
+        bar = tqdm(total=None, desc="train", unit="step", file=sys.stderr)
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.signal(signal.SIGINT, on_interrupt)
+        history = train.fit(model, train_data, val_data, train_cfg, callbacks=[on_event], cancel=cancel,
+                            out=args.out, resume=resume, provenance=provenance)
     except KeyboardInterrupt:
-        bar.close()
-        print(f"interrupted; continue with: {PROG} train ... --out {args.out} --resume", file=sys.stderr)
+        history = None
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
+        if bar is not None:
+            bar.close()
+    if history is None or history.cancelled:
+        where = "" if history is None else f" at step {history.steps}/{history.total_steps}"
+        if progress["saved"] or (history is not None and history.steps > 0):
+            print(f"interrupted{where}; progress is saved in {state_file}; continue with the same command "
+                  f"plus --resume", file=sys.stderr)
+        else:
+            print(f"interrupted{where}: nothing was saved (no training step completed)", file=sys.stderr)
         return 130
-    bar.close()
-    best = "" if history.best_metric is None else f" (best {train_cfg.select_metric} {history.best_metric:.4f})"
+    best = "" if history.best_metric is None else f" (best {history.select_metric} {history.best_metric:.4f})"
     print(f"saved {args.out}{best} after {history.steps} step(s) in {history.elapsed_s:.1f} s", file=sys.stderr)
     return 0
 

@@ -83,6 +83,17 @@ class SGDCSegmenter(nn.Module):
             kwargs["pool_grid"] = cfg.pool_grid
         return BLOCK_TYPES[cfg.block](dim, **kwargs)
 
+    def param_groups(self, lr_encoder: float, lr_decoder: float) -> list[dict]:
+        """Optimiser parameter groups: the encoder at `lr_encoder` (left out when it has no
+        trainable parameter), everything else at `lr_decoder`; frozen parameters are skipped."""
+        encoder_ids = {id(p) for p in self.encoder.parameters()}
+        encoder = [p for p in self.encoder.parameters() if p.requires_grad]
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in encoder_ids]
+        groups = [{"params": rest, "lr": lr_decoder, "name": "decoder"}]
+        if encoder:
+            groups.insert(0, {"params": encoder, "lr": lr_encoder, "name": "encoder"})
+        return groups
+
     def forward(self, x: Tensor, return_gates: bool = False) -> dict:
         """Args: x (B, 3, H, W) RGB in [0, 1]; H and W multiples of 32.
 

@@ -1,17 +1,21 @@
-"""Training: losses, the `fit` loop and GUI fine-tuning (headless: no napari or Qt)."""
+"""Training: losses, the `fit` loop, validation and GUI fine-tuning (headless: no napari or Qt)."""
 
 from .finetune import finetune
-from .fit import History, evaluate, fit, last_checkpoint_path_for, state_path_for
+from .fit import History, check_train_config, fit, seed_everything
 from .losses import edge_loss, mask_loss, total_loss
+from .state import last_checkpoint_path_for, state_path_for
+from .validate import validate
 
 __all__ = [
     "History",
+    "check_train_config",
     "edge_loss",
-    "evaluate",
     "finetune",
     "fit",
     "last_checkpoint_path_for",
     "mask_loss",
+    "seed_everything",
     "state_path_for",
     "total_loss",
+    "validate",
 ]

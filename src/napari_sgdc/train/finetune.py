@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -10,18 +12,15 @@ import torch
 from ..config import PRESETS, TrainConfig
 from ..data.datasets import Sample, SegmentationDataset, resize_samples
 from ..data.transforms import to_uint8_rgb
+from ..device import model_device
+from ..locks import model_lock
+from ..model import SGDCSegmenter
 from .fit import History, fit
 
 __all__ = ["finetune", "FOCUS_PROBABILITY"]
 
 FOCUS_PROBABILITY = 0.9
 """Probability that a fine-tuning patch is centred on (jittered) labelled foreground."""
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
 
 
 def _prepare_pairs(
@@ -54,8 +53,34 @@ def _prepare_pairs(
     return samples
 
 
+@contextlib.contextmanager
+def _restore_on_failure(model: SGDCSegmenter) -> Iterator[Callable[[], None]]:
+    """Restores each module's train/eval mode and each parameter's ``requires_grad`` on
+    exit; yields ``rollback()``, which puts back the weights and buffers, bit for bit,
+    and is also called when the block raises."""
+    saved = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+
+    @torch.no_grad()
+    def rollback() -> None:
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(saved[name])
+
+    try:
+        yield rollback
+    except BaseException:
+        rollback()
+        raise
+    finally:
+        for module, training in modes:
+            module.training = training
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
 def finetune(
-    model: torch.nn.Module,
+    model: SGDCSegmenter,
     images: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
     preset: str | TrainConfig = "quick",
@@ -70,12 +95,16 @@ def finetune(
     probability `FOCUS_PROBABILITY`, and placed anywhere otherwise; they get flips,
     rotations, mild scale and colour jitter (plus stain jitter when
     ``cfg.stain_jitter``). Pairs are first resized to the model's working resolution
-    (``ModelConfig.resize_long_side``), as `segment` does. Images smaller than the crop are reflect-padded. For instance
-    models (``model.config.task == "instance"``) integer labels are used as instances,
-    so boundaries between touching objects are learnt; otherwise ``labels > 0`` is the mask.
+    (``ModelConfig.resize_long_side``), as `segment` does. Images smaller than the crop
+    are reflect-padded. For instance models (``model.config.is_instance``) integer labels
+    are used as instances, so boundaries between touching objects are learnt; otherwise
+    ``labels > 0`` is the mask.
 
     With the default ``device="auto"`` of the presets, training runs on the device the
-    model is already on. No validation and no checkpoint files; the model ends in eval mode.
+    model is already on. No validation and no checkpoint files. The model's lock
+    (`napari_sgdc.locks.model_lock`) is held throughout; every module's train/eval mode
+    and every ``requires_grad`` flag are as before afterwards. A run that fails or is
+    cancelled leaves the weights (and BatchNorm buffers) exactly as they were.
 
     Args:
         model: the segmenter to update.
@@ -86,11 +115,13 @@ def finetune(
         cancel: `threading.Event`; honoured within one step.
 
     Returns:
-        the `History` (``losses`` holds the loss of every step).
+        the `History` (``losses`` holds the loss of every step; ``cancelled`` when the
+        run was cancelled and the weights were restored).
 
     Raises:
         ValueError: one clear line for no pairs, a count or shape mismatch, labels that are
             all background, or an unknown preset.
+        Exception: whatever stopped `fit` (e.g. FloatingPointError), after the model was restored.
     """
     if isinstance(preset, TrainConfig):
         cfg = preset
@@ -98,14 +129,17 @@ def finetune(
         cfg = PRESETS[preset]
     else:
         raise ValueError(f"unknown fine-tuning preset {preset!r}; choose one of {sorted(PRESETS)} or pass a TrainConfig")
-    config = getattr(model, "config", None)
-    instance = getattr(config, "task", "semantic") == "instance"
+    instance = model.config.is_instance
     samples = _prepare_pairs(images, labels, instance)
-    samples = resize_samples(samples, int(getattr(config, "resize_long_side", 0) or 0))  # the model's working size
+    samples = resize_samples(samples, model.config.resize_long_side)  # the model's working size
     dataset = SegmentationDataset(
         samples, crop_size=cfg.crop_size, augment=True, boundary_width=cfg.boundary_width,
         stain_jitter=cfg.stain_jitter, task="instance" if instance else "semantic",
         scale_range=(0.85, 1.18), foreground_prob=FOCUS_PROBABILITY, seed=cfg.seed,
     )
-    device = _model_device(model) if cfg.device == "auto" else None
-    return fit(model, dataset, None, cfg, callbacks=callbacks, cancel=cancel, out=None, device=device)
+    device = model_device(model) if cfg.device == "auto" else None
+    with model_lock(model), _restore_on_failure(model) as rollback:
+        history = fit(model, dataset, None, cfg, callbacks=callbacks, cancel=cancel, out=None, device=device)
+        if history.cancelled:
+            rollback()
+    return history

@@ -1,0 +1,112 @@
+"""Validation during training: whole images through the model, mean scores over the set."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from .. import metrics as seg_metrics
+from ..data.datasets import SegmentationDataset
+from ..device import autocast, eval_mode, resolve_device
+from ..model import SGDCSegmenter
+from ..postprocess import PostprocessOptions, postprocess
+from .losses import total_loss
+
+__all__ = ["validate"]
+
+
+def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pads (B, C, H, W) at the bottom/right to multiples of `multiple` (reflect where possible)."""
+    height, width = image.shape[-2:]
+    pad_h = (-height) % multiple
+    pad_w = (-width) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return image
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(image, (0, pad_w, 0, pad_h), mode=mode)  # (B, C, H', W')
+
+
+def _instance_target(dataset: Dataset, index: int, item: dict) -> np.ndarray:
+    """(H, W) reference instance ids of item `index`.
+
+    The item's ``instances`` when it has them; else the sample's own labels when the item
+    is the whole, unscaled sample; else the 4-connected components of the mask.
+    """
+    if "instances" in item:
+        return item["instances"][0].numpy()  # (H, W)
+    mask = item["mask"][0].numpy() > 0.5  # (H, W)
+    if isinstance(dataset, SegmentationDataset) and not dataset.augment:
+        labels = dataset.samples[index].mask
+        if labels.dtype != bool and labels.shape == mask.shape:
+            return labels
+    return ndimage.label(mask)[0]
+
+
+@torch.no_grad()
+def validate(
+    model: SGDCSegmenter,
+    dataset: Dataset,
+    *,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    edge_weight: float = 0.5,
+    threshold: float = 0.5,
+    cancel: threading.Event | None = None,
+) -> dict[str, float] | None:
+    """Mean IoU, Dice and loss of `model` over `dataset` (plus AJI for instance models).
+
+    Each item is padded to a multiple of ``model.size_multiple``, run whole, and cropped
+    back. IoU and Dice use ``probability > threshold``; AJI uses the instance labels of
+    `napari_sgdc.postprocess.postprocess` (default options at `threshold`), as `segment`
+    would produce them. Every module's train/eval mode is restored afterwards.
+
+    Args:
+        model: the segmenter.
+        dataset: items with ``image`` (3, H, W), ``mask`` and ``edge`` (1, H, W) and, for
+            AJI, optionally ``instances`` (1, H, W); sizes may vary.
+        device: where to run.
+        amp: bf16 autocast on CUDA.
+        edge_weight: λ_edge of the reported loss.
+        threshold: mask probability threshold.
+        cancel: when set, validation stops and returns None.
+
+    Returns:
+        ``{"iou", "dice", "val_loss"}`` plus ``"aji"`` when ``model.config.is_instance``;
+        None when cancelled.
+    """
+    device = resolve_device(device)
+    config = model.config
+    options = PostprocessOptions(threshold=threshold)
+    scores: dict[str, list[float]] = {"iou": [], "dice": [], "val_loss": []}
+    if config.is_instance:
+        scores["aji"] = []
+    with eval_mode(model):
+        for index in range(len(dataset)):
+            if cancel is not None and cancel.is_set():
+                return None
+            item = dataset[index]
+            image = item["image"][None].to(device)  # (1, 3, H, W)
+            height, width = image.shape[-2:]
+            padded = _pad_to_multiple(image, model.size_multiple).contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                outputs = model(padded)
+            outputs = {key: outputs[key][..., :height, :width].float() for key in ("mask", "edge")}  # (1, 1, H, W)
+            targets = {key: item[key][None].to(device) for key in ("mask", "edge")}  # (1, 1, H, W)
+            loss, _ = total_loss(outputs, targets, edge_weight, config.edge_supervision)
+            scores["val_loss"].append(float(loss))
+            probability = torch.sigmoid(outputs["mask"][0, 0]).cpu().numpy()  # (H, W)
+            target = item["mask"][0].numpy() > 0.5  # (H, W)
+            prediction = probability > threshold
+            scores["iou"].append(seg_metrics.iou(prediction, target))
+            scores["dice"].append(seg_metrics.dice(prediction, target))
+            if config.is_instance:
+                boundary = torch.sigmoid(outputs["edge"][0, 0]).cpu().numpy()  # (H, W)
+                _, labels = postprocess(probability, boundary, options, single_object=config.single_object,
+                                        instances=True)
+                scores["aji"].append(seg_metrics.aji(labels, _instance_target(dataset, index, item)))
+    return {key: float(np.mean(values)) for key, values in scores.items()}
