@@ -60,7 +60,7 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of all commands."""
     from .config import TASKS
-    from .data.datasets import LAYOUTS
+    from .data.datasets import LAYOUTS, SPLITS
     from .device import DEVICES
     from .model.registry import BLOCK_TYPES, ENCODERS
 
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--instances", type=Path, help="folder of reference instance maps (adds AJI and F1)")
     evaluate.add_argument("--layout", choices=LAYOUTS, help="dataset layout")
     evaluate.add_argument("--data", type=Path, help="dataset folder (with --layout)")
-    evaluate.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+    evaluate.add_argument("--split", default="test", choices=SPLITS,
                           help="split (with --layout; default: test)")
     evaluate.add_argument("--max-images", type=int, help="evaluate the first N images only")
     evaluate.add_argument("--csv", type=Path, default=Path("evaluation.csv"),

@@ -183,7 +183,8 @@ class TrainConfig:
         stain_jitter: H&E stain augmentation (histology) instead of plain colour jitter only.
         num_workers: DataLoader workers.
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
-        select_metric: validation metric that picks the best checkpoint.
+        select_metric: validation metric that picks the best checkpoint (``auto``: AJI for
+            instance models, IoU otherwise; or ``iou``, ``dice``, ``aji``, ``loss``).
     """
 
     epochs: int = 30
@@ -206,7 +207,7 @@ class TrainConfig:
     stain_jitter: bool = False
     num_workers: int = 0
     device: str = "auto"
-    select_metric: str = "iou"
+    select_metric: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,7 +11,6 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from .. import metrics as seg_metrics
-from ..data.datasets import SegmentationDataset
 from ..device import autocast, eval_mode, resolve_device
 from ..model import SGDCSegmenter
 from ..postprocess import PostprocessOptions, postprocess
@@ -31,20 +30,15 @@ def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(image, (0, pad_w, 0, pad_h), mode=mode)  # (B, C, H', W')
 
 
-def _instance_target(dataset: Dataset, index: int, item: dict) -> np.ndarray:
-    """(H, W) reference instance ids of item `index`.
+def _instance_target(item: dict) -> np.ndarray:
+    """(H, W) reference instance ids of a validation item.
 
-    The item's ``instances`` when it has them; else the sample's own labels when the item
-    is the whole, unscaled sample; else the 4-connected components of the mask.
+    The item's ``instances`` (`SegmentationDataset` gives them for instance data), else
+    the 4-connected components of the mask.
     """
     if "instances" in item:
         return item["instances"][0].numpy()  # (H, W)
-    mask = item["mask"][0].numpy() > 0.5  # (H, W)
-    if isinstance(dataset, SegmentationDataset) and not dataset.augment:
-        labels = dataset.samples[index].mask
-        if labels.dtype != bool and labels.shape == mask.shape:
-            return labels
-    return ndimage.label(mask)[0]
+    return ndimage.label(item["mask"][0].numpy() > 0.5)[0]  # (H, W)
 
 
 @torch.no_grad()
@@ -108,5 +102,5 @@ def validate(
                 boundary = torch.sigmoid(outputs["edge"][0, 0]).cpu().numpy()  # (H, W)
                 _, labels = postprocess(probability, boundary, options, single_object=config.single_object,
                                         instances=True)
-                scores["aji"].append(seg_metrics.aji(labels, _instance_target(dataset, index, item)))
+                scores["aji"].append(seg_metrics.aji(labels, _instance_target(item)))
     return {key: float(np.mean(values)) for key, values in scores.items()}
