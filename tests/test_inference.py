@@ -278,3 +278,45 @@ def test_out_of_memory_on_the_accelerator_falls_back_to_the_cpu():
     assert result.mask.shape == (100, 100)
     with pytest.raises(torch.OutOfMemoryError):  # nothing left to try: the error surfaces
         segment(OutOfMemoryAbove(limit=10), _image(100, 100), tile=128)
+
+
+def test_tta_is_exact_for_a_transform_equivariant_model():
+    image = _image(70, 90)
+    plain = segment(PixelwiseModel(), image)
+    averaged = segment(PixelwiseModel(), image, tta=True, uncertainty="tta")
+    np.testing.assert_allclose(averaged.probability, plain.probability, atol=1e-5)
+    assert averaged.uncertainty.max() < 1e-2  # all 8 transforms agree
+
+
+def test_tta_and_uncertainty_on_a_real_network(mini_model):
+    image = _image(70, 90)
+    plain = segment(mini_model, image)
+    averaged = segment(mini_model, image, tta=True)
+    assert np.abs(averaged.probability - plain.probability).max() > 1e-3  # the network is not equivariant
+    for method in ("entropy", "tta", True):
+        result = segment(mini_model, image, uncertainty=method)
+        assert result.uncertainty.shape == (70, 90) and result.uncertainty.dtype == np.float32
+        assert 0.0 <= result.uncertainty.min() and result.uncertainty.max() <= 1.0
+        assert result.confidence is None  # semantic model
+    entropy = segment(mini_model, image, uncertainty="entropy")
+    near_half = np.abs(entropy.probability - 0.5) < 0.05
+    sure = np.abs(entropy.probability - 0.5) > 0.45
+    assert near_half.any() and sure.any()
+    assert entropy.uncertainty[near_half].min() > entropy.uncertainty[sure].max()
+    with pytest.raises(ValueError, match="uncertainty"):
+        segment(mini_model, image, uncertainty="dropout")
+
+
+def test_uncertainty_for_stacks_working_resolution_and_instances():
+    stack = np.stack([_image(40, 60, seed=s) for s in range(2)])  # (2, 40, 60, 3)
+    result = segment(PixelwiseModel(resize_long_side=32), stack, uncertainty="tta")
+    assert result.uncertainty.shape == (2, 40, 60)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**MINI, task="instance")).eval()
+    with torch.no_grad():
+        model.mask_head.weight.mul_(200.0)
+    labelled = segment(model, _image(64, 64), PostprocessOptions(min_size=1), uncertainty=True)
+    assert labelled.confidence.shape == (labelled.labels.max() + 1,)
+    for index in range(1, labelled.labels.max() + 1):
+        expected = 1.0 - labelled.uncertainty[labelled.labels == index].mean()
+        assert abs(labelled.confidence[index] - expected) < 1e-5

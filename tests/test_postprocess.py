@@ -87,3 +87,12 @@ def test_shape_errors_name_the_shapes():
         postprocess(np.zeros(4), None)
     with pytest.raises(ValueError, match="boundary shape"):
         postprocess(np.zeros((4, 4)), np.zeros((4, 5)), instances=True)
+
+
+def test_object_confidence_is_one_minus_mean_uncertainty():
+    from napari_sgdc.postprocess import object_confidence
+
+    labels = np.array([[0, 1, 1], [2, 2, 0], [0, 0, 4]], np.int32)
+    uncertainty = np.array([[0.9, 0.2, 0.4], [0.0, 1.0, 0.9], [0.5, 0.5, 0.25]], np.float32)
+    confidence = object_confidence(labels, uncertainty)
+    np.testing.assert_allclose(confidence, [0.0, 0.7, 0.5, 0.0, 0.75], atol=1e-6)

@@ -41,7 +41,7 @@ from .data.transforms import check_image, resize_image, to_float_rgb, working_si
 from .device import eval_mode, model_device, resolve_device
 from .locks import model_lock
 from .model import SGDCSegmenter
-from .postprocess import PostprocessOptions, postprocess
+from .postprocess import PostprocessOptions, object_confidence, postprocess
 
 __all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "segment", "tile_origins"]
 
@@ -53,6 +53,15 @@ GAUSSIAN_SIGMA_SCALE = 0.125
 
 class Cancelled(RuntimeError):
     """Raised by `segment` when its ``cancel`` event is set."""
+
+
+UNCERTAINTY_METHODS = {
+    "entropy": "binary entropy (bits) of the probability: free, from the one forward pass (or the TTA mean)",
+    "tta": "2 × the standard deviation of the probability over the 8 test-time flips and rotations (8× the time)",
+}
+DEFAULT_UNCERTAINTY = "entropy"
+"""Chosen by `benchmarks/uncertainty.py` (docs/results.md): it ranks wrong pixels as well as
+the TTA spread at 1/8 of the cost."""
 
 
 class OutOfMemoryFallback(UserWarning):
@@ -101,6 +110,9 @@ class SegmentationResult:
         boundary: float32 (H, W) boundary probability.
         labels: int32 (H, W) instance labels (0 = background) for instance models, else None.
         gates: one `GateMap` per guided block (deepest first) when requested, else None.
+        uncertainty: float32 (H, W) in [0, 1] when requested (see `UNCERTAINTY_METHODS`), else None.
+        confidence: for instance models with uncertainty, float32 (K + 1,): confidence[i] is
+            1 − the mean uncertainty of instance i (confidence[0], background, is 0).
     """
 
     probability: np.ndarray
@@ -108,6 +120,8 @@ class SegmentationResult:
     boundary: np.ndarray
     labels: np.ndarray | None = None
     gates: list[GateMap] | None = None
+    uncertainty: np.ndarray | None = None
+    confidence: np.ndarray | None = None
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -173,11 +187,26 @@ def _is_stack(image: np.ndarray, stack: bool | None) -> bool:
     return image.ndim == 4 or (image.ndim == 3 and image.shape[-1] > 4)
 
 
+def _dihedral(x: torch.Tensor, index: int, inverse: bool = False) -> torch.Tensor:
+    """The `index`-th of the 8 flips and 90° rotations of (..., H, W), or its inverse."""
+    turns, flip = index % 4, index >= 4
+    if inverse:
+        x = torch.flip(x, dims=(-1,)) if flip else x
+        return torch.rot90(x, -turns, dims=(-2, -1))
+    x = torch.rot90(x, turns, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
 class _PlaneSegmenter:
-    """Runs the tiled forward pass of one model over planes, sharing progress state."""
+    """Runs the tiled forward pass of one model over planes, sharing progress state.
+
+    Each plane gives a dict of float32 maps: ``probability`` and ``boundary``, plus
+    ``probability_sq`` (the mean squared probability over the test-time transforms) when
+    the TTA spread is wanted, all blended over tiles with the same Gaussian weights.
+    """
 
     def __init__(self, model, device, tile, overlap, return_gates, progress, cancel, n_planes, working_shape,
-                 working_long_side=0):
+                 working_long_side=0, tta=False, spread=False):
         self.model = model
         self.working_long_side = working_long_side
         self.device = device
@@ -186,6 +215,8 @@ class _PlaneSegmenter:
         self.return_gates = return_gates
         self.progress = progress
         self.cancel = cancel
+        self.transforms = range(8) if tta else range(1)
+        self.spread = spread
         self.total = len(_tile_layout(*working_shape, tile, overlap)[2]) * n_planes
         self.done = 0
         self._weights: dict[tuple[int, int], np.ndarray] = {}
@@ -196,11 +227,11 @@ class _PlaneSegmenter:
             self._weights[key] = _gaussian_weight(height, width)
         return self._weights[key]
 
-    def run(self, plane: np.ndarray):
-        """Returns (probability (H, W), boundary (H, W), gates list or None) for one plane.
+    def run(self, plane: np.ndarray) -> tuple[dict[str, np.ndarray], list[GateMap] | None]:
+        """Returns ({name: (H, W) float32 map}, gates list or None) for one plane.
 
         With a working resolution the plane is resized so that its long side has that
-        many pixels, segmented, and the outputs are resized back to (H, W) (gates to
+        many pixels, segmented, and the maps are resized back to (H, W) (gates to
         (ceil(H / stride), ceil(W / stride)), so their strides stay relative to the input).
         """
         height, width = plane.shape[:2]
@@ -208,25 +239,46 @@ class _PlaneSegmenter:
         if working == (height, width):
             return self._run_native(plane)
         rgb = resize_image(to_float_rgb(plane), working)  # (h, w, 3)
-        probability, boundary, gates = self._run_native(rgb.astype(np.float32))  # (h, w) at working size
-        probability = _resize_maps(probability[None], (height, width))[0]  # (H, W)
-        boundary = _resize_maps(boundary[None], (height, width))[0]
+        maps, gates = self._run_native(rgb.astype(np.float32))  # (h, w) maps at working size
+        names = list(maps)
+        resized = _resize_maps(np.stack([maps[name] for name in names]), (height, width))  # (M, H, W)
+        maps = dict(zip(names, resized))
         if gates is not None:
             gates = [GateMap(g.name, g.stride, _resize_maps(g.data.astype(np.float32),
                                                             (math.ceil(height / g.stride), math.ceil(width / g.stride)))
                              .astype(np.float16)) for g in gates]
-        return probability, boundary, gates
+        return maps, gates
 
-    def _run_native(self, plane: np.ndarray):
+    def _forward_tile(self, batch: torch.Tensor) -> tuple[dict[str, np.ndarray], list]:
+        """Maps (tile_h, tile_w) of one tile, averaged over the test-time transforms, and gate means."""
+        sums: dict[str, torch.Tensor] = {}
+        gate_means = []
+        with torch.inference_mode():
+            for index in self.transforms:
+                with_gates = self.return_gates and index == 0
+                out = self.model(_dihedral(batch, index), return_gates=with_gates)
+                prob = _dihedral(torch.sigmoid(out["mask"][0, 0].float()), index, inverse=True)  # (tile_h, tile_w)
+                edge = _dihedral(torch.sigmoid(out["edge"][0, 0].float()), index, inverse=True)
+                parts = {"probability": prob, "boundary": edge}
+                if self.spread:
+                    parts["probability_sq"] = prob * prob
+                for name, value in parts.items():
+                    sums[name] = sums[name] + value if name in sums else value
+                for block in out.get("gates", []) if with_gates else []:
+                    if "gate1" in block and "gate2" in block:
+                        means = torch.stack([block["gate1"][0].float().mean(dim=0),
+                                             block["gate2"][0].float().mean(dim=0)])  # (2, h, w)
+                        gate_means.append((block["name"], int(block["stride"]), means.cpu().numpy()))
+        count = len(self.transforms)
+        return {name: (value / count).cpu().numpy() for name, value in sums.items()}, gate_means
+
+    def _run_native(self, plane: np.ndarray) -> tuple[dict[str, np.ndarray], list[GateMap] | None]:
         """Tiled forward pass at the plane's own pixel size."""
         if _needs_global_conversion(plane.dtype):
-
             plane = to_float_rgb(plane)  # (H, W, 3): value scaling depends on the whole plane
         height, width = plane.shape[:2]
-        layout = _tile_layout(height, width, self.tile, self.overlap)
-        tile_h, tile_w, origins = layout
-        prob_acc = np.zeros((height, width), np.float32)
-        edge_acc = np.zeros((height, width), np.float32)
+        tile_h, tile_w, origins = _tile_layout(height, width, self.tile, self.overlap)
+        accumulators: dict[str, np.ndarray] = {}
         weight_acc = np.zeros((height, width), np.float32)
         gate_acc: list[dict] | None = [] if self.return_gates else None
         for y0, x0 in origins:
@@ -237,32 +289,22 @@ class _PlaneSegmenter:
             if self.device.type in ("cpu", "cuda"):
                 # channels_last roughly halves the CPU forward time of the convolutions
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                out = self.model(batch, return_gates=self.return_gates)
-                prob = torch.sigmoid(out["mask"][0, 0]).float().cpu().numpy()  # (tile_h, tile_w)
-                edge = torch.sigmoid(out["edge"][0, 0]).float().cpu().numpy()  # (tile_h, tile_w)
-                gate_means = []
-                if self.return_gates:
-                    for block in out.get("gates", []):
-                        if "gate1" not in block or "gate2" not in block:
-                            continue
-                        means = torch.stack([block["gate1"][0].float().mean(dim=0),
-                                             block["gate2"][0].float().mean(dim=0)])  # (2, h, w)
-                        gate_means.append((block["name"], int(block["stride"]), means.cpu().numpy()))
+            maps, gate_means = self._forward_tile(batch)
             valid_h, valid_w = min(tile_h, height - y0), min(tile_w, width - x0)
             weight = self.weight(tile_h, tile_w)[:valid_h, :valid_w]
             window = (slice(y0, y0 + valid_h), slice(x0, x0 + valid_w))
-            prob_acc[window] += prob[:valid_h, :valid_w] * weight
-            edge_acc[window] += edge[:valid_h, :valid_w] * weight
+            for name, value in maps.items():
+                accumulator = accumulators.setdefault(name, np.zeros((height, width), np.float32))
+                accumulator[window] += value[:valid_h, :valid_w] * weight
             weight_acc[window] += weight
             if gate_acc is not None:
                 self._blend_gates(gate_acc, gate_means, y0, x0, height, width)
-            del out, batch
+            del batch
             self.done += 1
             if self.progress is not None:
                 self.progress(self.done, self.total)
-        np.divide(prob_acc, weight_acc, out=prob_acc)  # in place: the accumulator becomes the probability
-        np.divide(edge_acc, weight_acc, out=edge_acc)
+        for accumulator in accumulators.values():
+            np.divide(accumulator, weight_acc, out=accumulator)  # in place: sums become weighted means
         del weight_acc
         gates = None
         if gate_acc is not None:
@@ -270,7 +312,7 @@ class _PlaneSegmenter:
             for entry in gate_acc:
                 data = entry["sum"] / entry["weight"][None]  # (2, h, w)
                 gates.append(GateMap(entry["name"], entry["stride"], data.astype(np.float16)))
-        return prob_acc, edge_acc, gates
+        return accumulators, gates
 
     def _blend_gates(self, gate_acc, gate_means, y0, x0, height, width):
         if not gate_acc:
@@ -314,8 +356,9 @@ def _tile_layout(height: int, width: int, tile: int | None, overlap: float):
 
 def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions | None = None, *,
             tile: int | None = 512, overlap: float = 0.25, device: str | torch.device | None = None,
-            return_gates: bool = False, progress: Callable[[int, int], None] | None = None,
-            cancel: threading.Event | None = None, stack: bool | None = None) -> SegmentationResult:
+            return_gates: bool = False, tta: bool = False, uncertainty: bool | str = False,
+            progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None,
+            stack: bool | None = None) -> SegmentationResult:
     """Segments a 2D image or a stack of 2D planes of any size.
 
     Args:
@@ -331,7 +374,13 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
             runs the whole image in one pass.
         overlap: fraction of a tile shared with its neighbour, in [0, 1).
         device: where to run; None uses the model's device. The model is moved there.
-        return_gates: also return the mean gate maps of the guided blocks.
+        return_gates: also return the mean gate maps of the guided blocks (of the
+            untransformed pass when `tta`).
+        tta: test-time augmentation: average probability and boundary over the 8 flips and
+            90° rotations (8 forward passes per tile, so about 8× the time).
+        uncertainty: also return a per-pixel uncertainty map (and per-object confidence
+            for instance models): True for the default method `DEFAULT_UNCERTAINTY`, or a
+            name from `UNCERTAINTY_METHODS` (``"tta"`` implies `tta`).
         progress: called as ``progress(done, total)`` after every tile (all planes counted).
         cancel: when set, the call stops before the next tile and raises `Cancelled`.
         stack: treat the first axis as planes; None auto-detects (4D, or 3D whose last axis
@@ -363,6 +412,11 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
     except ValueError as error:
         where = f" (a plane of the stack of shape {array.shape})" if is_stack else ""
         raise ValueError(f"{error}{where}") from None
+    method = DEFAULT_UNCERTAINTY if uncertainty is True else uncertainty or None
+    if method is not None and method not in UNCERTAINTY_METHODS:
+        raise ValueError(f"uncertainty must be True, False or one of {', '.join(UNCERTAINTY_METHODS)}, "
+                         f"got {uncertainty!r}")
+    tta = bool(tta) or method == "tta"
     config = model.config
     working = working_size(*planes.shape[1:3], config.resize_long_side)
     with model_lock(model), eval_mode(model):  # waits for a fine-tune of this model to end
@@ -372,7 +426,7 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
         for number, (attempt_device, attempt_tile) in enumerate(attempts):
             runner = _PlaneSegmenter(model.to(attempt_device), attempt_device, attempt_tile if number else tile,
                                      overlap, return_gates, progress, cancel, len(planes), working,
-                                     config.resize_long_side)
+                                     config.resize_long_side, tta=tta, spread=method == "tta")
             try:
                 outputs = [runner.run(plane) for plane in planes]
                 break
@@ -388,17 +442,34 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
         if model_device(model) != target_device:
             model.to(target_device)  # after a CPU fallback the model goes back where the caller put it
 
-    probability = np.stack([o[0] for o in outputs]) if is_stack else outputs[0][0]  # ([N,] H, W)
-    boundary = np.stack([o[1] for o in outputs]) if is_stack else outputs[0][1]
+    maps = {name: np.stack([o[0][name] for o in outputs]) for name in outputs[0][0]}  # (N, H, W) each
+    if not is_stack:
+        maps = {name: value[0] for name, value in maps.items()}  # (H, W)
+    probability, boundary = maps["probability"], maps["boundary"]
     mask, labels = postprocess(probability, boundary, options, single_object=config.single_object,
                                instances=config.is_instance)
+    uncertainty_map = confidence = None
+    if method is not None:
+        uncertainty_map = _uncertainty(method, probability, maps.get("probability_sq"))
+        if labels is not None:
+            confidence = object_confidence(labels, uncertainty_map)
     gates = None
     if return_gates:
-        gates = outputs[0][2]
+        gates = outputs[0][1]
         if is_stack:
-            gates = [GateMap(g.name, g.stride, np.stack([o[2][i].data for o in outputs]))
-                     for i, g in enumerate(outputs[0][2])]
-    return SegmentationResult(probability=probability, mask=mask, boundary=boundary, labels=labels, gates=gates)
+            gates = [GateMap(g.name, g.stride, np.stack([o[1][i].data for o in outputs]))
+                     for i, g in enumerate(outputs[0][1])]
+    return SegmentationResult(probability=probability, mask=mask, boundary=boundary, labels=labels, gates=gates,
+                              uncertainty=uncertainty_map, confidence=confidence)
+
+
+def _uncertainty(method: str, probability: np.ndarray, probability_sq: np.ndarray | None) -> np.ndarray:
+    """Per-pixel uncertainty in [0, 1] (see `UNCERTAINTY_METHODS`)."""
+    if method == "tta":
+        variance = np.clip(probability_sq - probability * probability, 0.0, 0.25)
+        return (2.0 * np.sqrt(variance)).astype(np.float32)  # a std of values in [0, 1] is at most 0.5
+    p = np.clip(probability, 1e-6, 1 - 1e-6)
+    return (-(p * np.log2(p) + (1 - p) * np.log2(1 - p))).astype(np.float32)
 
 
 

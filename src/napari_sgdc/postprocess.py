@@ -26,7 +26,7 @@ from scipy import ndimage
 from skimage.morphology import remove_small_objects
 from skimage.segmentation import relabel_sequential, watershed
 
-__all__ = ["PostprocessOptions", "postprocess"]
+__all__ = ["PostprocessOptions", "object_confidence", "postprocess"]
 
 _CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
 _SQUARE = ndimage.generate_binary_structure(2, 2)  # 8-connectivity
@@ -134,3 +134,22 @@ def postprocess(probability: np.ndarray, boundary: np.ndarray | None, options: P
         labels[index] = np.where(plane > 0, plane + offset, 0)
         offset += int(plane.max())
     return mask, labels.reshape(raw_mask.shape)
+
+
+def object_confidence(labels: np.ndarray, uncertainty: np.ndarray) -> np.ndarray:
+    """Per-instance confidence: 1 − the mean uncertainty over each instance's pixels.
+
+    Args:
+        labels: int (…, H, W) instance ids (0 = background).
+        uncertainty: float array of the same shape, in [0, 1].
+
+    Returns:
+        float32 (K + 1,) with K = labels.max(); index 0 (background) and absent ids are 0.
+    """
+    labels = np.asarray(labels)
+    size = int(labels.max()) + 1 if labels.size else 1
+    counts = np.bincount(labels.ravel(), minlength=size)
+    sums = np.bincount(labels.ravel(), weights=np.asarray(uncertainty, np.float64).ravel(), minlength=size)
+    confidence = np.where(counts > 0, 1.0 - sums / np.maximum(counts, 1), 0.0)
+    confidence[0] = 0.0
+    return confidence.astype(np.float32)
