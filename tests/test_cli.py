@@ -126,6 +126,17 @@ def test_predict_bad_inputs_one_line_each_and_exit_1(tmp_path, checkpoints, caps
     assert not any(out.glob("broken*")) and not any(out.glob("two_channel*"))
 
 
+def test_predict_tta_and_uncertainty(tmp_path, checkpoints):
+    inputs = _write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(checkpoints["instance"]), "--out", str(out), "--device", "cpu",
+                 "--tta", "--uncertainty", str(inputs["rgb"])]) == 0
+    uncertainty = tifffile.imread(str(out / "rgb_uncertainty.tif"))
+    assert uncertainty.shape == (50, 70) and uncertainty.dtype == np.float32
+    assert 0.0 <= uncertainty.min() and uncertainty.max() <= 1.0
+    assert (out / "rgb_labels.tif").exists()
+
+
 def test_predict_refuses_colliding_stems_before_writing(tmp_path, checkpoints, capsys):
     first = _write_inputs(tmp_path / "a")["rgb"]
     second = _write_inputs(tmp_path / "b")["rgb"]

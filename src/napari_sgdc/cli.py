@@ -55,6 +55,8 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boundary-threshold", type=float, default=0.5,
                         help="boundary probability that separates instances (default: 0.5)")
     parser.add_argument("--min-size", type=int, default=20, help="smallest instance kept, in pixels (default: 20)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the 8 flips and 90-degree rotations (about 8x the time)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="built-in model name (e.g. dermoscopy, nuclei) or checkpoint path")
     predict.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     predict.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    predict.add_argument("--uncertainty", action="store_true",
+                         help="also write S_uncertainty.tif, per-pixel uncertainty in [0, 1] (no extra cost)")
     _add_inference_options(predict)
     predict.add_argument("inputs", nargs="+", metavar="INPUT", type=Path,
                          help="image files or folders of images (.jpg .png .tif .bmp)")
@@ -184,8 +188,8 @@ def _segment_file(model, path: Path, options, args, progress=None):
 
     image = read_image(path)
     try:
-        return segment(model, image, options, tile=args.tile or None, overlap=args.overlap, progress=progress,
-                       stack=False)
+        return segment(model, image, options, tile=args.tile or None, overlap=args.overlap, tta=args.tta,
+                       uncertainty=args.uncertainty, progress=progress, stack=False)
     except ValueError as error:
         raise ValueError(f"unsupported image (shape {image.shape}, dtype {image.dtype}): {error}") from None
 
@@ -193,13 +197,13 @@ def _segment_file(model, path: Path, options, args, progress=None):
 # --------------------------------------------------------------------------- predict
 
 
-def _planned_outputs(files: list[Path], out_dir: Path, instances: bool, overwrite: bool) -> None:
+def _planned_outputs(files: list[Path], out_dir: Path, instances: bool, uncertainty: bool, overwrite: bool) -> None:
     """Refuses, before any work, inputs whose outputs collide or would replace existing files."""
     from .imageio import result_paths
 
     owners: dict[Path, Path] = {}
     for path in files:
-        for target in result_paths(out_dir, path.stem, instances=instances):
+        for target in result_paths(out_dir, path.stem, instances=instances, uncertainty=uncertainty):
             if target in owners:
                 raise ValueError(f"{owners[target]} and {path} would both write {target.name}: "
                                  "rename one or predict them into different --out folders")
@@ -223,7 +227,7 @@ def _run_predict(args) -> int:
         _report("predict", "no input images")
         return 1
     model = _load_model(args.model, args.device)
-    _planned_outputs(files, args.out, model.config.is_instance, args.overwrite)
+    _planned_outputs(files, args.out, model.config.is_instance, args.uncertainty, args.overwrite)
     args.out.mkdir(parents=True, exist_ok=True)
     done = 0
     with tqdm(total=len(files), desc="predict", unit="image", file=sys.stderr) as bar:
@@ -475,7 +479,8 @@ def _run_evaluate(args) -> int:
                 image = load_image()
                 target = load_mask()
                 target_instances = load_instances() if load_instances is not None else None
-                result = segment(model, image, options, tile=args.tile or None, overlap=args.overlap, stack=False)
+                result = segment(model, image, options, tile=args.tile or None, overlap=args.overlap, tta=args.tta,
+                                 stack=False)
                 if result.mask.shape != target.shape:
                     raise ValueError(f"mask shape {target.shape} differs from image shape {result.mask.shape}")
                 row = {"image": name, **metrics.semantic_scores(result.mask, target, args.tolerance)}

@@ -28,7 +28,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
 RESULT_FORMATS = ("data", "preview")
-DATA_FILES = ("mask.png", "prob.tif", "boundary.tif", "labels.tif")  # labels for instance models only
+DATA_FILES = ("mask.png", "prob.tif", "boundary.tif")  # plus labels.tif and uncertainty.tif when present
 
 
 # --------------------------------------------------------------------------- reading
@@ -201,12 +201,13 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 def _result_arrays(result: Any, stem: str, fmt: str, image: np.ndarray | None) -> dict[str, Callable[[], np.ndarray]]:
     """File name → a function making its array, for one result in one format."""
     if fmt == "data":
-        makers = (lambda: result.mask.astype(np.uint8) * 255,
-                  lambda: np.asarray(result.probability, np.float32),
-                  lambda: np.asarray(result.boundary, np.float32),
-                  lambda: result.labels.astype(label_dtype(result.labels)))
-        kinds = DATA_FILES[: 4 if result.labels is not None else 3]
-        return {f"{stem}_{kind}": make for kind, make in zip(kinds, makers)}
+        makers = {"mask.png": lambda: result.mask.astype(np.uint8) * 255,
+                  "prob.tif": lambda: np.asarray(result.probability, np.float32),
+                  "boundary.tif": lambda: np.asarray(result.boundary, np.float32),
+                  "labels.tif": lambda: result.labels.astype(label_dtype(result.labels)),
+                  "uncertainty.tif": lambda: np.asarray(result.uncertainty, np.float32)}
+        kinds = _data_kinds(result.labels is not None, result.uncertainty is not None)
+        return {f"{stem}_{kind}": makers[kind] for kind in kinds}
     if fmt != "preview":
         raise ValueError(f"unknown result format {fmt!r}; choose from {RESULT_FORMATS}")
     files = {}
@@ -229,9 +230,13 @@ def _result_arrays(result: Any, stem: str, fmt: str, image: np.ndarray | None) -
     return files
 
 
-def result_paths(out_dir: str | Path, stem: str, *, instances: bool) -> list[Path]:
+def _data_kinds(instances: bool, uncertainty: bool) -> list[str]:
+    return [*DATA_FILES, *(["labels.tif"] if instances else []), *(["uncertainty.tif"] if uncertainty else [])]
+
+
+def result_paths(out_dir: str | Path, stem: str, *, instances: bool, uncertainty: bool = False) -> list[Path]:
     """The files `write_result` writes in the ``data`` format, without writing anything."""
-    return [Path(out_dir) / f"{stem}_{kind}" for kind in DATA_FILES[: 4 if instances else 3]]
+    return [Path(out_dir) / f"{stem}_{kind}" for kind in _data_kinds(instances, uncertainty)]
 
 
 def write_result(result: Any, out_dir: str | Path, stem: str, fmt: str = "data", *,
@@ -243,7 +248,8 @@ def write_result(result: Any, out_dir: str | Path, stem: str, fmt: str = "data",
         out_dir: output folder (created if needed).
         stem: file name prefix.
         fmt: ``data``: ``_mask.png`` (0/255), ``_prob.tif`` and ``_boundary.tif``
-            (float32), ``_labels.tif`` (instance ids, `label_dtype`); ``preview``: 8-bit
+            (float32), ``_labels.tif`` (instance ids, `label_dtype`) and ``_uncertainty.tif``
+            (float32) when the result has them; ``preview``: 8-bit
             PNGs of the image (when given), mask, probability, boundary, a label overlay
             and each gate map.
         image: the segmented image (``preview`` only).
