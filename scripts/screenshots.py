@@ -1,6 +1,9 @@
 """Makes the user-guide screenshots from a real napari window (run under Xvfb).
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python -m napari_sgdc._napari._screenshots --out docs/images
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py --out docs/images
+
+A development tool (not installed with the package): it reads the ground truth from
+the shared data folder and drives napari through some private attributes.
 
 It goes through the loop a user does with the mouse, by calling the same widget
 methods the buttons call: open a sample, segment, paint a correction, fine-tune,
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # <repo>/../shared/data
 
 
 def _data_root() -> Path:
@@ -30,7 +33,7 @@ def _data_root() -> Path:
 def _wait(session, app, timeout: float = 600.0) -> None:
     """Processes Qt events until no SGDC job runs."""
     start = time.time()
-    while session.busy is not None:
+    while not session.busy.idle:
         app.processEvents()
         time.sleep(0.02)
         if time.time() - start > timeout:
@@ -140,17 +143,17 @@ def main() -> None:
     """Writes the screenshots named in docs/user_guide.md into --out."""
     import tempfile
 
-    import napari
-    from qtpy.QtWidgets import QApplication
-
-    from napari_sgdc._napari._layers import result_name
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/images")
     parser.add_argument("--dermoscopy-model", default=None, help="built-in name or checkpoint (default: tiny + fine-tune)")
     parser.add_argument("--nuclei-model", default=None, help="built-in name or checkpoint (default: tiny + fine-tune)")
     parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args()
+
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_sgdc._napari._layers import result_name
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -176,7 +179,7 @@ def main() -> None:
         mask_layer.contour = 2
         mask_layer.opacity = 1.0
         viewer.window.screenshot(str(out / "dermoscopy_segment.png"), canvas_only=False, flash=False)
-        gates = [layer.name for layer in viewer.layers if layer.name.startswith(f"{name} gates ")]
+        gates = [layer.name for layer in viewer.layers if layer.name.startswith(f"{name} gate1 ")]
         shown = [name, result_name(name, "SGE boundary"), *gates[-2:]]
         _grid_screenshot(viewer, shown, out / "dermoscopy_boundary_gates.png")
 

@@ -39,10 +39,18 @@ def run_headless(sample: str, model_name: str, out: Path, device: str = "auto",
 
 
 def setup_viewer(viewer, sample: str) -> None:
-    """Opens the sample in `viewer` and docks both plugin widgets."""
+    """Opens the sample in `viewer`, docks both plugin widgets and fits the sample to the canvas.
+
+    The docks narrow the canvas after the sample was first fitted, so the view is reset
+    once Qt has laid them out (otherwise the sample is cut off at the edges).
+    """
+    from qtpy.QtWidgets import QApplication
+
     viewer.open_sample("napari-sgdc", sample)
     viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
     viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Fine-tune")
+    QApplication.processEvents()
+    viewer.reset_view()
 
 
 def run_gui(sample: str) -> None:

@@ -100,6 +100,6 @@ def wait_idle(qtbot):
     """``wait_idle(session)``: waits until no SGDC job (segment, fine-tune, re-segment) runs."""
 
     def wait(session, timeout: int = 60_000) -> None:
-        qtbot.waitUntil(lambda: session.busy is None, timeout=timeout)
+        qtbot.waitUntil(lambda: session.busy.idle, timeout=timeout)
 
     return wait

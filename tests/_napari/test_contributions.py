@@ -77,5 +77,23 @@ def test_main_job_opens_the_sample_with_both_widgets_docked(make_napari_viewer):
     viewer = make_napari_viewer()
     setup_viewer(viewer, "dermoscopy")
     assert [layer.name for layer in viewer.layers] == ["dermoscopy IMD019"]
-    docked = set(viewer.window._dock_widgets)
+    docked = set(viewer.window.dock_widgets)
     assert any("SGDC Segment" in name for name in docked) and any("SGDC Fine-tune" in name for name in docked)
+
+
+def test_main_job_shows_the_whole_sample_after_docking(make_napari_viewer, qtbot):
+    from napari_sgdc.demo import setup_viewer
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1200, 800)
+    setup_viewer(viewer, "dermoscopy")
+    image = viewer.layers["dermoscopy IMD019"]
+    height, width = image.data.shape[:2]
+    np.testing.assert_allclose(viewer.camera.center[-2:], ((height - 1) / 2, (width - 1) / 2), atol=1.0)
+    qtbot.wait(50)
+    center, zoom = tuple(viewer.camera.center), viewer.camera.zoom
+    viewer.reset_view()  # the view setup_viewer left is already the reset one (docks accounted for)
+    np.testing.assert_allclose(viewer.camera.center, center, atol=1e-6)
+    assert abs(viewer.camera.zoom - zoom) <= 1e-6 * zoom
+    canvas_width = viewer.window._qt_viewer.canvas.native.width()
+    assert width * zoom <= canvas_width + 1  # the whole width is on screen

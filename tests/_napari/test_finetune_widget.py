@@ -104,7 +104,7 @@ def test_cancel_stops_within_a_second_and_keeps_the_model(corrected, qtbot, note
     ft.cancel_button.changed.emit(True)
     qtbot.waitUntil(lambda: bool(finished), timeout=5_000)
     assert finished[0] - cancelled_at < 1.0
-    qtbot.waitUntil(lambda: seg._session.busy is None, timeout=5_000)
+    qtbot.waitUntil(lambda: seg._session.busy.idle, timeout=5_000)
     assert _same_weights(weights_before, _weights(state.model))
     assert notes.matching("cancelled")
     assert not state.undo  # nothing to undo: the cancelled run left no trace
@@ -127,11 +127,12 @@ def test_save_model_writes_checkpoint_with_provenance(corrected, wait_idle, tmp_
     assert _same_weights(_weights(state.model), _weights(model))
 
 
-def test_training_list_add_and_remove(corrected):
+def test_training_list_add_and_remove(corrected, tiny_checkpoint):
     viewer, seg, ft, image, disk, before = corrected
     assert ft.add_pair()
-    assert ft.training_list.choices == ("lesion ← lesion mask",)
-    ft.training_list.value = ["lesion ← lesion mask"]
+    title = f"lesion ← mask ({tiny_checkpoint.name})"
+    assert ft.training_list.choices == (title,)
+    ft.training_list.value = [title]
     ft.remove_selected()
     assert ft.pairs == [] and ft.training_list.choices == ()
 
@@ -189,3 +190,40 @@ def test_wrong_layer_type_is_a_notification(sgdc, wait_segment, notes):
     ft.image_layer.value = image
     ft.labels_layer.value = points
     _assert_rejected(ft, seg, notes, "not Labels", _snapshot(viewer), viewer)
+
+
+def test_pairs_of_another_model_are_never_trained_into_the_current_one(corrected, tmp_path, tiny_checkpoint,
+                                                                       wait_segment, wait_idle, notes):
+    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.model import build_model, tiny_config
+
+    viewer, seg, ft, image, disk, _ = corrected
+    assert ft.add_pair()
+    first = seg._session.current()
+    first_weights = _weights(first.model)
+    torch.manual_seed(1)
+    other_path = save_checkpoint(tmp_path / "other.safetensors", build_model(tiny_config()).eval())
+    assert seg.load_checkpoint(str(other_path))
+    other = seg._session.current()
+    other_weights = _weights(other.model)
+
+    # only pairs of the first model: refused, nothing trained
+    assert ft.start_finetune() is None
+    assert notes.matching("No corrections for 'other.safetensors'"), notes.messages
+    assert notes.matching(tiny_checkpoint.name)
+    assert _same_weights(other_weights, _weights(other.model)) and seg._session.busy.idle
+
+    # a pair made with the other model: trained alone, the first model's pair left out with a note
+    second = viewer.add_image(np.array(image.data), name="lesion 2", rgb=True)
+    assert wait_segment(seg.run_segment()).error is None
+    _paint_correction(viewer.layers["lesion 2 mask"], disk)
+    ft.labels_layer.value = viewer.layers["lesion 2 mask"]
+    assert ft.image_layer.value is second
+    assert ft.start_finetune() is not None
+    wait_idle(seg._session)
+    assert notes.matching("left out 1 pair(s) made for tiny_semantic.safetensors: lesion"), notes.messages
+    assert other.runs[-1]["images"] == ["lesion 2"]
+    assert not _same_weights(other_weights, _weights(other.model))
+    assert _same_weights(first_weights, _weights(first.model))
+    assert sorted(ft.training_list.choices) == sorted([
+        f"lesion ← mask ({tiny_checkpoint.name})", "lesion 2 ← mask (other.safetensors)"])

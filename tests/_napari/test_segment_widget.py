@@ -38,10 +38,14 @@ def test_segment_writes_four_aligned_layer_kinds_and_rerun_replaces(sgdc, wait_s
     probability = viewer.layers[f"{name} probability"]
     mask = viewer.layers[f"{name} mask"]
     boundary = viewer.layers[f"{name} SGE boundary"]
-    gates = [layer for layer in viewer.layers if layer.name.startswith(f"{name} gates ")]
+    gate1 = [layer for layer in viewer.layers if layer.name.startswith(f"{name} gate1 sgdc@s")]
+    gate2 = [layer for layer in viewer.layers if layer.name.startswith(f"{name} gate2 sgdc@s")]
+    gates = gate1 + gate2
     assert type(probability).__name__ == "Image" and type(boundary).__name__ == "Image"
     assert type(mask).__name__ == "Labels"
-    assert len(gates) >= 1 and all(type(g).__name__ == "Image" and not g.visible for g in gates)
+    assert len(gate1) >= 1 and len(gate2) == len(gate1)
+    assert all(type(g).__name__ == "Image" and not g.visible for g in gates)
+    assert viewer.dims.ndim == 2  # one 2-D layer per gate: no stray dims slider
     for layer in (probability, mask, boundary):
         assert layer.data.shape == (192, 192)
         np.testing.assert_allclose(layer.scale, image.scale)
@@ -49,11 +53,11 @@ def test_segment_writes_four_aligned_layer_kinds_and_rerun_replaces(sgdc, wait_s
     assert 0.0 <= probability.data.min() and probability.data.max() <= 1.0
     for gate in gates:
         stride = gate.metadata["sgdc"]["stride"]
-        assert gate.data.shape == (2, -(-192 // stride), -(-192 // stride))
-        np.testing.assert_allclose(gate.scale[1:], np.asarray(image.scale) * stride)
+        assert gate.data.shape == (-(-192 // stride), -(-192 // stride))
+        np.testing.assert_allclose(gate.scale, np.asarray(image.scale) * stride)
         # gate pixel (0, 0) sits at the centre of the image pixels [0, stride) on both axes
         centre = np.asarray(image.data_to_world(((stride - 1) / 2, (stride - 1) / 2)))
-        np.testing.assert_allclose(np.asarray(gate.data_to_world((0, 0, 0)))[1:], centre)
+        np.testing.assert_allclose(np.asarray(gate.data_to_world((0, 0))), centre)
 
     n_layers = len(viewer.layers)
     mask_before = mask
@@ -64,7 +68,7 @@ def test_segment_writes_four_aligned_layer_kinds_and_rerun_replaces(sgdc, wait_s
 
 
 def test_threshold_slider_moves_mask_without_a_forward_pass(sgdc, wait_segment):
-    from napari_sgdc.inference import postprocess
+    from napari_sgdc.postprocess import PostprocessOptions, postprocess
 
     viewer, seg, _, image, _ = sgdc
     wait_segment(seg.run_segment())
@@ -77,8 +81,9 @@ def test_threshold_slider_moves_mask_without_a_forward_pass(sgdc, wait_segment):
         new_threshold = round(float(np.quantile(probability, 0.5)), 3)
         seg.threshold.value = new_threshold
         after = np.asarray(mask_layer.data)
-        expected = postprocess(probability, viewer.layers["lesion SGE boundary"].data,
-                               threshold=seg.threshold.value, min_size=seg.min_size.value, instances=False)
+        options = PostprocessOptions(seg.threshold.value, seg.boundary_threshold.value, seg.min_size.value)
+        assert seg._session.options == options
+        expected, _ = postprocess(probability, viewer.layers["lesion SGE boundary"].data, options)
         np.testing.assert_array_equal(after > 0, expected)
         assert not np.any((after > 0) & (probability <= seg.threshold.value))
         assert not np.array_equal(after, before)
@@ -88,7 +93,7 @@ def test_threshold_slider_moves_mask_without_a_forward_pass(sgdc, wait_segment):
 
 
 def test_instance_sliders_relabel_from_cache(make_napari_viewer, tiny_instance_checkpoint, wait_segment):
-    from napari_sgdc.inference import postprocess
+    from napari_sgdc.postprocess import PostprocessOptions, postprocess
 
     viewer = make_napari_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
@@ -104,14 +109,48 @@ def test_instance_sliders_relabel_from_cache(make_napari_viewer, tiny_instance_c
         seg.threshold.value = round(float(np.quantile(probability, 0.4)), 3)
         seg.boundary_threshold.value = round(float(np.quantile(boundary, 0.7)), 3)
         seg.min_size.value = 7
-        expected = postprocess(probability, boundary, threshold=seg.threshold.value,
-                               boundary_threshold=seg.boundary_threshold.value, min_size=7, instances=True)
+        options = PostprocessOptions(seg.threshold.value, seg.boundary_threshold.value, 7)
+        _, expected = postprocess(probability, boundary, options, instances=True)
         labels = viewer.layers["tile mask"].data
         assert labels.dtype == np.int32
         np.testing.assert_array_equal(labels, expected)
         assert calls == []
     finally:
         handle.remove()
+
+
+def _assert_disjoint_ids(labels) -> None:
+    ids = [set(np.unique(plane).tolist()) - {0} for plane in labels]
+    assert all(ids), "every plane should hold instances"
+    for i in range(len(ids)):
+        for j in range(i + 1, len(ids)):
+            assert not ids[i] & ids[j], f"planes {i} and {j} share instance ids {sorted(ids[i] & ids[j])[:5]}"
+
+
+def test_stack_instance_ids_stay_unique_across_planes_after_a_slider_move(
+        make_napari_viewer, tiny_instance_checkpoint, wait_segment):
+    from napari_sgdc.postprocess import PostprocessOptions, postprocess
+
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    stack = np.random.default_rng(2).integers(0, 255, (3, 64, 96), dtype=np.uint8)
+    image = viewer.add_image(stack, name="stack")
+    assert seg.load_checkpoint(str(tiny_instance_checkpoint))
+    seg.image_layer.value = image
+    seg.gates.value = False
+    wait_segment(seg.run_segment())
+    probability = np.asarray(viewer.layers["stack probability"].data)
+    boundary = np.asarray(viewer.layers["stack SGE boundary"].data)
+    written = np.asarray(viewer.layers["stack mask"].data)  # after segmenting: the same one stage
+    np.testing.assert_array_equal(written, postprocess(probability, boundary, seg._session.options,
+                                                       instances=True)[1])
+    seg.min_size.value = 3
+    seg.boundary_threshold.value = round(float(np.quantile(boundary, 0.7)), 3)
+    seg.threshold.value = round(float(np.quantile(probability, 0.5)), 3)
+    labels = np.asarray(viewer.layers["stack mask"].data)
+    options = PostprocessOptions(seg.threshold.value, seg.boundary_threshold.value, 3)
+    np.testing.assert_array_equal(labels, postprocess(probability, boundary, options, instances=True)[1])
+    _assert_disjoint_ids(labels)
 
 
 def test_event_loop_ticks_while_segmenting_with_progress_per_tile(make_napari_viewer, tiny_checkpoint, qtbot,
@@ -176,8 +215,9 @@ def test_stack_current_plane_only(make_napari_viewer, tiny_checkpoint, wait_segm
     np.testing.assert_allclose(probability.scale, image.scale)
     filled = [bool(np.any(probability.data[i])) for i in range(3)]
     assert filled == [False, True, False]
-    gates = [layer for layer in viewer.layers if layer.name.startswith("stack gates ")]
-    assert gates and gates[0].data.shape[:2] == (2, 3)
+    gates = [layer for layer in viewer.layers if layer.name.startswith(("stack gate1 ", "stack gate2 "))]
+    assert gates and all(gate.data.shape[0] == 3 and gate.ndim == 3 for gate in gates)
+    assert viewer.dims.ndim == 3
 
 
 def test_missing_model_and_bad_checkpoint_are_notifications(make_napari_viewer, monkeypatch, tmp_path, notes):
@@ -207,3 +247,55 @@ def test_shortcut_runs_segment(sgdc, wait_segment):
     assert seg.job is not None
     outcome = wait_segment(seg.job)
     assert outcome.error is None and "lesion mask" in viewer.layers
+
+
+def test_out_of_range_slider_value_is_a_notification(sgdc, wait_segment, notes):
+    viewer, seg, _, image, _ = sgdc
+    wait_segment(seg.run_segment())
+    options = seg._session.options
+    before = np.array(viewer.layers["lesion mask"].data)
+    seg.threshold.max = 2.0  # e.g. a script widened the range
+    seg.threshold.value = 1.5
+    assert notes.matching("threshold must be a number in [0, 1]"), notes.messages
+    assert seg._session.options == options
+    np.testing.assert_array_equal(viewer.layers["lesion mask"].data, before)
+
+
+def test_pickers_follow_the_image_the_user_opens_or_selects(sgdc, wait_segment):
+    viewer, seg, ft, lesion, _ = sgdc
+    wait_segment(seg.run_segment())
+    second = viewer.add_image(np.random.default_rng(3).integers(0, 255, (64, 80, 3), dtype=np.uint8),
+                              name="second", rgb=True)
+    assert seg.image_layer.value is second and ft.image_layer.value is second
+    [shortcut] = [callback for key, callback in viewer.keymap.items() if str(key) == "Shift+S"]
+    shortcut(viewer)
+    wait_segment(seg.job)
+    assert "second mask" in viewer.layers and viewer.layers["second mask"].data.shape == (64, 80)
+    viewer.layers.selection.active = lesion
+    assert seg.image_layer.value is lesion and ft.image_layer.value is lesion
+    assert ft.labels_layer.value is viewer.layers["lesion mask"]
+    viewer.layers.selection.active = viewer.layers["second mask"]  # a result layer picks its image
+    assert seg.image_layer.value is second and ft.image_layer.value is second
+    viewer.layers.selection.active = lesion
+    job = seg.run_segment()
+    assert job.image is lesion
+    wait_segment(job)
+
+
+def test_a_second_job_is_refused_while_one_runs(make_napari_viewer, tiny_checkpoint, wait_segment, notes):
+    from napari_sgdc._napari._session import Job
+
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    _, ft = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Fine-tune")
+    viewer.add_image(np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8), name="big", rgb=True)
+    assert seg.load_checkpoint(str(tiny_checkpoint))
+    seg.tile.value = 64
+    job = seg.run_segment()
+    session = seg._session
+    assert session.busy.job is Job.SEGMENT and str(session.busy) == "segmenting big"
+    assert seg.run_segment() is None and ft.start_finetune() is None and not ft.undo()
+    assert len(notes.matching("SGDC is busy (segmenting big)")) == 3
+    seg.cancel()
+    wait_segment(job, timeout=10_000)
+    assert session.busy.idle

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,23 +20,13 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels, Layer
 from napari.qt.threading import create_worker
 from napari.utils import progress
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_info, show_warning
 
-from napari_sgdc._napari._layers import (
-    image_of_mask,
-    image_planes,
-    mask_layer_of,
-    spatial_shape_of,
-)
-from napari_sgdc._napari._runner import (
-    Outcome,
-    Relay,
-    SegmentJob,
-    _guarded,
-    error_text,
-    notify_error,
-)
-from napari_sgdc._napari._session import ModelState, get_session, real_viewer
+from napari_sgdc._napari._layers import image_of_result, image_planes, mask_layer_of, spatial_shape_of
+from napari_sgdc._napari._runner import Outcome, Relay, SegmentJob, _guarded, error_text, notify_error
+from napari_sgdc._napari._session import Job, ModelState, SGDCSession, display_name, get_session, real_viewer
+from napari_sgdc._napari._shared import ImagePicker, claim, wrap_status, ensure_idle
+from napari_sgdc.training_pairs import InputError, TrainingPair, collect_pair, split_by_model
 
 if TYPE_CHECKING:
     import napari
@@ -44,38 +34,14 @@ if TYPE_CHECKING:
 MAX_UNDO = 10
 
 
-class InputError(ValueError):
-    """A user input problem, shown as a notification."""
+def read_pair(viewer: Any, session: SGDCSession, image: Any, labels: Any) -> TrainingPair:
+    """Reads an image layer and its corrections layer into a `TrainingPair`.
 
-
-@dataclass
-class TrainingPair:
-    """One corrected image in the training list (copies, so later edits do not leak in).
-
-    Attributes:
-        image_name: name of the image layer.
-        labels_name: name of the corrected labels layer.
-        images: corrected planes, each (H, W[, C]).
-        labels: their labels, each (H, W) int.
-    """
-
-    image_name: str
-    labels_name: str
-    images: list[np.ndarray]
-    labels: list[np.ndarray]
-
-    @property
-    def title(self) -> str:
-        """Text in the training list."""
-        planes = f", {len(self.images)} planes" if len(self.images) > 1 else ""
-        return f"{self.image_name} ← {self.labels_name}{planes}"
-
-
-def collect_pair(viewer: Any, session: Any, image: Any, labels: Any) -> TrainingPair:
-    """Validates an image/labels pair and copies its corrected planes.
+    The pair is made for the model that segmented `image` (else the picked model). When
+    `labels` is the image's own mask layer, only the planes the user changed are kept.
 
     Raises:
-        InputError: wrong layer type, shape mismatch, all background, or no corrections.
+        InputError: wrong layer types, no model, or what `collect_pair` rejects.
     """
     if image is None or not isinstance(image, Image):
         kind = type(image).__name__ if image is not None else "no layer"
@@ -87,40 +53,23 @@ def collect_pair(viewer: Any, session: Any, image: Any, labels: Any) -> Training
             f"'{labels.name}' is a {type(labels).__name__} layer, not Labels: pick the '<image> mask' "
             "Labels layer or convert your mask to Labels (right-click > Convert to Labels)."
         )
-    image_shape, labels_shape = spatial_shape_of(image), tuple(labels.data.shape)
-    if image_shape != labels_shape:
-        raise InputError(
-            f"Labels '{labels.name}' have shape {labels_shape} but image '{image.name}' has shape "
-            f"{image_shape}: they must match pixel for pixel."
-        )
-    label_data = np.asarray(labels.data)
-    if not label_data.any():
-        raise InputError(f"Labels '{labels.name}' are all background (0): paint the objects first.")
-    planes = image_planes(image, "all")
-    label_planes = label_data.reshape((-1, *planes.spatial_shape))  # (N, H, W)
-    keep = label_planes.reshape(len(label_planes), -1).any(axis=1)
     cache = session.results.get(image)
-    if cache is not None and mask_layer_of(viewer, image) is labels and cache.written_mask.shape == label_planes.shape:
-        changed = (label_planes != cache.written_mask).reshape(len(label_planes), -1).any(axis=1)
-        if not changed.any():
-            raise InputError(
-                f"No corrections in '{labels.name}': it still equals the model's prediction. "
-                "Paint or erase on it first."
-            )
-        keep &= changed
-    indices = np.flatnonzero(keep)
-    if len(indices) == 0:
-        raise InputError(f"No corrections in '{labels.name}': the edited planes are all background.")
-    return TrainingPair(
-        image_name=image.name,
-        labels_name=labels.name,
-        images=[np.array(planes.planes[i]) for i in indices],
-        labels=[np.array(label_planes[i]) for i in indices],
+    source = cache.model_source if cache is not None else session.current_source
+    if source is None:
+        raise InputError("No model: pick one in SGDC Segment (or Load checkpoint…) and segment first.")
+    own_mask = cache is not None and mask_layer_of(viewer, image) is labels
+    planes = image_planes(image, "all")
+    return collect_pair(
+        planes.planes, np.asarray(labels.data), image_shape=spatial_shape_of(image), image_name=image.name,
+        labels_name=labels.name, model_source=source, predicted=cache.written_mask if own_mask else None,
     )
 
 
 class FinetuneWidget(Container):
     """Fine-tunes the shared in-memory model on corrected labels.
+
+    Each training pair belongs to the model it was made for; a run trains the current
+    model on its own pairs only and says which pairs it left out.
 
     Args:
         napari_viewer: the viewer the widget is docked in.
@@ -141,7 +90,8 @@ class FinetuneWidget(Container):
         from napari_sgdc.config import PRESETS
 
         self._presets = PRESETS
-        self.image_layer = ComboBox(name="image_layer", label="image", choices=self._image_choices)
+        self._image_picker = ImagePicker(self._viewer)
+        self.image_layer = self._image_picker.combo
         self.labels_layer = ComboBox(
             name="labels_layer", label="corrections", choices=self._labels_choices, nullable=True,
             tooltip="The corrected ground truth: paint/erase on '<image> mask' or pick any Labels layer.",
@@ -171,6 +121,7 @@ class FinetuneWidget(Container):
                                  widgets=[self.undo_button, self.save_button])
         file_buttons.margins = (0, 0, 0, 0)
         self.status = Label(name="status", label="status", value="")
+        wrap_status(self.status)
         self.extend([
             self.image_layer, self.labels_layer, self.training_list, list_buttons, self.preset, self.advanced,
             self.steps, self.learning_rate, self.freeze_encoder, run_buttons, file_buttons, self.status,
@@ -217,9 +168,6 @@ class FinetuneWidget(Container):
         self.canvas.draw_idle()
 
     # -- choices -----------------------------------------------------------------------
-    def _image_choices(self, _widget: Any = None) -> list[Image]:
-        return [layer for layer in self._viewer.layers if isinstance(layer, Image) and "sgdc" not in layer.metadata]
-
     def _labels_choices(self, _widget: Any = None) -> list[Layer]:
         """Labels layers first, then the other layers (picking one gives a clear error)."""
         layers = [layer for layer in self._viewer.layers if "sgdc" not in layer.metadata
@@ -242,7 +190,7 @@ class FinetuneWidget(Container):
     def _on_labels_picked(self, labels: Layer | None) -> None:
         if labels is None:
             return
-        image = image_of_mask(self._viewer, labels)
+        image = image_of_result(self._viewer, labels)
         if image is not None and self.image_layer.value is not image:
             self.image_layer.value = image
 
@@ -253,13 +201,13 @@ class FinetuneWidget(Container):
 
     # -- training list ---------------------------------------------------------------------
     def add_pair(self, *_: Any) -> bool:
-        """Adds the picked image/corrections pair (replacing an earlier entry of the same image).
+        """Adds the picked image/corrections pair (replacing an earlier entry of the same image and model).
 
         Returns:
             True when added; otherwise a notification says why not.
         """
         try:
-            pair = collect_pair(self._viewer, self._session, self.image_layer.value, self.labels_layer.value)
+            pair = read_pair(self._viewer, self._session, self.image_layer.value, self.labels_layer.value)
         except InputError as exc:
             notify_error(str(exc))
             return False
@@ -268,7 +216,9 @@ class FinetuneWidget(Container):
         return True
 
     def _put_pair(self, pair: TrainingPair) -> None:
-        self.pairs = [p for p in self.pairs if p.image_name != pair.image_name] + [pair]
+        """Adds `pair`, replacing an earlier pair of the same image for the same model."""
+        self.pairs = [p for p in self.pairs
+                      if (p.image_name, p.model_source) != (pair.image_name, pair.model_source)] + [pair]
         self.training_list.reset_choices()
 
     def remove_selected(self, *_: Any) -> None:
@@ -302,22 +252,39 @@ class FinetuneWidget(Container):
             lr_decoder=lr,
             lr_encoder=lr * ratio,
             freeze_encoder=bool(self.freeze_encoder.value),
-            device=self._session.options.device,
-            extra=dict(preset.extra),
+            device=self._session.settings.device,
         )
 
     # -- fine-tune ------------------------------------------------------------------------------
-    def _training_pairs(self) -> list[TrainingPair]:
-        """The list plus the picked pair if it holds corrections (raises InputError if none)."""
+    def _training_pairs(self, source: str) -> list[TrainingPair]:
+        """The pairs for model `source`: the list plus the picked pair if it holds corrections.
+
+        Pairs made for another model are left out with a notification that says so.
+
+        Raises:
+            InputError: no corrections, or none made for `source`.
+        """
         try:
-            current = collect_pair(self._viewer, self._session, self.image_layer.value, self.labels_layer.value)
+            current = read_pair(self._viewer, self._session, self.image_layer.value, self.labels_layer.value)
         except InputError:
             if not self.pairs:
                 raise
             current = None
         if current is not None:
             self._put_pair(current)
-        return list(self.pairs)
+        kept, excluded = split_by_model(self.pairs, source)
+        model = display_name(source)
+        if excluded:
+            others = ", ".join(sorted({pair.model_name for pair in excluded}))
+            names = ", ".join(pair.image_name for pair in excluded)
+            if not kept:
+                raise InputError(
+                    f"No corrections for '{model}': the training list only holds pairs made for {others} "
+                    f"({names}). Pick that model, or segment and correct an image with '{model}'."
+                )
+            show_warning(f"Fine-tuning '{model}' on its {len(kept)} pair(s); left out {len(excluded)} pair(s) "
+                         f"made for {others}: {names}.")
+        return kept
 
     def _model_state(self) -> ModelState:
         state = self._session.current()
@@ -337,18 +304,18 @@ class FinetuneWidget(Container):
         Returns:
             The started worker, or None when an input is wrong (a notification says why).
         """
-        if self._session.busy:
-            notify_error(f"SGDC is busy ({self._session.busy}); wait or press Cancel.")
+        if not claim(self._session, Job.FINETUNE):
             return None
         try:
             state = self._model_state()
-            pairs = self._training_pairs()
+            pairs = self._training_pairs(state.source)
         except InputError as exc:
+            self._session.busy.release(Job.FINETUNE)
             notify_error(str(exc))
             return None
         config = self.train_config()
         images = [plane for pair in pairs for plane in pair.images]
-        instances = getattr(getattr(state.model, "config", None), "task", "semantic") == "instance"
+        instances = state.model.config.is_instance
         labels = [
             (plane.astype(np.int32) if instances else plane > 0) for pair in pairs for plane in pair.labels
         ]
@@ -359,7 +326,6 @@ class FinetuneWidget(Container):
         self._relay = Relay()
         self._relay.event.connect(self._on_train_event)
         self._pbar = progress(total=int(config.max_steps), desc="SGDC fine-tune")
-        self._session.busy = "fine-tuning"
         self._set_running(True)
         self.status.value = f"fine-tuning on {len(pairs)} image(s)…"
         run_info = {
@@ -413,7 +379,7 @@ class FinetuneWidget(Container):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
-        self._session.busy = None
+        self._session.busy.release(Job.FINETUNE)
         self._set_running(False)
         history = outcome.value
         cancelled = outcome.cancelled or bool(getattr(history, "cancelled", False))
@@ -444,19 +410,19 @@ class FinetuneWidget(Container):
             + (f"; loss {losses[0]:.3f} → {losses[-1]:.3f}" if losses else "")
         )
         self._session.emit("model_changed")
-        self._resegment([pair.image_name for pair in pairs])
+        self._resegment([pair.image_name for pair in pairs], state.source)
 
     # -- re-segmentation --------------------------------------------------------------------------
-    def _resegment(self, image_names: list[str]) -> None:
-        """Segments the named images again, one after the other, with the Segment widget's settings."""
+    def _resegment(self, image_names: list[str], source: str) -> None:
+        """Segments the named images again with model `source`, one after the other, with the
+        Segment widget's settings."""
         queue = [self._viewer.layers[name] for name in dict.fromkeys(image_names)
                  if name in self._viewer.layers and isinstance(self._viewer.layers[name], Image)]
         self.segment_jobs = []
-        source = self._session.current_source
 
         def next_job(*_: Any) -> None:
-            if not queue or source is None:
-                self._session.busy = None
+            if not queue:
+                self._session.busy.release(Job.RESEGMENT)
                 self._set_running(False)
                 return
             image = queue.pop(0)
@@ -473,14 +439,9 @@ class FinetuneWidget(Container):
                 queue.clear()
             next_job()
 
-        if queue and source is not None:
-            self._session.busy = "re-segmenting"
+        if queue and claim(self._session, Job.RESEGMENT, ", ".join(image_names)):
             self._set_running(True)
-        next_job()
-
-    def is_running(self) -> bool:
-        """Whether a fine-tune or its re-segmentation is still running."""
-        return self._session.busy is not None and self._session.busy in ("fine-tuning", "re-segmenting")
+            next_job()
 
     # -- undo / save ---------------------------------------------------------------------------------
     def undo(self, *_: Any) -> bool:
@@ -490,8 +451,7 @@ class FinetuneWidget(Container):
             True when a fine-tune was undone.
         """
         state = self._session.current()
-        if self._session.busy:
-            notify_error(f"SGDC is busy ({self._session.busy}); wait or press Cancel.")
+        if not ensure_idle(self._session):
             return False
         if state is None or not state.undo:
             notify_error("Nothing to undo: the model has not been fine-tuned.")
@@ -502,7 +462,7 @@ class FinetuneWidget(Container):
         self.status.value = f"undone; {len(state.runs)} fine-tune run(s) kept"
         show_info("Fine-tune undone: the previous weights are restored.")
         self._session.emit("model_changed")
-        self._resegment(run["images"])
+        self._resegment(run["images"], state.source)
         return True
 
     def save_dialog(self, *_: Any) -> None:

@@ -1,9 +1,10 @@
 """Layer helpers: image planes in, aligned result layers out.
 
 Every result layer copies the image layer's scale, translate, rotate, shear and
-affine, so it lies exactly on the image. Gate maps keep their native stride: their
-scale is the image scale times the stride, and their translate moves each gate
-pixel to the centre of the image pixels it covers.
+affine, so it lies exactly on the image. Gate maps are one layer per gate and block
+(``<image> gate1 sgdc@s8``), with the image's own axes (no extra gate axis), at their
+native stride: their scale is the image scale times the stride, and their translate
+moves each gate pixel to the centre of the image pixels it covers.
 """
 
 from __future__ import annotations
@@ -17,13 +18,23 @@ from napari.layers import Image, Labels, Layer
 KIND_PROBABILITY = "probability"
 KIND_MASK = "mask"
 KIND_BOUNDARY = "SGE boundary"
-KIND_GATES = "gates"
+GATE_KINDS = ("gate1", "gate2")
 
 
 def result_name(image_name: str, kind: str, block: str | None = None) -> str:
-    """Name of a result layer: ``"<image> mask"``, ``"<image> gates <block>"``..."""
+    """Name of a result layer: ``"<image> mask"``, ``"<image> gate1 <block>"``..."""
     name = f"{image_name} {kind}"
     return f"{name} {block}" if block else name
+
+
+def is_source_image(layer: Layer) -> bool:
+    """Whether `layer` is an image the user opened (not one of SGDC's result layers)."""
+    return isinstance(layer, Image) and "sgdc" not in layer.metadata
+
+
+def source_images(viewer: Any) -> list[Image]:
+    """The viewer's image layers that can be segmented, in layer order."""
+    return [layer for layer in viewer.layers if is_source_image(layer)]
 
 
 @dataclass
@@ -110,7 +121,7 @@ def _transform_kwargs(image: Image) -> dict[str, Any]:
 
 
 def gate_transform_kwargs(image: Image, stride: int) -> dict[str, Any]:
-    """Transform of a gate layer with data (2, *planes, h, w) at `stride`.
+    """Transform of a gate layer with data (*planes, h, w) at `stride`.
 
     A gate pixel i covers image pixels [i * stride, (i + 1) * stride), whose centre
     is at image pixel ``i * stride + (stride - 1) / 2``.
@@ -122,11 +133,10 @@ def gate_transform_kwargs(image: Image, stride: int) -> dict[str, Any]:
     offset[-2:] = (stride - 1) / 2.0
     gate_scale = scale.copy()
     gate_scale[-2:] *= stride
-    gate_translate = translate + linear @ (scale * offset)
     return {
-        "scale": np.concatenate([[1.0], gate_scale]),
-        "translate": np.concatenate([[0.0], gate_translate]),
-        "affine": _pad_affine(image.affine.affine_matrix),
+        "scale": gate_scale,
+        "translate": translate + linear @ (scale * offset),
+        "affine": image.affine.affine_matrix,
     }
 
 
@@ -136,14 +146,6 @@ def _rotate_shear_matrix(image: Image) -> np.ndarray:
 
     ndim = image.ndim
     return Affine(rotate=image.rotate, shear=image.shear, ndim=ndim).linear_matrix
-
-
-def _pad_affine(matrix: np.ndarray) -> np.ndarray:
-    """Adds a leading identity axis (the gate axis) to a homogeneous affine matrix."""
-    n = matrix.shape[0]
-    padded = np.eye(n + 1)
-    padded[1:, 1:] = matrix
-    return padded
 
 
 def _set_or_add(viewer: Any, name: str, layer_type: type, data: np.ndarray, new_kwargs: dict, transform: dict) -> Layer:
@@ -187,14 +189,18 @@ def show_result_layers(
         boundary: (N, H, W) float32 in 0..1.
         mask: (N, H, W) labels (uint8 0/1 for semantic, int32 instances).
         lead_shape: the image's plane axes.
-        gates: one dict per guided block: {"name", "stride", "data": (2, N, h, w) float16}.
+        gates: one dict per guided block: {"name", "stride", "data": (2, N, h, w) float16},
+            gate1 then gate2; each gate becomes its own layer with the image's axes.
+
+    When layers were added (napari then selects them), the mask layer is left selected.
 
     Returns:
-        The layers by kind (gate layers by ``"gates <block>"``).
+        The layers by kind (gate layers by ``"gate1 <block>"`` and ``"gate2 <block>"``).
     """
     transform = _transform_kwargs(image)
     meta = {"sgdc": {"image": image.name}}
     layers: dict[str, Layer] = {}
+    n_layers = len(viewer.layers)
     layers[KIND_PROBABILITY] = _set_or_add(
         viewer, result_name(image.name, KIND_PROBABILITY), Image, unflatten(probability, lead_shape),
         {"colormap": "magma", "contrast_limits": (0.0, 1.0), "blending": "additive", "opacity": 0.7,
@@ -213,15 +219,19 @@ def show_result_layers(
         transform,
     )
     for gate in gates or []:
-        data = gate["data"].reshape((2, *lead_shape, *gate["data"].shape[-2:]))  # (2, *planes, h, w)
-        key = f"{KIND_GATES} {gate['name']}"
-        layers[key] = _set_or_add(
-            viewer, result_name(image.name, KIND_GATES, gate["name"]), Image, data,
-            {"colormap": "viridis", "contrast_limits": gate_contrast(data), "visible": False, "opacity": 0.8,
-             "metadata": {"sgdc": {"image": image.name, "stride": int(gate["stride"]),
-                                   "axis0": ["gate1 (channel-mean)", "gate2 (channel-mean)"]}}},
-            gate_transform_kwargs(image, int(gate["stride"])),
-        )
+        stride = int(gate["stride"])
+        for index, kind in enumerate(GATE_KINDS):
+            data = gate["data"][index].reshape((*lead_shape, *gate["data"].shape[-2:]))  # (*planes, h, w)
+            layers[f"{kind} {gate['name']}"] = _set_or_add(
+                viewer, result_name(image.name, kind, gate["name"]), Image, data,
+                {"colormap": "viridis", "contrast_limits": gate_contrast(data), "visible": False,
+                 "opacity": 0.8,
+                 "metadata": {"sgdc": {"image": image.name, "stride": stride, "block": gate["name"],
+                                       "gate": f"{kind} (channel mean)"}}},
+                gate_transform_kwargs(image, stride),
+            )
+    if len(viewer.layers) != n_layers:  # napari selected each new layer: select the one to correct
+        viewer.layers.selection.active = layers[KIND_MASK]
     return layers
 
 
@@ -238,11 +248,21 @@ def mask_layer_of(viewer: Any, image: Image) -> Labels | None:
     return _find(viewer, result_name(image.name, KIND_MASK), Labels)
 
 
-def image_of_mask(viewer: Any, labels: Layer) -> Image | None:
-    """The image a ``"<image> mask"`` layer was made from, if it is still open."""
-    image_name = (labels.metadata.get("sgdc") or {}).get("image")
-    if image_name is None and labels.name.endswith(f" {KIND_MASK}"):
-        image_name = labels.name[: -len(KIND_MASK) - 1]
+def gate_layer_of(viewer: Any, image: Image, index: int, block: str) -> Image | None:
+    """The ``"<image> gate1 <block>"`` (index 0) or ``gate2`` (index 1) layer if it exists."""
+    return _find(viewer, result_name(image.name, GATE_KINDS[index], block), Image)
+
+
+def image_of_result(viewer: Any, layer: Layer) -> Image | None:
+    """The image a result layer (``"<image> mask"``, a gate map...) was made from, if still open.
+
+    A Labels layer named ``"<image> mask"`` without SGDC metadata (e.g. reopened from
+    disk) also counts.
+    """
+    image_name = (layer.metadata.get("sgdc") or {}).get("image")
+    if image_name is None and isinstance(layer, Labels) and layer.name.endswith(f" {KIND_MASK}"):
+        image_name = layer.name[: -len(KIND_MASK) - 1]
     if image_name is None:
         return None
-    return _find(viewer, image_name, Image)
+    image = _find(viewer, image_name, Image)
+    return image if image is not None and is_source_image(image) else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -21,8 +21,8 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
-from napari_sgdc._napari._layers import image_planes, show_result_layers
-from napari_sgdc._napari._session import CachedResult, SGDCSession
+from napari_sgdc._napari._layers import PlaneInput, gate_layer_of, image_planes, show_result_layers
+from napari_sgdc._napari._session import CachedResult, ModelState, SGDCSession
 
 LOG = logging.getLogger(__name__)
 
@@ -84,10 +84,13 @@ def _guarded(job: Callable[[], Any]) -> Callable[[], Outcome]:
 class SegmentJob:
     """One segmentation of one image layer in a thread worker.
 
+    The caller holds the session's `Busy` state for the job and releases it in `on_done`.
+
     Attributes:
         worker: the napari FunctionWorker (started).
         cancel: set it to stop the job at the next tile.
         image: the image layer being segmented.
+        settings: the run settings copied when the job started.
     """
 
     def __init__(
@@ -104,8 +107,8 @@ class SegmentJob:
         self.source = source
         self.on_done = on_done
         self.cancel = threading.Event()
-        self.options = _copy_options(session)
-        self.planes = image_planes(image, self.options.planes, viewer.dims.point)
+        self.settings = replace(session.settings)
+        self.planes = image_planes(image, self.settings.planes, viewer.dims.point)
         self.relay = Relay()
         self.pbar = progress(total=0, desc=f"SGDC segment {image.name}")
         self.relay.progressed.connect(self._on_progress)
@@ -115,22 +118,20 @@ class SegmentJob:
         self.worker.finished.connect(self.pbar.close)
         self.worker.start()
 
-    def _work(self) -> tuple[Any, Any]:
+    def _work(self) -> tuple[ModelState, Any]:
         from napari_sgdc.inference import segment
 
-        opts = self.options
-        state = self.session.get_model(self.source, opts.device)
+        settings = self.settings
+        state = self.session.get_model(self.source, settings.device)
         planes = self.planes.planes
         image = planes if len(planes) > 1 else planes[0]
         result = segment(
             state.model,
             image,
-            threshold=opts.threshold,
-            tile=opts.tile,
-            device=opts.device,
-            return_gates=opts.gates,
-            boundary_threshold=opts.boundary_threshold,
-            min_size=opts.min_size,
+            self.session.options,
+            tile=settings.tile,
+            device=settings.device,
+            return_gates=settings.gates,
             progress=self.relay.progressed.emit,
             cancel=self.cancel,
             stack=len(planes) > 1,
@@ -152,48 +153,36 @@ class SegmentJob:
             show_info(f"'{self.image.name}' was closed during segmentation; result dropped.")
         else:
             state, result = outcome.value
-            single_object = bool(getattr(getattr(state.model, "config", None), "single_object", False))
-            store_and_show(self.viewer, self.session, self.image, self.planes, state.source, result,
-                           single_object=single_object)
+            store_and_show(self.viewer, self.session, self.image, self.planes, state, result)
         if self.on_done is not None:
             self.on_done(self, outcome)
 
 
-def _copy_options(session: SGDCSession):
-    from dataclasses import replace
-
-    return replace(session.options)
-
-
-def _as_planes(array: np.ndarray | None, n: int) -> np.ndarray | None:
+def _as_planes(array: np.ndarray, n: int) -> np.ndarray:
     """(H, W) or (n, H, W) -> (n, H, W)."""
-    if array is None:
-        return None
     array = np.asarray(array)
     return array[None] if array.ndim == 2 and n == 1 else array
 
 
-def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes, source: str, result: Any,
-                   single_object: bool = False) -> CachedResult:
+def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes: PlaneInput, state: ModelState,
+                   result: Any) -> CachedResult:
     """Merges a SegmentationResult into the layer's cache and writes the result layers.
+
+    The mask layer gets ``cache.postprocessed(session.options)``: the same single
+    post-processing of all segmented planes that the sliders run.
 
     Args:
         viewer: the napari viewer.
         session: the shared session (its `results` cache is updated).
         image: the segmented image layer.
-        planes: the PlaneInput that was segmented.
-        source: the model that produced `result`.
+        planes: the planes that were segmented.
+        state: the model that produced `result`.
         result: the SegmentationResult of `planes`.
-        single_object: the model keeps one region per semantic mask (for the sliders).
     """
     n_total, n_new = planes.n_planes, len(planes.indices)
     height, width = planes.spatial_shape
-    probability = _as_planes(result.probability, n_new).astype(np.float32)  # (n, H, W)
-    boundary = _as_planes(result.boundary, n_new).astype(np.float32)  # (n, H, W)
-    instances = result.labels is not None
-    new_mask = _as_planes(result.labels if instances else result.mask, n_new)
-    new_mask = new_mask.astype(np.int32 if instances else np.uint8)  # (n, H, W)
-
+    config = state.model.config
+    instances = config.is_instance
     old = session.results.get(image)
     reuse = (
         old is not None
@@ -203,7 +192,6 @@ def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes, sour
     )
     if reuse:
         cache = old
-        cache.written_mask = cache.written_mask.astype(new_mask.dtype)
     else:
         cache = CachedResult(
             probability=np.zeros((n_total, height, width), np.float32),
@@ -211,15 +199,15 @@ def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes, sour
             segmented=np.zeros(n_total, bool),
             lead_shape=planes.lead_shape,
             instances=instances,
-            written_mask=np.zeros((n_total, height, width), new_mask.dtype),
-            model_source=source,
+            written_mask=np.zeros((n_total, height, width), np.int32 if instances else np.uint8),
+            model_source=state.source,
         )
-    cache.model_source = source
-    cache.single_object = single_object
-    cache.probability[planes.indices] = probability
-    cache.boundary[planes.indices] = boundary
-    cache.written_mask[planes.indices] = new_mask
+    cache.model_source = state.source
+    cache.single_object = config.single_object
+    cache.probability[planes.indices] = _as_planes(result.probability, n_new)
+    cache.boundary[planes.indices] = _as_planes(result.boundary, n_new)
     cache.segmented[planes.indices] = True
+    cache.written_mask = cache.postprocessed(session.options)
     session.results[image] = cache
 
     gates = _gate_planes(viewer, image, result.gates, planes) if result.gates else None
@@ -230,46 +218,20 @@ def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes, sour
     return cache
 
 
-def _gate_planes(viewer: Any, image: Image, gate_maps: list, planes) -> list[dict[str, Any]]:
-    """GateMaps -> dicts with data (2, N, h, w), keeping other planes of an existing layer."""
-    from napari_sgdc._napari._layers import KIND_GATES, result_name
-
+def _gate_planes(viewer: Any, image: Image, gate_maps: list, planes: PlaneInput) -> list[dict[str, Any]]:
+    """GateMaps -> dicts with data (2, N, h, w), keeping the other planes of existing gate layers."""
     n_total, n_new = planes.n_planes, len(planes.indices)
     gates = []
     for gate in gate_maps:
         data = np.asarray(gate.data)
         data = data[None] if data.ndim == 3 else data  # (n, 2, h, w)
         data = np.moveaxis(data, 1, 0)  # (2, n, h, w)
-        full = None
-        name = result_name(image.name, KIND_GATES, gate.name)
-        if n_new < n_total and name in viewer.layers:
-            existing = np.asarray(viewer.layers[name].data)
-            if existing.size == 2 * n_total * data.shape[-2] * data.shape[-1]:
-                full = existing.reshape(2, n_total, *data.shape[-2:]).copy()
-        if full is None:
-            full = np.zeros((2, n_total, *data.shape[-2:]), dtype=data.dtype)
+        full = np.zeros((2, n_total, *data.shape[-2:]), dtype=data.dtype)
+        if n_new < n_total:
+            for index in range(2):
+                existing = gate_layer_of(viewer, image, index, gate.name)
+                if existing is not None and np.size(existing.data) == full[index].size:
+                    full[index] = np.asarray(existing.data).reshape(full[index].shape)
         full[:, planes.indices] = data
         gates.append({"name": gate.name, "stride": int(gate.stride), "data": full})
     return gates
-
-
-def postprocess_cache(cache: CachedResult, threshold: float, boundary_threshold: float, min_size: int) -> np.ndarray:
-    """Re-thresholds every segmented plane of `cache` (no network call).
-
-    Returns:
-        (N, H, W) mask (uint8) or instance labels (int32).
-    """
-    from napari_sgdc.inference import postprocess
-
-    mask = np.zeros_like(cache.written_mask)
-    for index in np.flatnonzero(cache.segmented):
-        mask[index] = postprocess(
-            cache.probability[index],
-            cache.boundary[index],
-            threshold=threshold,
-            boundary_threshold=boundary_threshold,
-            min_size=min_size,
-            instances=cache.instances,
-            single_object=cache.single_object,
-        )
-    return mask

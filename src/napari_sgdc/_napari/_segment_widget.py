@@ -17,20 +17,17 @@ from magicgui.widgets import (
 from napari.layers import Image
 
 from napari_sgdc._napari._layers import mask_layer_of, unflatten
-from napari_sgdc._napari._runner import (
-    SegmentJob,
-    error_text,
-    notify_error,
-    postprocess_cache,
-)
-from napari_sgdc._napari._session import BUILTIN_PREFIX, display_name, get_session, real_viewer
+from napari_sgdc._napari._runner import SegmentJob, error_text, notify_error
+from napari_sgdc._napari._session import BUILTIN_PREFIX, Job, display_name, get_session, real_viewer
+from napari_sgdc._napari._shared import ImagePicker, claim, wrap_status
+from napari_sgdc.device import DEVICES
+from napari_sgdc.postprocess import PostprocessOptions
 
 if TYPE_CHECKING:
     import napari
 
 LOAD_CHECKPOINT = "Load checkpoint…"
 SEGMENT_SHORTCUT = "Shift-S"
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def available_builtins() -> list[str]:
@@ -47,8 +44,9 @@ class SegmentWidget(Container):
     """Segments an image layer with an SGDC model.
 
     Writes ``<image> probability``, ``<image> mask`` (Labels), ``<image> SGE boundary``
-    and hidden ``<image> gates <block>`` layers aligned to the image, and re-thresholds
-    the mask live from the cached probabilities when a slider moves.
+    and hidden ``<image> gate1 <block>`` / ``<image> gate2 <block>`` layers aligned to
+    the image, and post-processes the mask again from the cached probabilities when a
+    slider moves. The image picker follows the image layer the user opens or selects.
 
     Args:
         napari_viewer: the viewer the widget is docked in.
@@ -61,7 +59,8 @@ class SegmentWidget(Container):
         self.job: SegmentJob | None = None
         self._previous_model: str | None = None
 
-        self.image_layer = ComboBox(name="image_layer", label="image", choices=self._image_choices)
+        self._image_picker = ImagePicker(self._viewer)
+        self.image_layer = self._image_picker.combo
         self.model = ComboBox(name="model", label="model", choices=self._model_choices, nullable=True)
         self.model_note = Label(name="model_note", label=" ")
         self.model_note.native.setWordWrap(True)
@@ -77,13 +76,18 @@ class SegmentWidget(Container):
         buttons = Container(name="buttons", label=" ", layout="horizontal", labels=False,
                             widgets=[self.segment_button, self.cancel_button])
         buttons.margins = (0, 0, 0, 0)
-        self.threshold = FloatSlider(name="threshold", label="threshold", min=0.0, max=1.0, step=0.001, value=0.5)
+        options = self._session.options
+        self.threshold = FloatSlider(name="threshold", label="threshold", min=0.0, max=1.0, step=0.001,
+                                     value=options.threshold)
         self.boundary_threshold = FloatSlider(
-            name="boundary_threshold", label="boundary thr.", min=0.0, max=1.0, step=0.001, value=0.5,
+            name="boundary_threshold", label="boundary thr.", min=0.0, max=1.0, step=0.001,
+            value=options.boundary_threshold,
             tooltip="Boundary probability above which touching nuclei are split (instance models).",
         )
-        self.min_size = SpinBox(name="min_size", label="min size (px)", min=0, max=1_000_000, value=20)
+        self.min_size = SpinBox(name="min_size", label="min size (px)", min=0, max=1_000_000,
+                                value=options.min_size)
         self.status = Label(name="status", label="status", value="")
+        wrap_status(self.status)
         self.extend([
             self.image_layer, self.model, self.model_note, self.device, self.tile, self.planes,
             self.gates, buttons, self.threshold, self.boundary_threshold, self.min_size, self.status,
@@ -97,19 +101,16 @@ class SegmentWidget(Container):
         self.segment_button.changed.connect(self.run_segment)
         self.cancel_button.changed.connect(self.cancel)
         for control in (self.device, self.tile, self.planes, self.gates):
-            control.changed.connect(self._sync_options)
+            control.changed.connect(self._sync_settings)
         for slider in (self.threshold, self.boundary_threshold, self.min_size):
             slider.changed.connect(self._on_postprocess_changed)
         self._session.connect("segmented", self._on_session_event)
         self._session.connect("model_changed", self._on_session_event)
-        self._sync_options()
+        self._sync_settings()
         self._on_model_changed(self.model.value)
         self._bind_shortcut()
 
     # -- choices ---------------------------------------------------------------------
-    def _image_choices(self, _widget: Any = None) -> list[Image]:
-        return [layer for layer in self._viewer.layers if isinstance(layer, Image) and "sgdc" not in layer.metadata]
-
     def _model_choices(self, _widget: Any = None) -> list[tuple[str, str]]:
         sources = [BUILTIN_PREFIX + name for name in available_builtins()]
         sources += [source for source in self._session.models if source not in sources]
@@ -171,15 +172,12 @@ class SegmentWidget(Container):
         return True
 
     # -- segmentation --------------------------------------------------------------------
-    def _sync_options(self, *_: Any) -> None:
-        options = self._session.options
-        options.device = self.device.value
-        options.tile = int(self.tile.value)
-        options.planes = self.planes.value
-        options.gates = bool(self.gates.value)
-        options.threshold = float(self.threshold.value)
-        options.boundary_threshold = float(self.boundary_threshold.value)
-        options.min_size = int(self.min_size.value)
+    def _sync_settings(self, *_: Any) -> None:
+        settings = self._session.settings
+        settings.device = self.device.value
+        settings.tile = int(self.tile.value)
+        settings.planes = self.planes.value
+        settings.gates = bool(self.gates.value)
 
     def run_segment(self, *_: Any) -> SegmentJob | None:
         """Starts segmenting the picked image layer in a thread worker.
@@ -195,17 +193,15 @@ class SegmentWidget(Container):
         if source in (None, LOAD_CHECKPOINT):
             notify_error("No model picked: choose a built-in model or Load checkpoint… in SGDC Segment.")
             return None
-        if self._session.busy:
-            notify_error(f"SGDC is busy ({self._session.busy}); wait or press Cancel.")
+        if not claim(self._session, Job.SEGMENT, image.name):
             return None
-        self._sync_options()
-        self._session.busy = f"segmenting {image.name}"
+        self._sync_settings()
         self._set_running(True)
         self.status.value = f"segmenting {image.name}…"
         try:
             self.job = SegmentJob(self._viewer, self._session, image, source, on_done=self._on_done)
         except Exception as exc:  # noqa: BLE001 - e.g. an image with one axis
-            self._session.busy = None
+            self._session.busy.release(Job.SEGMENT)
             self._set_running(False)
             notify_error(f"Cannot segment '{image.name}': {error_text(exc)}")
             self.status.value = ""
@@ -219,7 +215,7 @@ class SegmentWidget(Container):
             self.status.value = "cancelling…"
 
     def _on_done(self, job: SegmentJob, outcome: Any) -> None:
-        self._session.busy = None
+        self._session.busy.release(Job.SEGMENT)
         self._set_running(False)
         if outcome.value is not None:
             self.status.value = f"{job.image.name}: segmented in {outcome.seconds:.1f} s"
@@ -235,14 +231,23 @@ class SegmentWidget(Container):
 
     # -- live post-processing --------------------------------------------------------------
     def _on_postprocess_changed(self, *_: Any) -> None:
-        self._sync_options()
-        image = self.image_layer.value
-        if image is None:
+        try:
+            options = PostprocessOptions(
+                float(self.threshold.value), float(self.boundary_threshold.value), int(self.min_size.value)
+            )
+        except ValueError as exc:
+            notify_error(f"Post-processing not changed: {error_text(exc)}")
             return
-        self.update_mask(image)
+        self._session.options = options
+        image = self.image_layer.value
+        if image is not None:
+            self.update_mask(image)
 
     def update_mask(self, image: Image) -> bool:
-        """Re-thresholds `image`'s cached probabilities into its mask layer (no forward pass).
+        """Post-processes `image`'s cached probabilities into its mask layer (no forward pass).
+
+        Every segmented plane goes through `napari_sgdc.postprocess.postprocess` at once
+        with the session's options, so instance ids stay unique across a stack's planes.
 
         Returns:
             True when the mask layer was updated.
@@ -251,9 +256,8 @@ class SegmentWidget(Container):
         mask_layer = mask_layer_of(self._viewer, image)
         if cache is None or mask_layer is None:
             return False
-        options = self._session.options
         try:
-            mask = postprocess_cache(cache, options.threshold, options.boundary_threshold, options.min_size)
+            mask = cache.postprocessed(self._session.options)
         except Exception as exc:  # noqa: BLE001 - shown to the user
             notify_error(f"Post-processing failed: {error_text(exc)}")
             return False

@@ -2,8 +2,9 @@
 
 This module is plain Python (no Qt): one `SGDCSession` per napari viewer holds the
 loaded models, the undo snapshots of fine-tuning, the segmentation results cached
-per image layer (so the sliders can re-threshold without a forward pass), and the
-options of the Segment widget (which the Fine-tune widget reuses to re-segment).
+per image layer (so the sliders can re-threshold without a forward pass), the
+post-processing options and run settings of the Segment widget (which the Fine-tune
+widget reuses to re-segment), and which job is using the model.
 """
 
 from __future__ import annotations
@@ -11,35 +12,84 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from napari_sgdc.postprocess import PostprocessOptions
+
 BUILTIN_PREFIX = "built-in: "
 
 
 @dataclass
-class SegmentOptions:
-    """The Segment widget's settings, shared so the Fine-tune widget can re-segment.
+class RunSettings:
+    """How the Segment widget runs the network (shared so Fine-tune re-segments alike).
 
     Attributes:
-        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (`napari_sgdc.device.DEVICES`).
         tile: tile size in pixels.
-        threshold: mask probability threshold.
-        boundary_threshold: boundary probability above which touching instances are split.
-        min_size: smallest object kept, in pixels.
         planes: ``all`` planes of a stack, or the ``current`` plane only.
         gates: compute and show the SGDC gate maps.
     """
 
     device: str = "auto"
     tile: int = 512
-    threshold: float = 0.5
-    boundary_threshold: float = 0.5
-    min_size: int = 20
     planes: str = "all"
     gates: bool = True
+
+
+class Job(Enum):
+    """The kinds of work that use the shared model (one at a time)."""
+
+    SEGMENT = "segmenting"
+    FINETUNE = "fine-tuning"
+    RESEGMENT = "re-segmenting"
+
+
+class Busy:
+    """Which job uses the shared model now; refuses a second one until released.
+
+    ``acquire`` and ``release`` are thread-safe; the widgets call them from the GUI thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._job: Job | None = None
+        self._detail = ""
+
+    @property
+    def job(self) -> Job | None:
+        """The running job, or None when idle."""
+        return self._job
+
+    @property
+    def idle(self) -> bool:
+        """Whether no job runs."""
+        return self._job is None
+
+    def __bool__(self) -> bool:
+        return not self.idle
+
+    def __str__(self) -> str:
+        if self._job is None:
+            return "idle"
+        return f"{self._job.value} {self._detail}".strip()
+
+    def acquire(self, job: Job, detail: str = "") -> bool:
+        """Marks `job` as running; False (and nothing changes) while another job runs."""
+        with self._lock:
+            if self._job is not None:
+                return False
+            self._job, self._detail = job, detail
+            return True
+
+    def release(self, job: Job) -> None:
+        """Ends `job` (a no-op if another job, or none, runs)."""
+        with self._lock:
+            if self._job is job:
+                self._job, self._detail = None, ""
 
 
 @dataclass
@@ -67,6 +117,25 @@ class CachedResult:
     written_mask: np.ndarray
     model_source: str
     single_object: bool = False
+
+    def postprocessed(self, options: PostprocessOptions) -> np.ndarray:
+        """The mask of every segmented plane from the cached probabilities (no network call).
+
+        All segmented planes go through `napari_sgdc.postprocess.postprocess` together,
+        so instance ids stay unique across the planes of a stack, exactly as `segment` gives.
+
+        Returns:
+            (N, H, W) mask (uint8 0/1) or instance labels (int32); planes never segmented are 0.
+        """
+        from napari_sgdc.postprocess import postprocess
+
+        out = np.zeros(self.probability.shape, np.int32 if self.instances else np.uint8)
+        indices = np.flatnonzero(self.segmented)
+        if len(indices):
+            mask, labels = postprocess(self.probability[indices], self.boundary[indices], options,
+                                       single_object=self.single_object, instances=self.instances)
+            out[indices] = labels if self.instances else mask
+        return out
 
 
 @dataclass
@@ -115,8 +184,8 @@ class ModelState:
         }
 
     def model_metadata(self) -> dict[str, Any]:
-        """The metadata that io.load_model attached, or an empty dict."""
-        return dict(getattr(self.model, "metadata", None) or {})
+        """The metadata that io.load_checkpoint attached (a copy)."""
+        return dict(self.model.metadata)
 
 
 def display_name(source: str) -> str:
@@ -130,19 +199,21 @@ class SGDCSession:
     """Shared state of one viewer's SGDC widgets (thread-safe where workers touch it).
 
     Attributes:
-        options: the Segment widget's current settings.
+        options: the post-processing of every mask (the Segment widget's sliders).
+        settings: how the network runs (device, tile, planes, gates).
         models: loaded models by source.
         current_source: the source picked in the model picker, or None.
         results: cached segmentation per image layer (weakly keyed by the layer).
-        busy: a short text while a worker uses the model (segmenting or fine-tuning).
+        busy: which job uses the model now (segmenting, fine-tuning, re-segmenting).
     """
 
     def __init__(self) -> None:
-        self.options = SegmentOptions()
+        self.options = PostprocessOptions()
+        self.settings = RunSettings()
         self.models: dict[str, ModelState] = {}
         self.current_source: str | None = None
         self.results: "weakref.WeakKeyDictionary[Any, CachedResult]" = weakref.WeakKeyDictionary()
-        self.busy: str | None = None
+        self.busy = Busy()
         self.lock = threading.RLock()
         self._listeners: dict[str, list[Callable[[], Any]]] = {}
 
@@ -195,13 +266,6 @@ class SGDCSession:
                 model = load_model(name, device=device)
                 state = ModelState(source=source, model=model)
                 self.models[source] = state
-            return state
-
-    def add_model(self, source: str, model: Any) -> ModelState:
-        """Registers an already-built model under `source` (e.g. loaded by a test)."""
-        with self.lock:
-            state = ModelState(source=source, model=model)
-            self.models[source] = state
             return state
 
 

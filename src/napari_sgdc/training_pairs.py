@@ -1,0 +1,114 @@
+"""The training list of fine-tuning: corrected image/labels pairs (headless: arrays in,
+no napari or Qt).
+
+The napari Fine-tune widget reads its image and labels layers into arrays and calls
+`collect_pair`; the pairs it keeps are tied to the model they were made for, and
+`split_by_model` keeps a fine-tune run to the pairs of the model being trained.
+(Which pixels of a pair were edited, and how much they weigh in the loss, is
+`napari_sgdc.train.corrections`.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["InputError", "TrainingPair", "collect_pair", "split_by_model"]
+
+
+class InputError(ValueError):
+    """A problem with the user's inputs (shown to the user as one line)."""
+
+
+@dataclass
+class TrainingPair:
+    """One corrected image of the training list (copies, so later edits do not leak in).
+
+    Attributes:
+        image_name: name of the image.
+        labels_name: name of the corrected labels.
+        images: the corrected planes, each (H, W[, C]).
+        labels: their labels, each (H, W) int.
+        model_source: the model whose prediction was corrected (a built-in
+            ``"built-in: <name>"`` or a checkpoint path); the pair trains only that model.
+    """
+
+    image_name: str
+    labels_name: str
+    images: list[np.ndarray]
+    labels: list[np.ndarray]
+    model_source: str
+
+    @property
+    def model_name(self) -> str:
+        """Short model name: the built-in's name or the checkpoint's file name."""
+        return Path(self.model_source).name
+
+    @property
+    def title(self) -> str:
+        """Text in the training list: ``lesion ← mask (built-in: dermoscopy)`` for the image's own
+        ``"<image> mask"``, else ``lesion ← <labels name> (<model>)``."""
+        planes = f", {len(self.images)} planes" if len(self.images) > 1 else ""
+        labels = "mask" if self.labels_name == f"{self.image_name} mask" else self.labels_name
+        return f"{self.image_name} ← {labels}{planes} ({self.model_name})"
+
+
+def collect_pair(planes: np.ndarray, labels: np.ndarray, *, image_shape: Sequence[int], image_name: str,
+                 labels_name: str, model_source: str, predicted: np.ndarray | None = None) -> TrainingPair:
+    """Validates an image/corrections pair and copies its corrected planes.
+
+    Args:
+        planes: (N, H, W[, C]) the image's planes (N = 1 for a 2-D image).
+        labels: the corrections, of shape `image_shape`; 0 is background.
+        image_shape: the image's shape without its colour axis, (*planes, H, W).
+        image_name: name of the image (for the list and the messages).
+        labels_name: name of the corrections.
+        model_source: the model the corrections were made for.
+        predicted: (N, H, W) what the model wrote into `labels`, when `labels` is the
+            model's own mask: only planes that differ from it are kept.
+
+    Returns:
+        A `TrainingPair` of copies of the corrected, non-empty planes.
+
+    Raises:
+        InputError: shape mismatch, all background, or no corrections.
+    """
+    image_shape, labels = tuple(int(n) for n in image_shape), np.asarray(labels)
+    if tuple(labels.shape) != image_shape:
+        raise InputError(
+            f"Labels '{labels_name}' have shape {tuple(labels.shape)} but image '{image_name}' has shape "
+            f"{image_shape}: they must match pixel for pixel."
+        )
+    if not labels.any():
+        raise InputError(f"Labels '{labels_name}' are all background (0): paint the objects first.")
+    label_planes = labels.reshape((-1, *image_shape[-2:]))  # (N, H, W)
+    if len(planes) != len(label_planes):
+        raise ValueError(f"{len(planes)} image planes but {len(label_planes)} label planes")
+    keep = label_planes.reshape(len(label_planes), -1).any(axis=1)
+    if predicted is not None and np.shape(predicted) == label_planes.shape:
+        changed = (label_planes != predicted).reshape(len(label_planes), -1).any(axis=1)
+        if not changed.any():
+            raise InputError(
+                f"No corrections in '{labels_name}': it still equals the model's prediction. "
+                "Paint or erase on it first."
+            )
+        keep &= changed
+    indices = np.flatnonzero(keep)
+    if len(indices) == 0:
+        raise InputError(f"No corrections in '{labels_name}': the edited planes are all background.")
+    return TrainingPair(
+        image_name=image_name,
+        labels_name=labels_name,
+        images=[np.array(planes[i]) for i in indices],
+        labels=[np.array(label_planes[i]) for i in indices],
+        model_source=model_source,
+    )
+
+
+def split_by_model(pairs: Sequence[TrainingPair], model_source: str) -> tuple[list[TrainingPair], list[TrainingPair]]:
+    """Splits `pairs` into those made for `model_source` and those made for other models."""
+    kept = [pair for pair in pairs if pair.model_source == model_source]
+    return kept, [pair for pair in pairs if pair.model_source != model_source]
