@@ -185,6 +185,9 @@ class TrainConfig:
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         select_metric: validation metric that picks the best checkpoint (``auto``: AJI for
             instance models, IoU otherwise; or ``iou``, ``dice``, ``aji``, ``loss``).
+        l2sp: L2-SP strength λ: the loss gains ``λ · Σ ‖w − w_start‖²`` over the trainable
+            weights, ``w_start`` being their values when the run started (0 = off); keeps a
+            fine-tuned model near its base model so it forgets less of its base domain.
     """
 
     epochs: int = 30
@@ -208,6 +211,7 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"
     select_metric: str = "auto"
+    l2sp: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -264,11 +264,15 @@ class SegmentationDataset(Dataset):
         scale_range: random zoom range of the scale-crop.
         foreground_prob: probability that a random crop is centred on foreground.
         seed: base seed of the per-item generators.
+        weights: optional per-sample (H, W) float loss-weight maps (None entries: all 1),
+            cropped and augmented with the mask; random crops are then centred on pixels
+            weighing more than 1 (see `random_scale_crop`).
 
     Items:
         dict with ``image`` (3, h, w) float32 in [0, 1], ``mask`` (1, h, w) float32 {0, 1}
         and ``edge`` (1, h, w) float32 {0, 1}; instance datasets add ``instances`` (1, h, w)
-        int32 ids (0 = background), e.g. for AJI in validation.
+        int32 ids (0 = background), e.g. for AJI in validation; with `weights`, ``weight``
+        (1, h, w) float32.
     """
 
     def __init__(
@@ -283,6 +287,7 @@ class SegmentationDataset(Dataset):
         scale_range: tuple[float, float] = (0.75, 1.33),
         foreground_prob: float = 0.5,
         seed: int = 0,
+        weights: Sequence[np.ndarray | None] | None = None,
     ) -> None:
         if not samples:
             raise ValueError("SegmentationDataset needs at least one sample")
@@ -300,6 +305,17 @@ class SegmentationDataset(Dataset):
         self.foreground_prob = foreground_prob
         self.seed = seed
         self.epoch = 0
+        self.weights = None
+        if weights is not None:
+            if len(weights) != len(self.samples):
+                raise ValueError(f"{len(weights)} weight maps for {len(self.samples)} samples")
+            self.weights = []
+            for sample, weight in zip(self.samples, weights):
+                weight = np.ones(sample.mask.shape, np.float32) if weight is None else np.asarray(weight, np.float32)
+                if weight.shape != sample.mask.shape:
+                    raise ValueError(f"weight map of {sample.name} has shape {weight.shape}, "
+                                     f"its mask {sample.mask.shape}")
+                self.weights.append(weight)
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
         """Selects the random stream of an epoch (and optionally a new base seed)."""
@@ -313,16 +329,20 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
         image, mask = sample.image, sample.mask
+        weight = None if self.weights is None else self.weights[index]
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            image_float, mask = augment_pair(
+            augmented = augment_pair(
                 image, mask, self.crop_size, rng,
                 stain=self.stain_jitter, scale_range=self.scale_range,
-                foreground_prob=self.foreground_prob,
+                foreground_prob=self.foreground_prob, weight=weight,
             )
+            image_float, mask = augmented[:2]
+            weight = augmented[2] if weight is not None else None
         else:
             if self.crop_size:
                 image, mask = center_crop(image, mask, self.crop_size)
+                weight = None if weight is None else center_crop(weight, weight, self.crop_size)[1]
             image_float = to_float_rgb(image)
         if not self.instance:
             mask = mask > 0
@@ -334,6 +354,8 @@ class SegmentationDataset(Dataset):
         }
         if self.instance:
             item["instances"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int32)[None])  # (1, h, w)
+        if weight is not None:
+            item["weight"] = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)[None])  # (1, h, w)
         return item
 
 

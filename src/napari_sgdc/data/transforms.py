@@ -155,7 +155,8 @@ def random_scale_crop(
     rng: np.random.Generator,
     scale_range: tuple[float, float] = (0.75, 1.33),
     foreground_prob: float = 0.5,
-) -> tuple[np.ndarray, np.ndarray]:
+    weight: np.ndarray | None = None,
+):
     """Cuts a random square window and resamples it to crop_size x crop_size.
 
     The scale factor is log-uniform in `scale_range`
@@ -171,19 +172,29 @@ def random_scale_crop(
         rng: random generator.
         scale_range: range of the random zoom factor.
         foreground_prob: probability of centring the window on foreground.
+        weight: optional (H, W) float per-pixel loss weights, cut and resampled
+            (nearest neighbour) like the mask. When it has pixels above 1 (user edits,
+            see `napari_sgdc.train.corrections`) the window is centred on those instead
+            of on foreground.
 
     Returns:
-        (image crop (crop, crop, 3), mask crop (crop, crop)) with the input dtypes.
+        (image crop (crop, crop, 3), mask crop (crop, crop)) with the input dtypes, plus
+        the weight crop (crop, crop) as a third element when `weight` is given.
     """
     low, high = scale_range
     factor = math.exp(rng.uniform(math.log(low), math.log(high)))
     window = max(1, int(round(crop_size / factor)))
     image = pad_to_size(image, window, window)
     mask = pad_to_size(mask, window, window)
+    focus = mask
+    if weight is not None:
+        weight = pad_to_size(weight, window, window)
+        if (weight > 1).any():
+            focus = weight > 1
     height, width = mask.shape[:2]
     use_foreground = rng.random() < foreground_prob
-    if use_foreground and mask.any():
-        rows, cols = np.nonzero(mask)
+    if use_foreground and focus.any():
+        rows, cols = np.nonzero(focus)
         pick = rng.integers(len(rows))
         jitter = rng.uniform(-0.25, 0.25, size=2) * window
         top = int(round(rows[pick] + jitter[0] - window / 2))
@@ -195,7 +206,13 @@ def random_scale_crop(
     left = min(max(left, 0), width - window)
     image_crop = image[top : top + window, left : left + window]
     mask_crop = mask[top : top + window, left : left + window]
-    return _resize_pair(image_crop, mask_crop, crop_size)
+    if weight is None:
+        return _resize_pair(image_crop, mask_crop, crop_size)
+    weight_crop = weight[top : top + window, left : left + window]
+    if window != crop_size:
+        weight_crop = resize(weight_crop, (crop_size, crop_size), order=0, preserve_range=True,
+                             anti_aliasing=False).astype(weight_crop.dtype)
+    return (*_resize_pair(image_crop, mask_crop, crop_size), weight_crop)
 
 
 def center_crop(
@@ -213,16 +230,19 @@ def center_crop(
 
 
 def random_flip_rot90(
-    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Applies one of the 8 dihedral transforms (flips and 90-degree rotations)."""
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, weight: np.ndarray | None = None
+):
+    """Applies one of the 8 dihedral transforms (flips and 90-degree rotations).
+
+    Returns (image, mask), plus the equally transformed `weight` (H, W) when given."""
     turns = int(rng.integers(4))
     flip = bool(rng.integers(2))
+    arrays = [image, mask] if weight is None else [image, mask, weight]
     if flip:
-        image, mask = image[:, ::-1], mask[:, ::-1]
+        arrays = [array[:, ::-1] for array in arrays]
     if turns:
-        image, mask = np.rot90(image, turns, axes=(0, 1)), np.rot90(mask, turns, axes=(0, 1))
-    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+        arrays = [np.rot90(array, turns, axes=(0, 1)) for array in arrays]
+    return tuple(np.ascontiguousarray(array) for array in arrays)
 
 
 def color_jitter(
@@ -290,7 +310,8 @@ def augment_pair(
     scale_range: tuple[float, float] = (0.75, 1.33),
     foreground_prob: float = 0.5,
     color_strength: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray]:
+    weight: np.ndarray | None = None,
+):
     """The full training augmentation: scale-crop, flips/rotations, colour and stain jitter.
 
     Args:
@@ -302,19 +323,28 @@ def augment_pair(
         scale_range: random zoom range.
         foreground_prob: probability of centring the crop on foreground.
         color_strength: scales the colour jitter ranges.
+        weight: optional (H, W) float per-pixel loss weights, cropped, resampled and
+            flipped/rotated with the mask (see `random_scale_crop`).
 
     Returns:
-        (float32 image (crop, crop, 3) in [0, 1], mask (crop, crop) with the input dtype).
+        (float32 image (crop, crop, 3) in [0, 1], mask (crop, crop) with the input dtype),
+        plus the weight crop (crop, crop) float32 as a third element when `weight` is given.
     """
-    image, mask = random_scale_crop(
-        image, mask, crop_size, rng, scale_range, foreground_prob
-    )
-    image, mask = random_flip_rot90(image, mask, rng)
+    if weight is None:
+        image, mask = random_scale_crop(image, mask, crop_size, rng, scale_range, foreground_prob)
+        image, mask = random_flip_rot90(image, mask, rng)
+    else:
+        image, mask, weight = random_scale_crop(
+            image, mask, crop_size, rng, scale_range, foreground_prob, np.asarray(weight, np.float32)
+        )
+        image, mask, weight = random_flip_rot90(image, mask, rng, weight)
     image_float = to_float_rgb(image)
     if stain and rng.random() < 0.8:
         image_float = stain_jitter(image_float, rng)
     image_float = color_jitter(image_float, rng, color_strength)
-    return image_float, mask
+    if weight is None:
+        return image_float, mask
+    return image_float, mask, weight
 
 
 def working_size(height: int, width: int, long_side: int) -> tuple[int, int]:

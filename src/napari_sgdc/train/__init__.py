@@ -1,5 +1,6 @@
 """Training: losses, the `fit` loop, validation and GUI fine-tuning (headless: no napari or Qt)."""
 
+from .corrections import EditSummary, crop_to_edits, edit_summary, edited_pixels, loss_weight_map
 from .finetune import finetune
 from .fit import History, check_train_config, fit, seed_everything
 from .losses import edge_loss, mask_loss, total_loss
@@ -7,12 +8,17 @@ from .state import last_checkpoint_path_for, state_path_for
 from .validate import validate
 
 __all__ = [
+    "EditSummary",
     "History",
     "check_train_config",
+    "crop_to_edits",
+    "edit_summary",
+    "edited_pixels",
     "edge_loss",
     "finetune",
     "fit",
     "last_checkpoint_path_for",
+    "loss_weight_map",
     "mask_loss",
     "seed_everything",
     "state_path_for",

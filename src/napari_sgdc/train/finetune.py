@@ -10,28 +10,49 @@ import numpy as np
 import torch
 
 from ..config import PRESETS, TrainConfig
-from ..data.datasets import Sample, SegmentationDataset, resize_samples
-from ..data.transforms import to_uint8_rgb
+from ..data.datasets import Sample, SegmentationDataset
+from ..data.transforms import resize_image, resize_labels, to_uint8_rgb, working_size
 from ..device import model_device
 from ..locks import model_lock
 from ..model import SGDCSegmenter
+from .corrections import EDIT_BAND, EDIT_MARGIN, EDIT_WEIGHT, crop_to_edits, edited_pixels, loss_weight_map
 from .fit import History, fit
 
 __all__ = ["finetune", "FOCUS_PROBABILITY"]
 
 FOCUS_PROBABILITY = 0.9
-"""Probability that a fine-tuning patch is centred on (jittered) labelled foreground."""
+"""Probability that a fine-tuning patch is centred on (jittered) labelled foreground, or on
+edited pixels when the prediction the user started from is known."""
+
+
+def _check_predictions(
+    predictions: Sequence[np.ndarray | None] | None, labels: Sequence[np.ndarray]
+) -> list[np.ndarray | None]:
+    if predictions is None:
+        return [None] * len(labels)
+    if len(predictions) != len(labels):
+        raise ValueError(f"finetune got {len(predictions)} predictions for {len(labels)} label arrays")
+    checked = []
+    for index, (prediction, label) in enumerate(zip(predictions, labels)):
+        if prediction is not None:
+            prediction = np.asarray(prediction)
+            if prediction.shape != np.shape(label):
+                raise ValueError(f"prediction {index} has shape {prediction.shape} but labels {index} "
+                                 f"have {np.shape(label)}")
+        checked.append(prediction)
+    return checked
 
 
 def _prepare_pairs(
-    images: Sequence[np.ndarray], labels: Sequence[np.ndarray], instance: bool
+    images: Sequence[np.ndarray], labels: Sequence[np.ndarray], instance: bool,
+    predictions: Sequence[np.ndarray | None],
 ) -> list[Sample]:
     if len(images) == 0 or len(labels) == 0:
         raise ValueError("finetune needs at least one (image, labels) pair; got none")
     if len(images) != len(labels):
         raise ValueError(f"finetune got {len(images)} images but {len(labels)} label arrays")
     samples = []
-    for index, (image, label) in enumerate(zip(images, labels)):
+    for index, (image, label, prediction) in enumerate(zip(images, labels, predictions)):
         try:
             image_rgb = to_uint8_rgb(image)
         except ValueError as error:
@@ -43,7 +64,7 @@ def _prepare_pairs(
             raise ValueError(
                 f"labels {index} have shape {label.shape} but image {index} is {image_rgb.shape[:2]}"
             )
-        if not np.any(label > 0):
+        if prediction is None and not np.any(label > 0):  # erasing everything is a correction
             raise ValueError(f"labels {index} are all background; paint or correct some objects first")
         if instance and label.dtype != bool:
             mask = label.astype(np.int32)
@@ -51,6 +72,39 @@ def _prepare_pairs(
             mask = label > 0
         samples.append(Sample(name=f"pair_{index}", image=image_rgb, mask=mask))
     return samples
+
+
+def _to_working_size(sample: Sample, prediction: np.ndarray | None,
+                     long_side: int) -> tuple[Sample, np.ndarray | None]:
+    """The sample (and prediction) at the model's working resolution, as `segment` sees them."""
+    size = working_size(*sample.image.shape[:2], long_side)
+    if size == sample.image.shape[:2]:
+        return sample, prediction
+    resized = Sample(sample.name, resize_image(sample.image, size), resize_labels(sample.mask, size))
+    return resized, None if prediction is None else resize_labels(prediction, size)
+
+
+def _focus_on_edits(
+    samples: Sequence[Sample], predictions: Sequence[np.ndarray | None], instance: bool, crop_size: int
+) -> tuple[list[Sample], list[np.ndarray | None]]:
+    """Crops each sample with a prediction to its edits (plus `EDIT_MARGIN`) and weights them.
+
+    Returns the samples and their loss-weight maps (None where there is no prediction).
+    """
+    kept, weights = [], []
+    for index, (sample, prediction) in enumerate(zip(samples, predictions)):
+        if prediction is None:
+            kept.append(sample)
+            weights.append(None)
+            continue
+        crop = crop_to_edits(sample.image, sample.mask, prediction, EDIT_MARGIN, min_size=crop_size,
+                             instance=instance)
+        edited = edited_pixels(crop.labels, crop.prediction, instance=instance)
+        if not edited.any():
+            raise ValueError(f"labels {index} equal the model's prediction: nothing was corrected")
+        kept.append(Sample(sample.name, np.ascontiguousarray(crop.image), np.ascontiguousarray(crop.labels)))
+        weights.append(loss_weight_map(edited, EDIT_BAND, EDIT_WEIGHT))
+    return kept, weights
 
 
 @contextlib.contextmanager
@@ -85,6 +139,7 @@ def finetune(
     labels: Sequence[np.ndarray],
     preset: str | TrainConfig = "quick",
     *,
+    predictions: Sequence[np.ndarray | None] | None = None,
     callbacks: Sequence[Callable[[dict], Any]] | None = None,
     cancel=None,
 ) -> History:
@@ -100,6 +155,16 @@ def finetune(
     are used as instances, so boundaries between touching objects are learnt; otherwise
     ``labels > 0`` is the mask.
 
+    With `predictions` (per image, the labels the user started correcting from, or
+    None), the model learns most from what the user changed (see
+    `napari_sgdc.train.corrections`): the edited pixels are ``labels != prediction``
+    (compared as instances for instance models, as foreground otherwise); training
+    uses only the edited bounding box plus `EDIT_MARGIN` pixels (at least one patch),
+    edited pixels and a band of `EDIT_BAND` pixels around them weigh `EDIT_WEIGHT` in
+    the loss, and patches are centred on edits with probability `FOCUS_PROBABILITY`.
+    All of it happens at the model's working resolution. Labels that are all
+    background are accepted there (the user erased false objects).
+
     With the default ``device="auto"`` of the presets, training runs on the device the
     model is already on. No validation and no checkpoint files. The model's lock
     (`napari_sgdc.locks.model_lock`) is held throughout; every module's train/eval mode
@@ -111,6 +176,8 @@ def finetune(
         images: images (H, W), (H, W, 3) or (H, W, 4) of any dtype `to_float_rgb` accepts.
         labels: per image (H, W) labels: a mask or an instance map (> 0 = foreground).
         preset: ``quick`` or ``standard`` (see `napari_sgdc.config.PRESETS`) or a `TrainConfig`.
+        predictions: optional, per image, the (H, W) labels or mask the corrections
+            started from (None entries: no prediction known, the whole image counts).
         callbacks: forwarded to `fit` (step and epoch events).
         cancel: `threading.Event`; honoured within one step.
 
@@ -120,7 +187,8 @@ def finetune(
 
     Raises:
         ValueError: one clear line for no pairs, a count or shape mismatch, labels that are
-            all background, or an unknown preset.
+            all background (without a prediction) or equal to their prediction, or an
+            unknown preset.
         Exception: whatever stopped `fit` (e.g. FloatingPointError), after the model was restored.
     """
     if isinstance(preset, TrainConfig):
@@ -130,12 +198,17 @@ def finetune(
     else:
         raise ValueError(f"unknown fine-tuning preset {preset!r}; choose one of {sorted(PRESETS)} or pass a TrainConfig")
     instance = model.config.is_instance
-    samples = _prepare_pairs(images, labels, instance)
-    samples = resize_samples(samples, model.config.resize_long_side)  # the model's working size
+    predictions = _check_predictions(predictions, labels)
+    samples = _prepare_pairs(images, labels, instance, predictions)
+    resized = [_to_working_size(sample, prediction, model.config.resize_long_side)
+               for sample, prediction in zip(samples, predictions)]
+    samples, predictions = [pair[0] for pair in resized], [pair[1] for pair in resized]
+    samples, weights = _focus_on_edits(samples, predictions, instance, cfg.crop_size)
     dataset = SegmentationDataset(
         samples, crop_size=cfg.crop_size, augment=True, boundary_width=cfg.boundary_width,
         stain_jitter=cfg.stain_jitter, task="instance" if instance else "semantic",
         scale_range=(0.85, 1.18), foreground_prob=FOCUS_PROBABILITY, seed=cfg.seed,
+        weights=weights if any(weight is not None for weight in weights) else None,
     )
     device = model_device(model) if cfg.device == "auto" else None
     with model_lock(model), _restore_on_failure(model) as rollback:

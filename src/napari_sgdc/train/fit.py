@@ -50,7 +50,7 @@ SELECT_METRICS = {"iou": "max", "dice": "max", "aji": "max", "loss": "min"}
 _STREAM_SALT = 7919  # separates the batch-order stream from the per-item augmentation streams
 _COUNTS = {"epochs": 1, "batch_size": 1, "max_steps": 0, "steps_per_epoch": 0, "warmup_steps": 0,
            "val_every": 0, "boundary_width": 1, "num_workers": 0, "seed": 0}  # whole numbers and their minimum
-_RATES = ("lr_decoder", "lr_encoder", "weight_decay", "grad_clip", "edge_weight")  # finite and >= 0
+_RATES = ("lr_decoder", "lr_encoder", "weight_decay", "grad_clip", "edge_weight", "l2sp")  # finite and >= 0
 
 
 @dataclass
@@ -61,7 +61,8 @@ class History:
         steps: optimiser steps completed (the global step; continues across resume).
         total_steps: steps the run was planned for.
         losses: training loss of every step (including steps before a resume).
-        loss_parts: per step ``{"mask": float, "edge": float}``.
+        loss_parts: per step ``{"mask": float, "edge": float}``, plus ``"l2sp"`` (the
+            penalty ``λ Σ ‖w − w_start‖²``, included in the loss) when ``cfg.l2sp > 0``.
         epoch_losses: mean training loss of every completed epoch.
         val_metrics: per validation ``{"epoch", "step", "iou", "dice", "val_loss"}`` plus
             ``"aji"`` for instance models (means over the validation images, see `validate`).
@@ -207,6 +208,7 @@ class _Run:
     steps_per_epoch: int
     callbacks: list[Callable[[dict], Any]]
     provenance: dict
+    anchor: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list)  # L2-SP: (w, w_start)
     started: float = field(default_factory=time.perf_counter)
     steps_this_call: int = 0
 
@@ -245,10 +247,15 @@ def _train_step(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[float, dict[
     cfg, device = run.cfg, run.device
     image = batch["image"].to(device, non_blocking=True)  # (B, 3, h, w)
     image = image.contiguous(memory_format=_memory_format(device))
-    targets = {key: batch[key].to(device, non_blocking=True) for key in ("mask", "edge")}  # (B, 1, h, w)
+    keys = ("mask", "edge", "weight") if "weight" in batch else ("mask", "edge")
+    targets = {key: batch[key].to(device, non_blocking=True) for key in keys}  # (B, 1, h, w)
     with autocast(device, cfg.amp):
         outputs = run.model(image)
     loss, parts = total_loss(outputs, targets, cfg.edge_weight, run.model.config.edge_supervision)
+    if run.anchor:
+        penalty = cfg.l2sp * sum(((weight - start) ** 2).sum() for weight, start in run.anchor)
+        parts["l2sp"] = float(penalty.detach())
+        loss = loss + penalty
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
@@ -316,7 +323,10 @@ def fit(
 
     AdamW over ``model.param_groups(cfg.lr_encoder, cfg.lr_decoder)``, linear warm-up for
     ``cfg.warmup_steps`` then cosine decay to 0 (per step); optional bf16 autocast on CUDA;
-    gradient clipping at ``cfg.grad_clip``; loss `total_loss`; ``channels_last``.
+    gradient clipping at ``cfg.grad_clip``; loss `total_loss` (per-pixel weighted when the
+    items carry ``weight``) plus, when ``cfg.l2sp > 0``, the L2-SP penalty
+    ``cfg.l2sp · Σ ‖w − w_start‖²`` over the trainable weights, ``w_start`` being the
+    model's weights when `fit` was called (before a resumed state is loaded); ``channels_last``.
 
     An epoch is ``cfg.steps_per_epoch`` steps (or ``len(train_data) // batch_size``, at
     least 1); the run lasts ``cfg.epochs`` epochs, capped at ``cfg.max_steps`` when set.
@@ -328,7 +338,8 @@ def fit(
     Args:
         model: the segmenter; moved to the device, left in eval mode with its
             ``requires_grad`` flags restored.
-        train_data: items with ``image`` (3, h, w), ``mask`` and ``edge`` (1, h, w) of one size.
+        train_data: items with ``image`` (3, h, w), ``mask`` and ``edge`` (1, h, w) of one
+            size, optionally ``weight`` (1, h, w) per-pixel loss weights.
         val_data: validation items (sizes may differ), or None.
         cfg: the run's settings (default `TrainConfig()`), checked by `check_train_config`.
         callbacks: called with ``{"kind": "step"|"epoch", "step", "total_steps", "epoch",
@@ -373,11 +384,12 @@ def fit(
             model.to(memory_format=_memory_format(device))
             if cfg.freeze_encoder:
                 model.encoder.requires_grad_(False)
+            anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] if cfg.l2sp > 0 else []
             optimizer, scheduler = _optimizer(model, cfg, history.total_steps)
             if resume is not None:
                 history = _resumed(history, load_train_state(state_path_for(resume), model, optimizer, scheduler))
             run = _Run(model, cfg, device, history, optimizer, scheduler, steps_per_epoch,
-                       list(callbacks or []), dict(provenance or {}))
+                       list(callbacks or []), dict(provenance or {}), anchor)
             for epoch in range(history.steps // steps_per_epoch, run.n_epochs):
                 if history.steps >= history.total_steps:
                     break
