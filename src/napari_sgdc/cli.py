@@ -86,8 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--uncertainty", action="store_true",
                          help="also write S_uncertainty.tif, per-pixel uncertainty in [0, 1] (no extra cost)")
     _add_inference_options(predict)
+    slides = predict.add_argument_group(
+        "whole slides", "Slide inputs (.svs .ndpi .mrxs .ome.tif, and tiled pyramidal .tif) are segmented tile by "
+                        "tile into S.ome.zarr, with the object table S_objects.csv and QuPath GeoJSON "
+                        "S_objects.geojson (docs/wholeslide.md).")
+    slides.add_argument("--mpp", type=float, help="slide µm per pixel when its metadata has none (e.g. 0.25 at 40x)")
+    slides.add_argument("--roi", type=_parse_roi, metavar="X,Y,W,H",
+                        help="segment only this box, in level-0 slide pixels")
+    slides.add_argument("--slide-tile", type=int, default=1024,
+                        help="slide tile core (and chunk) size in pixels, a multiple of 32 (default: 1024)")
+    slides.add_argument("--margin", type=int, default=64,
+                        help="context around each slide tile, a multiple of 32 (default: 64 = 16 µm at 40x)")
+    slides.add_argument("--workers", type=int, default=0,
+                        help="run slide tiles on a local Dask cluster of N processes (needs distributed)")
+    slides.add_argument("--scheduler", metavar="ADDRESS",
+                        help="run slide tiles on an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
+    slides.add_argument("--resume", action="store_true", help="continue an interrupted slide run into its store")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", type=Path,
-                         help="image files or folders of images (.jpg .png .tif .bmp)")
+                         help="image files or folders of images (.jpg .png .tif .bmp), or slide files")
 
     train = commands.add_parser(
         "train", help="train a model on a dataset",
@@ -148,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- helpers
 
 
+def _parse_roi(text: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or values[2] <= 0 or values[3] <= 0:
+        raise argparse.ArgumentTypeError(f"expected X,Y,W,H in level-0 pixels with W, H > 0, got {text!r}")
+    return values
+
+
 def _load_model(name: str, device: str):
     from .io import load_model
 
@@ -165,11 +191,13 @@ def _postprocess_options(args):
 def _expand_inputs(inputs: Sequence[Path], command: str) -> tuple[list[Path], int]:
     """Files from files and folders; returns (files, number of bad paths reported)."""
     from .imageio import IMAGE_SUFFIXES
+    from .slide import OPENSLIDE_SUFFIXES
 
     files, bad = [], 0
     for path in inputs:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + OPENSLIDE_SUFFIXES)
             if not found:
                 _report(command, f"{path}: folder holds no images ({' '.join(IMAGE_SUFFIXES)})")
                 bad += 1
@@ -226,7 +254,15 @@ def _run_predict(args) -> int:
     if not files:
         _report("predict", "no input images")
         return 1
+    from .slide import is_slide
+
+    slides = [path for path in files if is_slide(path)]
+    files = [path for path in files if path not in slides]
     model = _load_model(args.model, args.device)
+    if slides:
+        failures += _predict_slides(args, slides, model, options)
+        if not files:
+            return 1 if failures else 0
     _planned_outputs(files, args.out, model.config.is_instance, args.uncertainty, args.overwrite)
     args.out.mkdir(parents=True, exist_ok=True)
     done = 0
@@ -247,6 +283,86 @@ def _run_predict(args) -> int:
             bar.update(1)
     print(f"wrote results for {done} of {len(files)} image(s) to {args.out}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _slide_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _dask_client(args):
+    """A dask.distributed Client for --scheduler or --workers, or None (single process)."""
+    if not args.scheduler and args.workers <= 1:
+        return None, None
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ValueError("--workers/--scheduler need dask.distributed: pip install 'napari-sgdc[cluster]'") from None
+    if args.scheduler:
+        return Client(args.scheduler), None
+    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def _predict_slides(args, slides: list[Path], model, options) -> int:
+    """The slide branch of predict: S.ome.zarr, S_objects.csv and S_objects.geojson per slide."""
+    import os
+
+    from tqdm import tqdm
+
+    from .slide import open_slide
+    from .wholeslide import export_objects, segment_slide
+
+    failures = 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    client = cluster = None
+    try:
+        if args.scheduler or args.workers > 1:
+            client, cluster = _dask_client(args)
+        threads = max(1, (os.cpu_count() or 1) // args.workers) if cluster is not None else 0
+        for path in slides:
+            stem = _slide_stem(path)
+            store = args.out / f"{stem}.ome.zarr"
+            table, geojson = args.out / f"{stem}_objects.csv", args.out / f"{stem}_objects.geojson"
+            try:
+                if not (args.overwrite or args.resume):
+                    for target in (store, table, geojson):
+                        if target.exists():
+                            raise ValueError(f"{target} already exists; not replaced (use --overwrite or --resume)")
+                with open_slide(path, mpp=args.mpp) as slide, \
+                        tqdm(total=0, desc=path.name, unit="tile", file=sys.stderr) as bar:
+                    def on_tile(done, total):
+                        bar.total = total
+                        bar.n = done
+                        bar.refresh()
+
+                    # on a cluster each worker loads the model itself, once
+                    spec = _model_spec(args.model) if client is not None else model
+                    result = segment_slide(spec, slide, store, roi=args.roi, mpp=args.mpp, tile=args.slide_tile,
+                                           margin=args.margin, options=options, progress=on_tile,
+                                           resume=args.resume, overwrite=args.overwrite, client=client,
+                                           threads=threads)
+                count = export_objects(store, table, geojson, overwrite=True)
+                print(f"{path}: {count} objects, {result.tiles_run} of {result.tiles_total} tiles with tissue, "
+                      f"{result.seconds:.1f} s -> {store}", file=sys.stderr)
+            except (ValueError, OSError) as error:
+                _report("predict", error if str(path) in str(error) else f"{path}: {error}")
+                failures += 1
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    return failures
+
+
+def _model_spec(name: str) -> str:
+    from .io import builtin_models
+
+    return name if name in builtin_models() else str(Path(name).expanduser().resolve())
 
 
 # --------------------------------------------------------------------------- train

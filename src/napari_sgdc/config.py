@@ -85,6 +85,8 @@ class ModelConfig:
             size (histology, where magnification matters).
         single_object: the images hold one object (a skin lesion): the mask keeps its
             largest connected region with holes filled.
+        mpp: µm per pixel of the training images (0 = unknown); whole-slide inference reads
+            slides at this resolution (the nuclei model: 0.25, i.e. 40×).
     """
 
     encoder: str = "efficientnet_lite0"
@@ -104,6 +106,7 @@ class ModelConfig:
     norm_std: tuple[float, float, float] = (128.0, 128.0, 128.0)
     resize_long_side: int = 0
     single_object: bool = False
+    mpp: float = 0.0
 
     def __post_init__(self) -> None:
         """Checks every field's type and range, so a bad config (or checkpoint metadata)
@@ -142,6 +145,9 @@ class ModelConfig:
         for name, values, low in (("norm_mean", self.norm_mean, -math.inf), ("norm_std", self.norm_std, 0.0)):
             if not all(_is_number(v) and math.isfinite(v) and v > low for v in values):
                 raise ValueError(f"{name} must be 3 finite numbers{' > 0' if low == 0 else ''}, got {values!r}")
+        if not _is_number(self.mpp) or not (self.mpp == 0 or 0.05 < self.mpp < 50):
+            raise ValueError(f"mpp must be 0 (unknown) or µm per pixel in (0.05, 50), got {self.mpp!r}")
+        self.mpp = float(self.mpp)
 
     @property
     def is_instance(self) -> bool:

@@ -43,7 +43,8 @@ from .locks import model_lock
 from .model import SGDCSegmenter
 from .postprocess import PostprocessOptions, object_confidence, postprocess
 
-__all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "segment", "tile_origins"]
+__all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "predict_maps", "segment",
+           "tile_origins"]
 
 SIZE_MULTIPLE = 32
 MIN_TILE = 64
@@ -220,11 +221,12 @@ class _PlaneSegmenter:
         self.total = len(_tile_layout(*working_shape, tile, overlap)[2]) * n_planes
         self.done = 0
         self._weights: dict[tuple[int, int], np.ndarray] = {}
+        self.gaussian = True  # False: uniform weights (one pass: the maps are then exactly the model's)
 
     def weight(self, height: int, width: int) -> np.ndarray:
         key = (height, width)
         if key not in self._weights:
-            self._weights[key] = _gaussian_weight(height, width)
+            self._weights[key] = _gaussian_weight(height, width) if self.gaussian else np.ones(key, np.float32)
         return self._weights[key]
 
     def run(self, plane: np.ndarray) -> tuple[dict[str, np.ndarray], list[GateMap] | None]:
@@ -352,6 +354,36 @@ def _tile_layout(height: int, width: int, tile: int | None, overlap: float):
     step = max(SIZE_MULTIPLE, int(tile * (1.0 - overlap)) // SIZE_MULTIPLE * SIZE_MULTIPLE)
     origins = [(y0, x0) for y0 in tile_origins(padded_h, tile_h, step) for x0 in tile_origins(padded_w, tile_w, step)]
     return tile_h, tile_w, origins
+
+
+def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = None, overlap: float = 0.25,
+                 device: str | torch.device | None = None, tta: bool = False,
+                 cancel: threading.Event | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The model's blended probability and boundary maps of one 2-D image, without post-processing.
+
+    The same forward pass as `segment` (tiles, Gaussian blending, working resolution, TTA),
+    for callers that post-process regions themselves (whole-slide inference). No
+    out-of-memory fallback.
+
+    Args:
+        model: an `SGDCSegmenter` (run in eval mode under its `model_lock`).
+        image: (H, W[, C]) uint8, uint16 or float image.
+        tile, overlap, device, tta, cancel: as in `segment`; ``tile=None`` runs one pass, whose
+            maps are not blended (so a pixel-wise model gives the same value whatever the crop).
+
+    Returns:
+        ``(probability, boundary)``, float32 (H, W) each.
+    """
+    array = np.asarray(image)
+    check_image(array.shape, array.dtype)
+    working = working_size(*array.shape[:2], model.config.resize_long_side)
+    with model_lock(model), eval_mode(model):
+        target = model_device(model) if device is None else resolve_device(device)
+        runner = _PlaneSegmenter(model.to(target), target, tile, overlap, False, None, cancel, 1, working,
+                                 model.config.resize_long_side, tta=tta)
+        runner.gaussian = bool(tile)  # one pass: no blending, so every pixel is exactly the model's output
+        maps, _ = runner.run(array)
+    return maps["probability"], maps["boundary"]
 
 
 def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions | None = None, *,

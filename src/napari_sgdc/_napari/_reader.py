@@ -1,0 +1,83 @@
+"""npe2 reader: whole slides as multiscale images, and napari-sgdc OME-Zarr results as
+multiscale probability images and labels. Nothing is read at full resolution: every level
+is a lazy dask array (napari reads only the tiles on screen).
+
+Claimed patterns (napari.yaml): .svs .ndpi .mrxs .ome.tif(f) and .ome.zarr folders. Other
+files are declined (None), so plain images open with napari's built-in reader as before; a
+generic tiled pyramidal .tif opens with ``viewer.open(path, plugin="napari-sgdc")``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["get_reader", "read_slide", "read_result_store"]
+
+
+def get_reader(path):
+    """The reader function for `path`, or None when it is neither a slide nor a napari-sgdc store."""
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    path = Path(path)
+    if path.is_dir():
+        return read_result_store if _is_result_store(path) else None
+    from napari_sgdc.slide import is_slide
+
+    return read_slide if is_slide(path) else None
+
+
+def _is_result_store(path: Path) -> bool:
+    try:
+        with open(path / ".zattrs") as stream:
+            return "napari_sgdc" in json.load(stream)
+    except (OSError, ValueError):
+        return False
+
+
+def read_slide(path):
+    """[(levels, metadata, "image")]: every level as a lazy dask array, scale in µm when known."""
+    from napari_sgdc.slide import open_slide
+
+    path = Path(path[0] if isinstance(path, (list, tuple)) else path)
+    slide = open_slide(path)  # stays open: the dask arrays read from it
+    levels = [slide.level_array(level) for level in range(slide.level_count)]
+    scale = (slide.mpp, slide.mpp) if slide.mpp else (1.0, 1.0)
+    metadata = {"name": path.name, "multiscale": len(levels) > 1, "rgb": True, "scale": scale,
+                "contrast_limits": [0, 255], "metadata": {"slide": slide, "mpp": slide.mpp},
+                "units": ("µm", "µm") if slide.mpp else ("pixel", "pixel")}
+    return [(levels if len(levels) > 1 else levels[0], metadata, "image")]
+
+
+def _scale(multiscales: dict) -> tuple[float, float]:
+    return tuple(multiscales["datasets"][0]["coordinateTransformations"][0]["scale"][-2:])
+
+
+def read_result_store(path):
+    """Probability and boundary (multiscale images), nuclei labels (multiscale) and the tissue mask."""
+    import dask.array as da
+    import zarr
+
+    path = Path(path[0] if isinstance(path, (list, tuple)) else path)
+    root = zarr.open_group(str(path), mode="r")
+    multiscales = root.attrs["multiscales"][0]
+    scale = _scale(multiscales)
+    images = [da.from_zarr(root[d["path"]]) for d in multiscales["datasets"]]
+    stem = path.name.split(".")[0]
+    layers = []
+    for channel, (name, colormap) in enumerate((("probability", "magenta"), ("boundary", "cyan"))):
+        layers.append(([level[channel] for level in images],
+                       {"name": f"{stem} {name}", "multiscale": True, "scale": scale, "colormap": colormap,
+                        "blending": "additive", "contrast_limits": [0, 255], "visible": channel == 0,
+                        "opacity": 0.5}, "image"))
+    nuclei = root["labels/nuclei"]
+    nuclei_ms = nuclei.attrs["multiscales"][0]
+    layers.append(([da.from_zarr(nuclei[d["path"]]) for d in nuclei_ms["datasets"]],
+                   {"name": f"{stem} nuclei", "multiscale": True, "scale": _scale(nuclei_ms)}, "labels"))
+    tissue = root["labels/tissue"]
+    tissue_ms = tissue.attrs["multiscales"][0]
+    layers.append((da.from_zarr(tissue["0"]), {"name": f"{stem} tissue", "scale": _scale(tissue_ms),
+                                              "opacity": 0.3, "visible": False}, "labels"))
+    return layers

@@ -1,0 +1,240 @@
+"""segment_slide: seams (vs one piece), resampling, resume, outputs, CLI, Dask workers, the reader."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+import zarr
+
+import _slides
+from _slides import PixelModel, same_partition, synthetic_rgb, write_slide
+from napari_sgdc.inference import Cancelled, predict_maps
+from napari_sgdc.postprocess import postprocess
+from napari_sgdc.slide import SlideError, open_slide
+from napari_sgdc.wholeslide import (OBJECT_COLUMNS, StoreExistsError, export_objects, read_store_labels,
+                                    segment_slide)
+
+TILE, MARGIN = 256, 32  # small tiles: many seams on a small slide
+
+
+@pytest.fixture(scope="module")
+def rgb():
+    return synthetic_rgb()  # (1280, 1536), ~50 % background
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory, rgb):
+    return write_slide(tmp_path_factory.mktemp("slide") / "syn.ome.tif", rgb)
+
+
+@pytest.fixture(scope="module")
+def reference(slide_path, tmp_path_factory):
+    """An uninterrupted single-process run (shared by the comparisons)."""
+    out = tmp_path_factory.mktemp("ref") / "syn.ome.zarr"
+    result = segment_slide(PixelModel(), slide_path, out, tile=TILE, margin=MARGIN)
+    return out, result
+
+
+def _arrays(store):
+    """Every array of a store as {path: ndarray}, plus the tile records."""
+    root = zarr.open_group(str(store), mode="r")
+    out = {}
+    for name in [str(k) for k in range(len(root.attrs["multiscales"][0]["datasets"]))]:
+        array = root[name]
+        out[name] = np.asarray(array[...])
+    for group in ("labels/nuclei", "labels/tissue"):
+        for name, array in root[group].arrays():
+            out[f"{group}/{name}"] = np.asarray(array[...])
+    for record in sorted((store / "tiles").glob("*.npz")):
+        with np.load(record) as data:
+            for key in data.files:
+                out[f"tiles/{record.stem}/{key}"] = data[key]
+    return out
+
+
+def _assert_same_store(a, b):
+    left, right = _arrays(a), _arrays(b)
+    assert sorted(left) == sorted(right)
+    for key in left:
+        np.testing.assert_array_equal(left[key], right[key], err_msg=key)
+
+
+def test_seams_match_one_piece_segmentation(reference, rgb):
+    out, result = reference
+    labels = read_store_labels(out)
+    probability, boundary = predict_maps(PixelModel(), rgb)  # the same region in one piece
+    _, whole = postprocess(probability, boundary, instances=True)
+    assert result.too_large == 0 and result.n_objects == whole.max() > 200
+    assert same_partition(labels, whole)  # no duplicates, no cut halves, nothing lost
+    assert np.array_equal(np.unique(labels), np.arange(result.n_objects + 1))  # ids 1..N, unique slide-wide
+    # many objects really do cross a tile border
+    crossing = sum(len(np.unique(labels[:, c - 1:c + 1][labels[:, c - 1:c + 1] > 0])) for c in range(TILE, 1536, TILE))
+    assert crossing > 10
+
+
+def test_tissue_skipping_and_store_layout(reference):
+    out, result = reference
+    assert result.tiles_total == 30 and result.tiles_run < result.tiles_total
+    root = zarr.open_group(str(out), mode="r")
+    assert root.attrs["napari_sgdc"]["complete"] and not (out / "_work").exists()
+    assert root["0"].shape == (2, 1280, 1536) and root["labels/nuclei/0"].chunks == (TILE, TILE)
+    assert root.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 0.25, 0.25]
+    levels = [root[f"labels/nuclei/{k}"].shape for k in range(len(root.attrs["multiscales"][0]["datasets"]))]
+    assert levels[1] == (640, 768) and len(levels) >= 3
+    tissue = np.asarray(root["labels/tissue/0"][...])
+    assert set(np.unique(tissue)) <= {0, 1, 2} and (tissue == 0).mean() > 0.3
+
+
+def test_lower_magnification_slide_is_resampled(tmp_path, rgb):
+    """A 20x slide (0.5 µm/px) is read at the model's 0.25 µm/px: nuclei keep their size in µm."""
+    path = write_slide(tmp_path / "x20.ome.tif", rgb[::2, ::2], mpp=0.5)
+    result = segment_slide(PixelModel(), path, tmp_path / "x20.ome.zarr", tile=TILE, margin=MARGIN)
+    assert result.shape == (1280, 1536) and result.mpp == 0.25
+    n = export_objects(tmp_path / "x20.ome.zarr", tmp_path / "t.csv")
+    areas = np.loadtxt(tmp_path / "t.csv", delimiter=",", skiprows=1, usecols=3)
+    assert n > 150 and 5 < np.median(areas) < 30  # radius 5-10 px at 0.25 µm: about 6-20 µm²
+
+
+def test_resume_after_cancel_equals_uninterrupted(reference, slide_path, tmp_path):
+    out = tmp_path / "syn.ome.zarr"
+    cancel = threading.Event()
+
+    def progress(done, total):
+        if done >= 6:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        segment_slide(PixelModel(), slide_path, out, tile=TILE, margin=MARGIN, progress=progress, cancel=cancel)
+    done_before = len(list((out / "tiles").glob("*.npz")))
+    assert 0 < done_before < reference[1].tiles_run
+    with pytest.raises(StoreExistsError):
+        segment_slide(PixelModel(), slide_path, out, tile=TILE, margin=MARGIN)
+    with pytest.raises(ValueError, match="other settings"):
+        segment_slide(PixelModel(), slide_path, out, tile=TILE, margin=64, resume=True)
+    result = segment_slide(PixelModel(), slide_path, out, tile=TILE, margin=MARGIN, resume=True)
+    assert result.tiles_resumed == done_before
+    _assert_same_store(out, reference[0])
+
+
+def test_object_table_and_geojson(reference, tmp_path):
+    out, result = reference
+    labels = read_store_labels(out)
+    table, geojson = tmp_path / "o.csv", tmp_path / "o.geojson"
+    assert export_objects(out, table, geojson) == result.n_objects
+    with open(table) as stream:
+        rows = list(csv.DictReader(stream))
+    assert tuple(rows[0]) == OBJECT_COLUMNS and len(rows) == result.n_objects
+    areas = np.bincount(labels.ravel())
+    for row in rows[:: max(1, len(rows) // 25)]:
+        k = int(row["id"])
+        ys, xs = np.nonzero(labels == k)
+        assert float(row["area_um2"]) == pytest.approx(areas[k] * 0.0625, abs=1e-3)
+        assert float(row["centroid_x_um"]) == pytest.approx((xs.mean() + 0.5) * 0.25, abs=1e-3)
+        assert float(row["bbox_y0_um"]) == pytest.approx(ys.min() * 0.25) and 0.5 < float(row["mean_probability"]) <= 1
+    features = json.loads(geojson.read_text())["features"]
+    assert len(features) == result.n_objects
+    feature = features[len(features) // 2]
+    assert feature["properties"]["objectType"] == "detection" and feature["geometry"]["type"] == "Polygon"
+    ring = np.array(feature["geometry"]["coordinates"][0])
+    k = int(feature["properties"]["name"])
+    ys, xs = np.nonzero(labels == k)  # the polygon hugs the object (level-0 pixels = working pixels here)
+    assert np.array_equal(ring[0], ring[-1])
+    assert xs.min() - 0.01 <= ring[:, 0].min() and ring[:, 0].max() <= xs.max() + 1.01
+    assert ys.min() - 0.01 <= ring[:, 1].min() and ring[:, 1].max() <= ys.max() + 1.01
+    with pytest.raises(FileExistsError):
+        export_objects(out, table)
+
+
+def test_roi_keeps_objects_with_centroid_inside(reference, slide_path, tmp_path):
+    out = tmp_path / "roi.ome.zarr"
+    result = segment_slide(PixelModel(), slide_path, out, roi=(300, 400, 500, 300), tile=TILE, margin=MARGIN)
+    export_objects(out, tmp_path / "roi.csv")
+    xy = np.loadtxt(tmp_path / "roi.csv", delimiter=",", skiprows=1, usecols=(1, 2), ndmin=2) / 0.25
+    assert result.n_objects == len(xy) > 5
+    assert (xy[:, 0] >= 300).all() and (xy[:, 0] < 800).all() and (xy[:, 1] >= 400).all() and (xy[:, 1] < 700).all()
+
+
+def test_missing_mpp_refused_before_writing(tmp_path, rgb):
+    path = write_slide(tmp_path / "nompp.tif", rgb[:512, :512], mpp=None, ome=False)
+    out = tmp_path / "nompp.ome.zarr"
+    with pytest.raises(SlideError, match="mpp") as error:
+        segment_slide(PixelModel(), path, out, tile=TILE, margin=MARGIN)
+    assert str(path) in str(error.value) and "\n" not in str(error.value) and not out.exists()
+    assert segment_slide(PixelModel(), path, out, mpp=0.25, tile=TILE, margin=MARGIN).n_objects > 0
+
+
+def test_cli_predict_on_a_slide(slide_path, tmp_path):
+    import torch
+
+    from napari_sgdc.cli import main
+    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.model import build_model, tiny_config
+
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors",
+                                 build_model(tiny_config(task="instance", mpp=0.25)).eval())
+    args = ["predict", "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--device", "cpu",
+            "--slide-tile", "512", "--threshold", "0.2", str(slide_path)]
+    assert main(args) == 0
+    out = tmp_path / "out"
+    assert (out / "syn.ome.zarr" / ".zattrs").is_file()
+    assert (out / "syn_objects.csv").is_file() and (out / "syn_objects.geojson").is_file()
+    assert main(args) == 1  # the store exists: refused
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    distributed = pytest.importorskip("distributed")
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(_slides)  # workers need not import the test helpers
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
+            distributed.Client(lc) as client:
+        yield client
+
+
+def test_two_workers_equal_single_process(cluster, reference, slide_path, tmp_path):
+    out = tmp_path / "w2.ome.zarr"
+    segment_slide(PixelModel(), slide_path, out, tile=TILE, margin=MARGIN, client=cluster, threads=1)
+    _assert_same_store(out, reference[0])
+
+
+def test_killed_worker_tiles_are_retried(cluster, reference, slide_path, tmp_path):
+    out = tmp_path / "killed.ome.zarr"
+    killed = []
+
+    def progress(done, total):
+        if done == 4 and not killed:
+            pids = cluster.run(os.getpid)
+            victim = sorted(pids.values())[0]
+            os.kill(victim, 9)
+            killed.append(victim)
+
+    segment_slide(PixelModel(delay=0.15), slide_path, out, tile=TILE, margin=MARGIN, client=cluster, threads=1,
+                  progress=progress)
+    assert killed
+    _assert_same_store(out, reference[0])
+
+
+def test_reader_opens_slide_and_store_lazily(reference, slide_path):
+    import dask.array as da
+
+    from napari_sgdc._napari._reader import get_reader
+
+    reader = get_reader(str(slide_path))
+    [(levels, meta, kind)] = reader(str(slide_path))
+    assert kind == "image" and meta["multiscale"] and meta["rgb"] and meta["scale"] == (0.25, 0.25)
+    assert all(isinstance(level, da.Array) for level in levels)  # nothing read yet
+    assert [level.shape[:2] for level in levels] == [(1280, 1536), (640, 768), (320, 384)]
+    layers = get_reader(str(reference[0]))(str(reference[0]))
+    kinds = [kind for _, _, kind in layers]
+    assert kinds == ["image", "image", "labels", "labels"]
+    nuclei, meta, _ = layers[2]
+    assert meta["multiscale"] and meta["scale"] == (0.25, 0.25) and isinstance(nuclei[0], da.Array)
+    np.testing.assert_array_equal(np.asarray(nuclei[0]), read_store_labels(reference[0]))
+    assert get_reader("image.png") is None and get_reader(str(slide_path.parent)) is None
