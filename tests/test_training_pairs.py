@@ -47,6 +47,23 @@ def test_collect_pair_keeps_only_edited_non_empty_planes_of_a_stack():
     assert len(everything.images) == 3 and ", 3 planes" in everything.title
 
 
+def test_collect_pair_keeps_the_prediction_of_each_kept_plane_and_fully_erased_planes():
+    planes = np.zeros((3, 4, 5), np.uint8)
+    predicted = np.zeros((3, 4, 5), np.int32)
+    predicted[:, 1:3, 1:3] = 1
+    labels = predicted.copy()
+    labels[0] = 0  # plane 0: a false object erased, nothing left (a correction too)
+    labels[2, 0, 0] = 2  # plane 2: an object added
+    pair = _pair(planes, labels, predicted=predicted)
+    assert len(pair.labels) == 2 and not pair.labels[0].any()
+    np.testing.assert_array_equal(pair.predictions[0], predicted[0])
+    np.testing.assert_array_equal(pair.predictions[1], predicted[2])
+    predicted[:] = 0  # copies
+    assert pair.predictions[1].any()
+    assert _pair(planes, labels).predictions is None  # not the model's own mask
+    assert pair.key == ("img", SOURCE)
+
+
 @pytest.mark.parametrize("labels, predicted, message", [
     (np.ones((4, 6), np.uint8), None, "must match pixel for pixel"),
     (np.zeros((4, 5), np.uint8), None, "all background"),

@@ -4,8 +4,10 @@ no napari or Qt).
 The napari Fine-tune widget reads its image and labels layers into arrays and calls
 `collect_pair`; the pairs it keeps are tied to the model they were made for, and
 `split_by_model` keeps a fine-tune run to the pairs of the model being trained.
-(Which pixels of a pair were edited, and how much they weigh in the loss, is
-`napari_sgdc.train.corrections`.)
+A pair made from the model's own mask keeps what the model wrote (`TrainingPair.predictions`),
+so fine-tuning learns most from the edited pixels. (Which pixels of a pair were
+edited, and how much they weigh in the loss, is `napari_sgdc.train.corrections`.)
+`napari_sgdc.autosave` keeps the pairs on disk until they are trained or discarded.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class TrainingPair:
         labels: their labels, each (H, W) int.
         model_source: the model whose prediction was corrected (a built-in
             ``"built-in: <name>"`` or a checkpoint path); the pair trains only that model.
+        predictions: per plane, what the model wrote before the user corrected it (the
+            ``predictions`` of `napari_sgdc.train.finetune`), or None when the labels did
+            not start from the model's mask.
     """
 
     image_name: str
@@ -41,6 +46,12 @@ class TrainingPair:
     images: list[np.ndarray]
     labels: list[np.ndarray]
     model_source: str
+    predictions: list[np.ndarray] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(image name, model source): a newer pair with the same key replaces an older one."""
+        return self.image_name, self.model_source
 
     @property
     def model_name(self) -> str:
@@ -68,13 +79,15 @@ def collect_pair(planes: np.ndarray, labels: np.ndarray, *, image_shape: Sequenc
         labels_name: name of the corrections.
         model_source: the model the corrections were made for.
         predicted: (N, H, W) what the model wrote into `labels`, when `labels` is the
-            model's own mask: only planes that differ from it are kept.
+            model's own mask: only planes that differ from it are kept (a plane the user
+            erased completely is a correction too), each with its prediction.
 
     Returns:
-        A `TrainingPair` of copies of the corrected, non-empty planes.
+        A `TrainingPair` of copies of the corrected planes (without `predicted`: the
+        non-empty planes).
 
     Raises:
-        InputError: shape mismatch, all background, or no corrections.
+        InputError: shape mismatch, all background (without `predicted`), or no corrections.
     """
     image_shape, labels = tuple(int(n) for n in image_shape), np.asarray(labels)
     if tuple(labels.shape) != image_shape:
@@ -82,29 +95,30 @@ def collect_pair(planes: np.ndarray, labels: np.ndarray, *, image_shape: Sequenc
             f"Labels '{labels_name}' have shape {tuple(labels.shape)} but image '{image_name}' has shape "
             f"{image_shape}: they must match pixel for pixel."
         )
-    if not labels.any():
-        raise InputError(f"Labels '{labels_name}' are all background (0): paint the objects first.")
     label_planes = labels.reshape((-1, *image_shape[-2:]))  # (N, H, W)
     if len(planes) != len(label_planes):
         raise ValueError(f"{len(planes)} image planes but {len(label_planes)} label planes")
-    keep = label_planes.reshape(len(label_planes), -1).any(axis=1)
     if predicted is not None and np.shape(predicted) == label_planes.shape:
-        changed = (label_planes != predicted).reshape(len(label_planes), -1).any(axis=1)
-        if not changed.any():
+        predicted = np.asarray(predicted)
+        keep = (label_planes != predicted).reshape(len(label_planes), -1).any(axis=1)
+        if not keep.any():
             raise InputError(
                 f"No corrections in '{labels_name}': it still equals the model's prediction. "
                 "Paint or erase on it first."
             )
-        keep &= changed
+    else:
+        predicted = None
+        if not labels.any():
+            raise InputError(f"Labels '{labels_name}' are all background (0): paint the objects first.")
+        keep = label_planes.reshape(len(label_planes), -1).any(axis=1)
     indices = np.flatnonzero(keep)
-    if len(indices) == 0:
-        raise InputError(f"No corrections in '{labels_name}': the edited planes are all background.")
     return TrainingPair(
         image_name=image_name,
         labels_name=labels_name,
         images=[np.array(planes[i]) for i in indices],
         labels=[np.array(label_planes[i]) for i in indices],
         model_source=model_source,
+        predictions=None if predicted is None else [np.array(predicted[i]) for i in indices],
     )
 
 

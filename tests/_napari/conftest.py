@@ -12,6 +12,14 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def sgdc_cache(tmp_path, monkeypatch) -> Path:
+    """Every GUI test autosaves into its own temporary cache folder, never the user's."""
+    folder = tmp_path / "sgdc-cache"
+    monkeypatch.setenv("NAPARI_SGDC_CACHE", str(folder))
+    return folder
+
+
 def _save_tiny(path: Path, task: str) -> Path:
     from napari_sgdc.io import save_checkpoint
     from napari_sgdc.model import build_model, tiny_config

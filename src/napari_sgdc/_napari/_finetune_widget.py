@@ -1,4 +1,11 @@
-"""The "SGDC Fine-tune" dock widget: correct, retrain, re-segment, undo, save."""
+"""The "SGDC Fine-tune" dock widget: correct, retrain, re-segment, undo, save.
+
+The dock shows how much of the picked corrections differs from what the model wrote
+(`napari_sgdc.train.corrections.edit_summary`), live while the user paints, and
+fine-tuning weights those edited pixels (``finetune(predictions=...)``). Its
+training list is autosaved (`napari_sgdc.autosave`), so corrections survive a crash
+or a closed napari; the next session offers to recover them.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +28,15 @@ from napari.layers import Image, Labels, Layer
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_info, show_warning
+from qtpy.QtCore import QTimer
 
-from napari_sgdc._napari._layers import image_of_result, image_planes, mask_layer_of, spatial_shape_of
+from napari_sgdc._napari._layers import (
+    _transform_kwargs,
+    image_of_result,
+    image_planes,
+    mask_layer_of,
+    spatial_shape_of,
+)
 from napari_sgdc._napari._runner import Outcome, Relay, SegmentJob, _guarded, error_text, notify_error
 from napari_sgdc._napari._session import Job, ModelState, SGDCSession, display_name, get_session, real_viewer
 from napari_sgdc._napari._shared import ImagePicker, claim, wrap_status, ensure_idle
@@ -32,6 +46,8 @@ if TYPE_CHECKING:
     import napari
 
 MAX_UNDO = 10
+EDITS_DELAY_MS = 150
+"""The edited-region count is recomputed this long after the last paint event (strokes coalesce)."""
 
 
 def read_pair(viewer: Any, session: SGDCSession, image: Any, labels: Any) -> TrainingPair:
@@ -65,6 +81,52 @@ def read_pair(viewer: Any, session: SGDCSession, image: Any, labels: Any) -> Tra
     )
 
 
+def _wrap_list(select: Select) -> None:
+    """Long pair titles wrap inside the training list instead of widening the dock (which
+    would shrink the canvas)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QAbstractScrollArea, QSizePolicy
+
+    native = select.native
+    native.setWordWrap(True)
+    native.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    native.setSizeAdjustPolicy(QAbstractScrollArea.SizeAdjustPolicy.AdjustIgnored)
+    native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+
+
+def edits_text(viewer: Any, session: SGDCSession, image: Any, labels: Any) -> str:
+    """One line on what the user changed in `labels`, the picked corrections of `image`.
+
+    For the image's own ``<image> mask`` it counts the edited pixels and objects against
+    what the model wrote (`napari_sgdc.train.corrections.edit_summary` per plane);
+    for another Labels layer it says that the whole image is used.
+    """
+    if not isinstance(labels, Labels) or not isinstance(image, Image):
+        return ""
+    cache = session.results.get(image)
+    if cache is None or mask_layer_of(viewer, image) is not labels:
+        return f"'{labels.name}': not the model's mask, so the whole image is used"
+    data = np.asarray(labels.data)
+    if data.size != cache.written_mask.size:
+        return ""
+    from napari_sgdc.train.corrections import edit_summary
+
+    planes = data.reshape(cache.written_mask.shape)
+    pixels = objects = edited_planes = 0
+    for index in range(len(planes)):
+        if np.array_equal(planes[index], cache.written_mask[index]):
+            continue
+        summary = edit_summary(planes[index], cache.written_mask[index], instance=cache.instances)
+        if summary.pixels:
+            pixels, objects, edited_planes = pixels + summary.pixels, objects + summary.objects, edited_planes + 1
+    if not pixels:
+        return "no edits yet: paint or erase on the mask"
+    noun = "object" if objects == 1 else "objects"
+    where = f" on {edited_planes} plane{'s' if edited_planes > 1 else ''}" if cache.lead_shape else ""
+    share = 100.0 * pixels / data.size
+    return f"{pixels} px ({share:.1f}%) in {objects} {noun}{where}; they weigh most in fine-tuning"
+
+
 class FinetuneWidget(Container):
     """Fine-tunes the shared in-memory model on corrected labels.
 
@@ -96,6 +158,9 @@ class FinetuneWidget(Container):
             name="labels_layer", label="corrections", choices=self._labels_choices, nullable=True,
             tooltip="The corrected ground truth: paint/erase on '<image> mask' or pick any Labels layer.",
         )
+        self.edits = Label(name="edits", label="edited", value="")
+        self.edits.tooltip = ("Pixels and objects of the corrections that differ from what the model wrote; "
+                              "fine-tuning crops to them and weighs them most.")
         self.training_list = Select(name="training_list", label="training list", choices=self._pair_titles)
         self.add_button = PushButton(name="add_button", text="Add pair")
         self.remove_button = PushButton(name="remove_button", text="Remove selected")
@@ -120,13 +185,30 @@ class FinetuneWidget(Container):
         file_buttons = Container(layout="horizontal", labels=False, label=" ",
                                  widgets=[self.undo_button, self.save_button])
         file_buttons.margins = (0, 0, 0, 0)
+        self.recover_button = PushButton(name="recover_button", text="Recover autosaved corrections")
+        self.discard_button = PushButton(name="discard_button", text="Discard")
+        self.recover_row = Container(name="recover_row", layout="horizontal", labels=False, label=" ",
+                                     widgets=[self.recover_button, self.discard_button])
+        self.recover_row.margins = (0, 0, 0, 0)
         self.status = Label(name="status", label="status", value="")
         wrap_status(self.status)
+        wrap_status(self.edits)
+        _wrap_list(self.training_list)
         self.extend([
-            self.image_layer, self.labels_layer, self.training_list, list_buttons, self.preset, self.advanced,
-            self.steps, self.learning_rate, self.freeze_encoder, run_buttons, file_buttons, self.status,
+            self.recover_row, self.image_layer, self.labels_layer, self.edits, self.training_list, list_buttons,
+            self.preset, self.advanced, self.steps, self.learning_rate, self.freeze_encoder, run_buttons,
+            file_buttons, self.status,
         ])
         self._build_plot()
+        from napari_sgdc.autosave import Autosave
+
+        self.autosave = Autosave()
+        self._autosave_failed = False
+        self._watched: Labels | None = None
+        self._edits_timer = QTimer(self.native)
+        self._edits_timer.setSingleShot(True)
+        self._edits_timer.setInterval(EDITS_DELAY_MS)
+        self._edits_timer.timeout.connect(self.update_edits)
 
         self.preset.changed.connect(self._apply_preset)
         self.advanced.changed.connect(self._show_advanced)
@@ -138,10 +220,15 @@ class FinetuneWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         self.undo_button.changed.connect(self.undo)
         self.save_button.changed.connect(self.save_dialog)
+        self.recover_button.changed.connect(self.recover)
+        self.discard_button.changed.connect(self.discard)
         self._session.connect("segmented", self._on_segmented)
         self._apply_preset(self.preset.value)
         self._show_advanced(False)
         self._on_image_picked(self.image_layer.value)
+        self._watch(self.labels_layer.value)
+        self.update_edits()
+        self._offer_recovery()
 
     # -- plot --------------------------------------------------------------------------
     def _build_plot(self) -> None:
@@ -188,16 +275,125 @@ class FinetuneWidget(Container):
             self.labels_layer.value = mask
 
     def _on_labels_picked(self, labels: Layer | None) -> None:
+        self._watch(labels)
         if labels is None:
             return
         image = image_of_result(self._viewer, labels)
         if image is not None and self.image_layer.value is not image:
             self.image_layer.value = image
+        self._schedule_edits()
 
     def _on_segmented(self, image: Image) -> None:
         self.reset_choices()
         if self.image_layer.value is image:
             self._on_image_picked(image)
+        self._schedule_edits()
+
+    # -- edited region ---------------------------------------------------------------------
+    def _watch(self, labels: Layer | None) -> None:
+        """Follows the paint and data events of the picked corrections layer only."""
+        if labels is self._watched:
+            return
+        if self._watched is not None:
+            for event in (self._watched.events.paint, self._watched.events.data):
+                event.disconnect(self._schedule_edits)
+        self._watched = labels if isinstance(labels, Labels) else None
+        if self._watched is not None:
+            for event in (self._watched.events.paint, self._watched.events.data):
+                event.connect(self._schedule_edits)
+
+    def _schedule_edits(self, *_: Any) -> None:
+        self._edits_timer.start()  # restarts: one count after the strokes stop
+
+    def update_edits(self) -> str:
+        """Shows how much of the picked corrections differs from what the model wrote.
+
+        Returns:
+            The text shown (empty when there is nothing to compare).
+        """
+        try:
+            text = edits_text(self._viewer, self._session, self.image_layer.value, self.labels_layer.value)
+        except Exception as exc:  # noqa: BLE001 - a count must never break painting
+            text = f"not counted: {error_text(exc)}"
+        self.edits.value = text
+        self.edits.visible = bool(text)
+        return text
+
+    # -- autosave and recovery ---------------------------------------------------------------
+    def _autosave(self, pairs: list[TrainingPair]) -> None:
+        """Saves `pairs` to the autosave folder; a failure is a warning (once), never an error."""
+        try:
+            self.autosave.save(pairs)
+        except Exception as exc:  # noqa: BLE001 - e.g. a full disk: keep working, say it once
+            if not self._autosave_failed:
+                show_warning(f"Could not autosave the corrections to {self.autosave.folder}: {error_text(exc)}")
+            self._autosave_failed = True
+
+    def _forget(self, keys: list[tuple[str, str]]) -> None:
+        try:
+            self.autosave.remove(keys)
+        except Exception as exc:  # noqa: BLE001
+            show_warning(f"Could not update the autosave in {self.autosave.folder}: {error_text(exc)}")
+
+    def _offer_recovery(self) -> None:
+        pending = self.autosave.pending()
+        self.recover_row.visible = bool(pending)
+        if not pending:
+            return
+        noun = "correction" if len(pending) == 1 else "corrections"
+        self.recover_button.text = f"Recover {len(pending)} autosaved {noun}"
+        names = ", ".join(sorted({entry.image_name for entry in pending}))
+        self.recover_button.tooltip = f"Corrected images from an earlier session: {names}"
+        show_info(f"SGDC Fine-tune: {len(pending)} autosaved {noun} from an earlier session ({names}). "
+                  "Press 'Recover' in SGDC Fine-tune to add them back, or 'Discard'.")
+
+    def recover(self, *_: Any) -> list[TrainingPair]:
+        """Adds the autosaved pairs of earlier sessions back to the training list.
+
+        A one-plane pair also comes back as a Labels layer ``<labels> (recovered)`` on its
+        image (the image is added too when no layer has its name); existing layers are
+        never changed.
+
+        Returns:
+            The recovered pairs.
+        """
+        pending = self.autosave.pending()
+        pairs, problems = self.autosave.load(pending)
+        for problem in problems:
+            notify_error(f"Could not recover an autosaved correction: {problem}")
+        for pair in pairs:
+            self.pairs = [p for p in self.pairs if p.key != pair.key] + [pair]
+            self._add_recovered_layers(pair)
+        self.training_list.reset_choices()
+        readable = {pair.key for pair in pairs}
+        try:
+            self.autosave.adopt([entry for entry in pending if entry.key in readable])
+        except Exception as exc:  # noqa: BLE001
+            show_warning(f"Could not update the autosave in {self.autosave.folder}: {error_text(exc)}")
+        self.recover_row.visible = False
+        self.status.value = f"recovered {len(pairs)} corrected image(s) into the training list"
+        return pairs
+
+    def discard(self, *_: Any) -> None:
+        """Deletes the autosaved pairs of earlier sessions."""
+        self._forget([entry.key for entry in self.autosave.pending()])
+        self.recover_row.visible = False
+        self.status.value = "autosaved corrections discarded"
+
+    def _add_recovered_layers(self, pair: TrainingPair) -> None:
+        if len(pair.labels) != 1:
+            return  # planes of a stack: the training list holds them
+        labels, image_data = pair.labels[0], pair.images[0]
+        image = self._viewer.layers[pair.image_name] if pair.image_name in self._viewer.layers else None
+        if image is None:
+            rgb = image_data.ndim == 3 and image_data.shape[-1] in (3, 4)
+            image = self._viewer.add_image(np.array(image_data), name=pair.image_name, rgb=rgb)
+        if not isinstance(image, Image) or tuple(spatial_shape_of(image)) != labels.shape:
+            return
+        name, number = f"{pair.labels_name} (recovered)", 2
+        while name in self._viewer.layers:
+            name, number = f"{pair.labels_name} (recovered {number})", number + 1
+        self._viewer.add_labels(np.array(labels), name=name, **_transform_kwargs(image))
 
     # -- training list ---------------------------------------------------------------------
     def add_pair(self, *_: Any) -> bool:
@@ -217,13 +413,14 @@ class FinetuneWidget(Container):
 
     def _put_pair(self, pair: TrainingPair) -> None:
         """Adds `pair`, replacing an earlier pair of the same image for the same model."""
-        self.pairs = [p for p in self.pairs
-                      if (p.image_name, p.model_source) != (pair.image_name, pair.model_source)] + [pair]
+        self.pairs = [p for p in self.pairs if p.key != pair.key] + [pair]
         self.training_list.reset_choices()
+        self._autosave([pair])
 
     def remove_selected(self, *_: Any) -> None:
-        """Removes the selected entries from the training list."""
+        """Removes the selected entries from the training list (and from the autosave)."""
         selected = set(self.training_list.value)
+        self._forget([pair.key for pair in self.pairs if pair.title in selected])
         self.pairs = [pair for pair in self.pairs if pair.title not in selected]
         self.training_list.reset_choices()
 
@@ -319,6 +516,11 @@ class FinetuneWidget(Container):
         labels = [
             (plane.astype(np.int32) if instances else plane > 0) for pair in pairs for plane in pair.labels
         ]
+        predictions = [
+            None if prediction is None else (prediction.astype(np.int32) if instances else prediction > 0)
+            for pair in pairs for prediction in (pair.predictions or [None] * len(pair.labels))
+        ]
+        self._autosave(pairs)  # before training: a crash from here on loses no correction
         snapshot = state.snapshot()
         self._cancel = threading.Event()
         self.losses = []
@@ -337,9 +539,8 @@ class FinetuneWidget(Container):
         def job() -> Any:
             from napari_sgdc.train import finetune
 
-            return finetune(
-                state.model, images, labels, preset=config, callbacks=[self._relay.event.emit], cancel=self._cancel
-            )
+            return finetune(state.model, images, labels, preset=config, predictions=predictions,
+                            callbacks=[self._relay.event.emit], cancel=self._cancel)
 
         self.worker = create_worker(_guarded(job), _start_thread=False)
         self.worker.returned.connect(
@@ -405,6 +606,8 @@ class FinetuneWidget(Container):
         state.last_train_config = config
         if len(state.undo) > MAX_UNDO:
             state.undo.pop(0)
+        # trained into a kept run: no longer at risk (a newer pair of an image, added meanwhile, stays)
+        self._forget([pair.key for pair in pairs if any(pair is current for current in self.pairs)])
         self.status.value = (
             f"fine-tuned {run_info['steps']} steps in {outcome.seconds:.1f} s"
             + (f"; loss {losses[0]:.3f} → {losses[-1]:.3f}" if losses else "")
@@ -458,6 +661,8 @@ class FinetuneWidget(Container):
             return False
         state.restore(state.undo.pop())
         run = state.runs.pop() if state.runs else {"images": []}
+        self._autosave([pair for pair in self.pairs  # the undone run no longer holds these corrections
+                        if pair.model_source == state.source and pair.image_name in run["images"]])
         state.last_train_config = None
         self.status.value = f"undone; {len(state.runs)} fine-tune run(s) kept"
         show_info("Fine-tune undone: the previous weights are restored.")

@@ -13,12 +13,18 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from napari.layers import Image, Labels, Layer
+from napari.layers import Image, Labels, Layer, Shapes
 
 KIND_PROBABILITY = "probability"
 KIND_MASK = "mask"
 KIND_BOUNDARY = "SGE boundary"
+KIND_UNCERTAINTY = "uncertainty"
+KIND_REGION = "next region"
 GATE_KINDS = ("gate1", "gate2")
+UNCERTAINTY_COLORMAP = "sgdc unsure"
+"""Transparent where the model is sure, then red, orange and yellow (most unsure): only
+the unsure pixels are painted over the image, bright or dark."""
+REGION_COLOR = "#ff4dff"
 
 
 def result_name(image_name: str, kind: str, block: str | None = None) -> str:
@@ -93,13 +99,21 @@ def image_planes(layer: Image, planes: str = "all", world_point: Sequence[float]
     flat = data.reshape((-1, *spatial, *channel))  # (N, H, W[, C])
     if not lead_shape or planes == "all":
         return PlaneInput(flat, list(range(flat.shape[0])), lead_shape, spatial)
+    flat_index = current_plane(layer, world_point)
+    return PlaneInput(flat[flat_index : flat_index + 1], [flat_index], lead_shape, spatial)
+
+
+def current_plane(layer: Layer, world_point: Sequence[float] | None) -> int:
+    """The flat index of the plane of `layer` shown at the viewer's ``dims.point`` (0 for a 2-D layer)."""
+    lead_shape = tuple(spatial_shape_of(layer)[:-2])
+    if not lead_shape:
+        return 0
     point = np.asarray(world_point if world_point is not None else np.zeros(layer.ndim), dtype=float)
     data_point = np.asarray(layer.world_to_data(point[-layer.ndim:]), dtype=float)
     index = tuple(
         int(np.clip(np.round(p), 0, n - 1)) for p, n in zip(data_point[: len(lead_shape)], lead_shape)
     )
-    flat_index = int(np.ravel_multi_index(index, lead_shape))
-    return PlaneInput(flat[flat_index : flat_index + 1], [flat_index], lead_shape, spatial)
+    return int(np.ravel_multi_index(index, lead_shape))
 
 
 def _find(viewer: Any, name: str, layer_type: type) -> Layer | None:
@@ -179,8 +193,9 @@ def show_result_layers(
     mask: np.ndarray,
     lead_shape: tuple[int, ...],
     gates: list[dict[str, Any]] | None,
+    uncertainty: np.ndarray | None = None,
 ) -> dict[str, Layer]:
-    """Writes (or replaces) the probability, mask, boundary and gate layers of `image`.
+    """Writes (or replaces) the probability, mask, boundary, uncertainty and gate layers of `image`.
 
     Args:
         viewer: the napari viewer.
@@ -191,6 +206,8 @@ def show_result_layers(
         lead_shape: the image's plane axes.
         gates: one dict per guided block: {"name", "stride", "data": (2, N, h, w) float16},
             gate1 then gate2; each gate becomes its own layer with the image's axes.
+        uncertainty: (N, H, W) float32 in 0..1, or None: then a stale ``<image> uncertainty``
+            layer of an earlier run is removed.
 
     When layers were added (napari then selects them), the mask layer is left selected.
 
@@ -218,6 +235,15 @@ def show_result_layers(
         {"opacity": 0.5, "metadata": meta},
         transform,
     )
+    if uncertainty is not None:
+        layers[KIND_UNCERTAINTY] = _set_or_add(
+            viewer, result_name(image.name, KIND_UNCERTAINTY), Image, unflatten(uncertainty, lead_shape),
+            {"colormap": uncertainty_colormap(), "contrast_limits": (0.0, 1.0), "blending": "translucent",
+             "opacity": 0.9, "visible": False, "metadata": meta},
+            transform,
+        )
+    elif _find(viewer, result_name(image.name, KIND_UNCERTAINTY), Image) is not None:
+        viewer.layers.remove(result_name(image.name, KIND_UNCERTAINTY))
     for gate in gates or []:
         stride = int(gate["stride"])
         for index, kind in enumerate(GATE_KINDS):
@@ -266,3 +292,69 @@ def image_of_result(viewer: Any, layer: Layer) -> Image | None:
         return None
     image = _find(viewer, image_name, Image)
     return image if image is not None and is_source_image(image) else None
+
+
+def uncertainty_colormap() -> Any:
+    """The `UNCERTAINTY_COLORMAP`: transparent (0, sure) → red → orange → yellow (1, unsure)."""
+    from napari.utils.colormaps import Colormap
+
+    colors = [[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.55], [1.0, 0.55, 0.0, 0.8], [1.0, 1.0, 0.0, 0.95]]
+    return Colormap(colors, controls=[0.0, 0.25, 0.6, 1.0], name=UNCERTAINTY_COLORMAP)
+
+
+def uncertainty_layer_of(viewer: Any, image: Image) -> Image | None:
+    """The ``"<image> uncertainty"`` Image layer if it exists."""
+    return _find(viewer, result_name(image.name, KIND_UNCERTAINTY), Image)
+
+
+def set_confidence_features(layer: Labels, confidence: np.ndarray | None) -> None:
+    """Puts per-object confidence into the mask layer's features (napari shows it on hover).
+
+    Args:
+        layer: the ``"<image> mask"`` Labels layer.
+        confidence: float (K + 1,), confidence[i] of label i; None clears the table.
+    """
+    if confidence is None:
+        if "confidence" in layer.features:
+            layer.features = {}
+        return
+    values = np.asarray(confidence, dtype=np.float64).copy()
+    values[0] = np.nan  # the background: napari then shows no confidence there
+    layer.features = {"index": np.arange(len(values)), "confidence": values}
+
+
+def show_region(viewer: Any, image: Image, plane: tuple[int, ...], bounds: tuple[int, int, int, int]) -> Shapes:
+    """Outlines the region `bounds` (top, left, bottom, right; end-exclusive pixels) of one plane
+    in the ``"<image> next region"`` Shapes layer (created on first use, aligned like the
+    other result layers). The active layer stays the one the user had.
+
+    Args:
+        viewer: the napari viewer.
+        image: the image layer.
+        plane: the plane's index on the image's plane axes (``()`` for a 2-D image).
+        bounds: the region in pixels.
+    """
+    top, left, bottom, right = bounds
+    corners = [(top, left), (top, right), (bottom, right), (bottom, left)]
+    rectangle = np.array([[*plane, row - 0.5, col - 0.5] for row, col in corners], dtype=float)
+    width = max(0.5, max(bottom - top, right - left) / 128)  # about 5 screen pixels once Next region zooms
+    name = result_name(image.name, KIND_REGION)
+    layer = _find(viewer, name, Shapes)
+    if layer is not None and layer.ndim == rectangle.shape[1]:
+        layer.data = [rectangle]
+        layer.shape_type = ["rectangle"]
+        layer.edge_width = [width]
+        layer.edge_color = [REGION_COLOR]
+        for key, value in _transform_kwargs(image).items():
+            setattr(layer, key, value)
+        return layer
+    if name in viewer.layers:
+        viewer.layers.remove(name)
+    active = viewer.layers.selection.active
+    layer = viewer.add_shapes(
+        [rectangle], shape_type="rectangle", name=name, edge_color=REGION_COLOR, face_color="transparent",
+        edge_width=width, opacity=1.0, metadata={"sgdc": {"image": image.name}}, **_transform_kwargs(image),
+    )
+    if active is not None and active in viewer.layers:
+        viewer.layers.selection.active = active
+    return layer

@@ -3,7 +3,9 @@
 The worker functions only call the headless API (`napari_sgdc.inference.segment`,
 `napari_sgdc.train.finetune`); progress and events cross back to the GUI thread
 through a Qt signal relay. Exceptions are caught inside the worker and shown as
-one-line napari notifications, never as a traceback dialog.
+one-line napari notifications, never as a traceback dialog. When `segment` runs out of
+memory and retries with smaller tiles or on the CPU (`OutOfMemoryFallback`), the user
+gets a warning notification that says so.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -18,10 +21,16 @@ import numpy as np
 from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils import progress
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 
-from napari_sgdc._napari._layers import PlaneInput, gate_layer_of, image_planes, show_result_layers
+from napari_sgdc._napari._layers import (
+    PlaneInput,
+    gate_layer_of,
+    image_planes,
+    set_confidence_features,
+    show_result_layers,
+)
 from napari_sgdc._napari._session import CachedResult, ModelState, SGDCSession
 
 LOG = logging.getLogger(__name__)
@@ -32,6 +41,7 @@ class Relay(QObject):
 
     progressed = Signal(int, int)
     event = Signal(object)
+    warned = Signal(str)
 
 
 @dataclass
@@ -112,6 +122,8 @@ class SegmentJob:
         self.relay = Relay()
         self.pbar = progress(total=0, desc=f"SGDC segment {image.name}")
         self.relay.progressed.connect(self._on_progress)
+        self.relay.warned.connect(self._on_warned)
+        self.fallbacks: list[str] = []
         self.outcome: Outcome | None = None
         self.worker = create_worker(_guarded(self._work), _start_thread=False)
         self.worker.returned.connect(self._on_returned)
@@ -119,24 +131,31 @@ class SegmentJob:
         self.worker.start()
 
     def _work(self) -> tuple[ModelState, Any]:
-        from napari_sgdc.inference import segment
+        from napari_sgdc import inference
 
         settings = self.settings
         state = self.session.get_model(self.source, settings.device)
         planes = self.planes.planes
         image = planes if len(planes) > 1 else planes[0]
-        result = segment(
-            state.model,
-            image,
-            self.session.options,
-            tile=settings.tile,
-            device=settings.device,
-            return_gates=settings.gates,
-            progress=self.relay.progressed.emit,
-            cancel=self.cancel,
-            stack=len(planes) > 1,
-        )
+        with relay_out_of_memory(self.relay.warned.emit):
+            result = inference.segment(
+                state.model,
+                image,
+                self.session.options,
+                tile=settings.tile,
+                device=settings.device,
+                return_gates=settings.gates,
+                uncertainty=settings.uncertainty,
+                progress=self.relay.progressed.emit,
+                cancel=self.cancel,
+                stack=len(planes) > 1,
+            )
         return state, result
+
+    def _on_warned(self, message: str) -> None:
+        self.fallbacks.append(message)
+        show_warning(f"Segmenting '{self.image.name}': {message}. "
+                     "The result is the same; a smaller tile size avoids the retry.")
 
     def _on_progress(self, done: int, total: int) -> None:
         if self.pbar.total != total:
@@ -158,6 +177,42 @@ class SegmentJob:
             self.on_done(self, outcome)
 
 
+class relay_out_of_memory:
+    """Context manager for a worker thread: `OutOfMemoryFallback` warnings raised inside go to
+    ``send(message)`` (a queued signal to the GUI thread, which shows a notification)
+    instead of the warnings machinery; other warnings are passed on when the block ends.
+
+    The message loses its ``segment:`` prefix (the notification names the job).
+    """
+
+    def __init__(self, send: Callable[[str], Any]) -> None:
+        self._send = send
+        self._catcher = warnings.catch_warnings()
+        self._others: list[tuple] = []
+
+    def __enter__(self) -> "relay_out_of_memory":
+        from napari_sgdc.inference import OutOfMemoryFallback
+
+        self._catcher.__enter__()
+        warnings.simplefilter("always", OutOfMemoryFallback)
+        send, others = self._send, self._others
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+            if issubclass(category, OutOfMemoryFallback):
+                text = str(message)
+                send(text.split(":", 1)[1].strip() if text.startswith("segment:") else text)
+            else:
+                others.append((message, category, filename, lineno, file, line))
+
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._catcher.__exit__(*exc)
+        for args in self._others:
+            warnings.showwarning(*args)
+
+
 def _as_planes(array: np.ndarray, n: int) -> np.ndarray:
     """(H, W) or (n, H, W) -> (n, H, W)."""
     array = np.asarray(array)
@@ -169,7 +224,9 @@ def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes: Plan
     """Merges a SegmentationResult into the layer's cache and writes the result layers.
 
     The mask layer gets ``cache.postprocessed(session.options)``: the same single
-    post-processing of all segmented planes that the sliders run.
+    post-processing of all segmented planes that the sliders run. With an uncertainty map
+    the ``<image> uncertainty`` layer is written too, and an instance mask gets each
+    object's confidence in its features.
 
     Args:
         viewer: the napari viewer.
@@ -207,13 +264,21 @@ def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes: Plan
     cache.probability[planes.indices] = _as_planes(result.probability, n_new)
     cache.boundary[planes.indices] = _as_planes(result.boundary, n_new)
     cache.segmented[planes.indices] = True
+    if result.uncertainty is None:
+        cache.uncertainty = None  # stale for the planes segmented now
+    else:
+        if cache.uncertainty is None or not reuse:
+            cache.uncertainty = np.zeros((n_total, height, width), np.float32)
+        cache.uncertainty[planes.indices] = _as_planes(result.uncertainty, n_new)
     cache.written_mask = cache.postprocessed(session.options)
     session.results[image] = cache
 
     gates = _gate_planes(viewer, image, result.gates, planes) if result.gates else None
-    show_result_layers(
-        viewer, image, cache.probability, cache.boundary, cache.written_mask.copy(), cache.lead_shape, gates
+    layers = show_result_layers(
+        viewer, image, cache.probability, cache.boundary, cache.written_mask.copy(), cache.lead_shape, gates,
+        uncertainty=cache.uncertainty,
     )
+    set_confidence_features(layers["mask"], cache.confidence())
     session.emit("segmented", image=image)
     return cache
 

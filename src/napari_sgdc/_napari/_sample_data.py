@@ -12,7 +12,7 @@ from napari_sgdc.samples import SAMPLES, read_sample
 def _layer(key: str) -> list[tuple[np.ndarray, dict[str, Any], str]]:
     sample = SAMPLES[key]
     meta = {"name": sample.layer_name, "rgb": True,
-            "metadata": {"source": sample.source, "licence": sample.licence}}
+            "metadata": {"source": sample.source, "licence": sample.licence, "sgdc_model": sample.model}}
     return [(read_sample(key), meta, "image")]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -15,8 +17,15 @@ from magicgui.widgets import (
     SpinBox,
 )
 from napari.layers import Image
+from napari.utils.notifications import show_info
 
-from napari_sgdc._napari._layers import mask_layer_of, unflatten
+from napari_sgdc._napari._layers import (
+    current_plane,
+    mask_layer_of,
+    set_confidence_features,
+    show_region,
+    unflatten,
+)
 from napari_sgdc._napari._runner import SegmentJob, error_text, notify_error
 from napari_sgdc._napari._session import BUILTIN_PREFIX, Job, display_name, get_session, real_viewer
 from napari_sgdc._napari._shared import ImagePicker, claim, wrap_status
@@ -28,6 +37,11 @@ if TYPE_CHECKING:
 
 LOAD_CHECKPOINT = "Load checkpoint…"
 SEGMENT_SHORTCUT = "Shift-S"
+NEXT_REGION_SHORTCUT = "Shift-N"
+REGION_FILL = 0.8
+"""Fraction of the canvas (on its tighter axis) that a region fills after Next region."""
+SAMPLE_MODEL_KEY = "sgdc_model"
+"""Image-layer metadata key naming the built-in model made for the image (set by the samples)."""
 
 
 def available_builtins() -> list[str]:
@@ -43,10 +57,14 @@ def available_builtins() -> list[str]:
 class SegmentWidget(Container):
     """Segments an image layer with an SGDC model.
 
-    Writes ``<image> probability``, ``<image> mask`` (Labels), ``<image> SGE boundary``
-    and hidden ``<image> gate1 <block>`` / ``<image> gate2 <block>`` layers aligned to
-    the image, and post-processes the mask again from the cached probabilities when a
-    slider moves. The image picker follows the image layer the user opens or selects.
+    Writes ``<image> probability``, ``<image> mask`` (Labels), ``<image> SGE boundary``,
+    a hidden ``<image> uncertainty`` and hidden ``<image> gate1 <block>`` /
+    ``<image> gate2 <block>`` layers aligned to the image, and post-processes the mask
+    again from the cached probabilities when a slider moves (instance masks carry each
+    object's confidence in their features, kept in sync). The image picker follows the
+    image layer the user opens or selects; the model picker follows the built-in model
+    an opened sample names until the user picks a model. **Next region** (Shift-N) moves
+    the view to the most uncertain region of the current plane not yet visited.
 
     Args:
         napari_viewer: the viewer the widget is docked in.
@@ -63,7 +81,7 @@ class SegmentWidget(Container):
         self.image_layer = self._image_picker.combo
         self.model = ComboBox(name="model", label="model", choices=self._model_choices, nullable=True)
         self.model_note = Label(name="model_note", label=" ")
-        self.model_note.native.setWordWrap(True)
+        wrap_status(self.model_note)  # the note must not widen the dock when it appears
         self.device = ComboBox(name="device", label="device", choices=DEVICES, value="auto")
         self.tile = SpinBox(name="tile", label="tile size", min=64, max=4096, step=32, value=512)
         self.planes = ComboBox(
@@ -71,6 +89,11 @@ class SegmentWidget(Container):
             tooltip="For stacks: segment every plane, or only the plane shown now.",
         )
         self.gates = CheckBox(name="gates", text="compute SGDC gate maps", value=True)
+        self.uncertainty = CheckBox(
+            name="uncertainty", text="uncertainty layer", value=True,
+            tooltip="Per-pixel uncertainty (entropy of the probability): free, no extra network pass. "
+                    "Needed by Next region; nuclei get a per-object confidence (hover a nucleus).",
+        )
         self.segment_button = PushButton(name="segment_button", text=f"Segment ({SEGMENT_SHORTCUT})")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
         buttons = Container(name="buttons", label=" ", layout="horizontal", labels=False,
@@ -86,12 +109,24 @@ class SegmentWidget(Container):
         )
         self.min_size = SpinBox(name="min_size", label="min size (px)", min=0, max=1_000_000,
                                 value=options.min_size)
+        self.region_size = SpinBox(
+            name="region_size", label="region size (px)", min=16, max=4096, step=16, value=128,
+            tooltip="Side of the square regions that Next region ranks by mean uncertainty.",
+        )
+        self.next_region_button = PushButton(
+            name="next_region_button", text=f"Next region ({NEXT_REGION_SHORTCUT})",
+            tooltip="Zoom to the most uncertain region of the current image not yet visited.",
+        )
         self.status = Label(name="status", label="status", value="")
         wrap_status(self.status)
         self.extend([
             self.image_layer, self.model, self.model_note, self.device, self.tile, self.planes,
-            self.gates, buttons, self.threshold, self.boundary_threshold, self.min_size, self.status,
+            self.gates, self.uncertainty, buttons, self.threshold, self.boundary_threshold, self.min_size,
+            self.region_size, self.next_region_button, self.status,
         ])
+        self._visited: "weakref.WeakKeyDictionary[Image, set[tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+        self._model_explicit = False
+        self._setting_model = False
 
         real_sources = [source for source in self._sources() if source != LOAD_CHECKPOINT]
         self.model.value = self._session.current_source if self._session.current_source in real_sources else (
@@ -100,14 +135,18 @@ class SegmentWidget(Container):
         self.model.changed.connect(self._on_model_changed)
         self.segment_button.changed.connect(self.run_segment)
         self.cancel_button.changed.connect(self.cancel)
-        for control in (self.device, self.tile, self.planes, self.gates):
+        self.next_region_button.changed.connect(self.next_region)
+        for control in (self.device, self.tile, self.planes, self.gates, self.uncertainty):
             control.changed.connect(self._sync_settings)
         for slider in (self.threshold, self.boundary_threshold, self.min_size):
             slider.changed.connect(self._on_postprocess_changed)
-        self._session.connect("segmented", self._on_session_event)
+        self._session.connect("segmented", self._on_segmented)
         self._session.connect("model_changed", self._on_session_event)
         self._sync_settings()
         self._on_model_changed(self.model.value)
+        self._model_explicit = False  # the start-up value was not the user's choice
+        self.image_layer.changed.connect(self._follow_sample)
+        self._follow_sample(self.image_layer.value)
         self._bind_shortcut()
 
     # -- choices ---------------------------------------------------------------------
@@ -121,17 +160,25 @@ class SegmentWidget(Container):
             note = "No built-in models installed: choose Load checkpoint…"
         elif self._session.current_source in self._session.models:
             runs = len(self._session.models[self._session.current_source].runs)
-            note = f"in memory: fine-tuned {runs}× (Save model… in SGDC Fine-tune)" if runs else ""
+            note = f"fine-tuned {runs}× (in memory)" if runs else ""
         else:
             note = ""
         self.model_note.value = note
+        self.model_note.tooltip = "Save model… in SGDC Fine-tune writes the fine-tuned weights to a file." if (
+            note.startswith("fine-tuned")) else ""
         self.model_note.visible = bool(note)
 
     def _on_session_event(self, **_: Any) -> None:
         self._refresh_model_note()
 
+    def _on_segmented(self, image: Image, **_: Any) -> None:
+        self._visited.pop(image, None)  # a new result: its regions are new to the user
+        self._refresh_model_note()
+
     # -- model picker ------------------------------------------------------------------
     def _on_model_changed(self, value: str | None) -> None:
+        if not self._setting_model:
+            self._model_explicit = True
         if value == LOAD_CHECKPOINT:
             path = self._ask_checkpoint_path()
             if path:
@@ -143,6 +190,21 @@ class SegmentWidget(Container):
         self._session.current_source = value
         self._previous_model = value
         self._refresh_model_note()
+
+    def _follow_sample(self, image: Image | None) -> None:
+        """Picks the built-in model an opened sample names (layer metadata ``sgdc_model``),
+        as long as the user has not picked a model in the picker themselves."""
+        if self._model_explicit or image is None:
+            return
+        name = image.metadata.get(SAMPLE_MODEL_KEY)
+        source = f"{BUILTIN_PREFIX}{name}" if name else None
+        if source is None or source == self.model.value or source not in self._sources():
+            return
+        self._setting_model = True
+        try:
+            self.model.value = source
+        finally:
+            self._setting_model = False
 
     def _sources(self) -> list[str]:
         return [value for _, value in self._model_choices()]
@@ -178,6 +240,7 @@ class SegmentWidget(Container):
         settings.tile = int(self.tile.value)
         settings.planes = self.planes.value
         settings.gates = bool(self.gates.value)
+        settings.uncertainty = bool(self.uncertainty.value)
 
     def run_segment(self, *_: Any) -> SegmentJob | None:
         """Starts segmenting the picked image layer in a thread worker.
@@ -263,7 +326,69 @@ class SegmentWidget(Container):
             return False
         cache.written_mask = mask
         mask_layer.data = unflatten(mask.copy(), cache.lead_shape)
+        set_confidence_features(mask_layer, cache.confidence())
         return True
+
+    # -- review: the most uncertain regions first ---------------------------------------------
+    def next_region(self, *_: Any) -> Any:
+        """Moves the view to the most uncertain region of the picked image's current plane
+        that was not visited yet, and outlines it in ``<image> next region``.
+
+        Regions are squares of ``region size`` pixels ranked by mean uncertainty
+        (`napari_sgdc.regions.rank_regions`). The visited ones are remembered per image
+        until it is segmented again; when all were visited a notification says so and
+        the next press starts over.
+
+        Returns:
+            The `Region` shown, or None (a notification says why).
+        """
+        from napari_sgdc.regions import rank_regions
+
+        image = self.image_layer.value
+        if image is None or image not in self._viewer.layers:
+            show_info("Next region: no image. Open an image and segment it first.")
+            return None
+        cache = self._session.results.get(image)
+        plane = current_plane(image, self._viewer.dims.point)
+        if cache is None or not cache.has_uncertainty(plane):
+            where = " (this plane)" if cache is not None and cache.lead_shape else ""
+            show_info(f"Next region: no uncertainty for '{image.name}'{where} yet. Segment first, "
+                      "with 'uncertainty layer' ticked.")
+            return None
+        size = int(self.region_size.value)
+        regions = rank_regions(cache.uncertainty[plane], size)
+        visited = self._visited.setdefault(image, set())
+        keys = [(plane, size, region.top, region.left) for region in regions]
+        todo = [index for index, key in enumerate(keys) if key not in visited]
+        if not todo:
+            visited.difference_update(keys)
+            show_info(f"Next region: all {len(regions)} regions of '{image.name}' ({size} px) were visited. "
+                      "Press again to start over from the most uncertain.")
+            self.status.value = f"all {len(regions)} regions visited"
+            return None
+        region = regions[todo[0]]
+        visited.add(keys[todo[0]])
+        lead = tuple(int(i) for i in np.unravel_index(plane, cache.lead_shape)) if cache.lead_shape else ()
+        show_region(self._viewer, image, lead, (region.top, region.left, region.bottom, region.right))
+        self._look_at(image, lead, region)
+        self.status.value = f"region {len(regions) - len(todo) + 1}/{len(regions)}, uncertainty {region.score:.2f}"
+        return region
+
+    def _look_at(self, image: Image, lead: tuple[int, ...], region: Any) -> None:
+        """Centres the camera on `region` and zooms so it fills `REGION_FILL` of the canvas."""
+        viewer = self._viewer
+        point = np.array(viewer.dims.point, dtype=float)  # world axes; the image holds the last ones
+        point[-image.ndim:] = image.data_to_world((*lead, *region.center))
+        viewer.camera.center = tuple(point[list(viewer.dims.displayed)])
+        if viewer.dims.ndisplay != 2:
+            return
+        world_size = np.abs(np.asarray(image.scale[-2:], dtype=float)) * (
+            region.bottom - region.top, region.right - region.left)
+        try:
+            canvas = np.asarray(viewer.canvas.viewbox_size(viewer.layers), dtype=float)
+        except Exception:  # noqa: BLE001 - older napari: the whole canvas
+            canvas = np.asarray(viewer.canvas.size, dtype=float)
+        viewer.camera.zoom = float(REGION_FILL * np.min(canvas / np.maximum(world_size, 1e-9)))
 
     # -- keyboard shortcut --------------------------------------------------------------------
     def _bind_shortcut(self) -> None:
@@ -275,8 +400,15 @@ class SegmentWidget(Container):
             if widget is not None:
                 widget.run_segment()
 
+        def next_region_shortcut(viewer: Any) -> None:
+            """Go to the next most uncertain region (SGDC Segment's Next region)."""
+            widget = widget_ref()
+            if widget is not None:
+                widget.next_region()
+
         self._viewer.bind_key(SEGMENT_SHORTCUT, segment_shortcut, overwrite=True)
-        self._shortcut_callback = segment_shortcut
+        self._viewer.bind_key(NEXT_REGION_SHORTCUT, next_region_shortcut, overwrite=True)
+        self._shortcut_callbacks = (segment_shortcut, next_region_shortcut)
 
     def reset_choices(self, *_: Any) -> None:
         """Refreshes the layer and model pickers (napari calls this when layers change)."""

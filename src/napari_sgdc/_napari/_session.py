@@ -32,12 +32,15 @@ class RunSettings:
         tile: tile size in pixels.
         planes: ``all`` planes of a stack, or the ``current`` plane only.
         gates: compute and show the SGDC gate maps.
+        uncertainty: compute the per-pixel uncertainty (free: from the one forward pass) and
+            show it as the ``<image> uncertainty`` layer; instance masks get per-object confidence.
     """
 
     device: str = "auto"
     tile: int = 512
     planes: str = "all"
     gates: bool = True
+    uncertainty: bool = True
 
 
 class Job(Enum):
@@ -107,6 +110,8 @@ class CachedResult:
         model_source: the model that produced the result.
         single_object: semantic masks keep one filled region (the model config's
             ``single_object``, e.g. one lesion per dermoscopy image).
+        uncertainty: (N, H, W) float32 per-pixel uncertainty in [0, 1]
+            (`napari_sgdc.inference.segment(uncertainty=True)`), or None when it was not computed.
     """
 
     probability: np.ndarray
@@ -117,6 +122,29 @@ class CachedResult:
     written_mask: np.ndarray
     model_source: str
     single_object: bool = False
+    uncertainty: np.ndarray | None = None
+
+    def has_uncertainty(self, plane: int) -> bool:
+        """Whether plane `plane` was segmented with its uncertainty computed."""
+        return self.uncertainty is not None and bool(self.segmented[plane])
+
+    def confidence(self, mask: np.ndarray | None = None) -> np.ndarray | None:
+        """Per-object confidence of an instance mask (`napari_sgdc.postprocess.object_confidence`).
+
+        Args:
+            mask: (N, H, W) instance labels; default the written mask.
+
+        Returns:
+            float32 (K + 1,), confidence[i] of label i (0 for the background and absent ids),
+            or None for semantic masks or without uncertainty.
+        """
+        if not self.instances or self.uncertainty is None:
+            return None
+        from napari_sgdc.postprocess import object_confidence
+
+        labels = self.written_mask if mask is None else mask
+        indices = np.flatnonzero(self.segmented)
+        return object_confidence(labels[indices], self.uncertainty[indices])
 
     def postprocessed(self, options: PostprocessOptions) -> np.ndarray:
         """The mask of every segmented plane from the cached probabilities (no network call).
