@@ -130,6 +130,7 @@ def run_loop(args) -> int:
     from napari_sgdc.io import load_model
     from napari_sgdc.regions import rank_regions
     from napari_sgdc.train import finetune
+    from napari_sgdc.train.corrections import edited_pixels
 
     name = args.model or MODELS[args.dataset]
     base = load_model(name, device="cpu")
@@ -143,7 +144,7 @@ def run_loop(args) -> int:
         for seed in range(args.seeds):
             model = load_model(name, device="cpu")
             rng = np.random.default_rng(seed)
-            images, labels, predictions, area = [], [], [], 0
+            images, labels, predictions, area, edited = [], [], [], 0, 0
             for sample in corrected:
                 result = segment(model, sample.image, uncertainty=True)
                 prediction = result.labels if instance else result.mask
@@ -151,27 +152,32 @@ def run_loop(args) -> int:
                 chosen = ranked[: args.regions] if strategy == "uncertain" else \
                     [ranked[i] for i in rng.choice(len(ranked), size=min(args.regions, len(ranked)), replace=False)]
                 area += sum((r.bottom - r.top) * (r.right - r.left) for r in chosen)
-                images.append(sample.image)
-                labels.append(_corrected_labels(prediction, sample.mask, chosen, instance))
-                predictions.append(prediction)
+                corrected_labels = _corrected_labels(prediction, sample.mask, chosen, instance)
+                changed = edited_pixels(corrected_labels, prediction, instance=instance)
+                edited += int(changed.sum())
+                if changed.any():  # a user leaves an image alone where the regions held no mistake
+                    images.append(sample.image)
+                    labels.append(corrected_labels)
+                    predictions.append(prediction)
             torch.manual_seed(seed)
             started = time.perf_counter()
-            finetune(model, images, labels, args.preset, predictions=predictions)
+            if images:
+                finetune(model, images, labels, args.preset, predictions=predictions)
             seconds = time.perf_counter() - started
-            rows.append({"strategy": strategy, "seed": seed, "area": area, "seconds": seconds,
+            rows.append({"strategy": strategy, "seed": seed, "area": area, "edited": edited, "seconds": seconds,
                          **_scores(model, others, instance)})
     keys = ["dice", "iou"] + (["aji"] if instance else [])
     print(f"Correct K={args.regions} regions of {args.region} px on each of {len(corrected)} {args.dataset}/{args.split} "
           f"images, fine-tune ({args.preset}), score the other {len(others)} images; model {name}; "
           f"{args.seeds} seed(s); load {os.getloadavg()[0]:.1f}\n")
-    print("| regions | corrected px | " + " | ".join(keys) + " | fine-tune (s) |")
-    print("|---|---:|" + "---:|" * len(keys) + "---:|")
-    print("| none (base model) | 0 | " + " | ".join(f"{before[k]:.4f}" for k in keys) + " | |")
+    print("| regions | region px | pixels the correction changed | " + " | ".join(keys) + " | fine-tune (s) |")
+    print("|---|---:|---:|" + "---:|" * len(keys) + "---:|")
+    print("| none (base model) | 0 | 0 | " + " | ".join(f"{before[k]:.4f}" for k in keys) + " | |")
     for strategy in ("uncertain", "random"):
         chosen = [row for row in rows if row["strategy"] == strategy]
         means = {k: np.mean([row[k] for row in chosen]) for k in keys}
         stds = {k: np.std([row[k] for row in chosen]) for k in keys}
-        print(f"| {strategy} | {np.mean([r['area'] for r in chosen]):.0f} | "
+        print(f"| {strategy} | {np.mean([r['area'] for r in chosen]):.0f} | {np.mean([r['edited'] for r in chosen]):.0f} | "
               + " | ".join(f"{means[k]:.4f} ± {stds[k]:.4f}" for k in keys)
               + f" | {np.mean([r['seconds'] for r in chosen]):.1f} |")
     return 0
