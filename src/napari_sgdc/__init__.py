@@ -25,8 +25,6 @@ _LAZY = {
     "load_model": "napari_sgdc.io",
     "resolve_device": "napari_sgdc.device",
     "segment": "napari_sgdc.inference",
-    "postprocess": "napari_sgdc.postprocess",
-    "PostprocessOptions": "napari_sgdc.postprocess",
     "read_image": "napari_sgdc.imageio",
     "write_result": "napari_sgdc.imageio",
     "SegmentationResult": "napari_sgdc.inference",
@@ -34,7 +32,11 @@ _LAZY = {
     "finetune": "napari_sgdc.train",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+# Imported eagerly (numpy only): the submodule napari_sgdc.postprocess would otherwise shadow
+# the function `postprocess` as soon as anything imports the submodule.
+from .postprocess import PostprocessOptions, postprocess  # noqa: E402
+
+__all__ = sorted([*_LAZY, "PostprocessOptions", "postprocess"]) + ["__version__"]
 
 
 def __getattr__(name: str):

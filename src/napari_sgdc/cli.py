@@ -42,6 +42,28 @@ def _report(command: str, message: Any) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    """argparse type: a number of pixels >= 0 (not NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of pixels >= 0, got {text!r}") from None
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a number of pixels >= 0, got {text!r}")
+    return value
+
+
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     from .device import DEVICES
 
@@ -116,14 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="optional YAML with 'model:' and 'train:' sections "
                                                    "(ModelConfig/TrainConfig fields); flags override it")
     train.add_argument("--epochs", type=int, help="number of epochs (default: 30)")
-    train.add_argument("--max-images", type=int, help="train on the first N training images only")
+    train.add_argument("--max-images", type=_count, help="train on the first N training images only (0 = all)")
     train.add_argument("--train-splits", default="train",
                        help="comma-separated splits to train on (default: train; e.g. train,val)")
     train.add_argument("--val-split", default="val",
                        help="split used for validation, or 'none' (default: val)")
     train.add_argument("--also", nargs=2, action="append", default=[], metavar=("LAYOUT", "DIR"),
                        help="add the train split of another dataset (repeatable), e.g. --also monuseg data/monuseg")
-    train.add_argument("--max-val-images", type=int, help="validate on the first N validation images only")
+    train.add_argument("--max-val-images", type=_count, help="validate on the first N validation images only")
     train.add_argument("--device", choices=DEVICES, help="where to train (default: auto)")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                        help="continue an interrupted run (from --out, or from CKPT)")
@@ -153,10 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", type=Path, help="dataset folder (with --layout)")
     evaluate.add_argument("--split", default="test", choices=SPLITS,
                           help="split (with --layout; default: test)")
-    evaluate.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    evaluate.add_argument("--max-images", type=_count, help="evaluate the first N images only (0 = all)")
     evaluate.add_argument("--csv", type=Path, default=Path("evaluation.csv"),
                           help="per-image CSV (default: ./evaluation.csv)")
-    evaluate.add_argument("--tolerance", type=float, default=2.0, help="boundary F1 tolerance in pixels (default: 2)")
+    evaluate.add_argument("--tolerance", type=_tolerance, default=2.0,
+                          help="boundary F1 tolerance in pixels, >= 0 (default: 2)")
     _add_inference_options(evaluate)
     return parser
 

@@ -128,7 +128,7 @@ def label_dtype(labels: np.ndarray) -> np.dtype:
     """
     labels = np.asarray(labels)
     if labels.size and labels.min() < 0:
-        raise ValueError("labels with negative values cannot be exported")
+        raise ValueError(f"labels with negative values cannot be exported (shape {labels.shape})")
     top = int(labels.max()) if labels.size else 0
     for dtype in (np.uint8, np.uint16, np.uint32):
         if top <= np.iinfo(dtype).max:
@@ -180,17 +180,33 @@ def write_labels(path: str | Path, labels: Any, *, overwrite: bool = True) -> Pa
     if suffix not in (".png", *TIFF_SUFFIXES):
         return None
     array = np.asarray(labels)
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
-    array = array.astype(label_dtype(array))
-    if suffix == ".png":
-        if array.ndim != 2:
+    try:
+        array = _as_label_array(array)
+        if suffix == ".png" and array.ndim != 2:
             raise ValueError(f"PNG holds 2-D labels only; these have shape {array.shape}: save as .tif")
-        if array.dtype == np.uint32:
+        if suffix == ".png" and array.dtype == np.uint32:
             raise ValueError("PNG holds label values up to 65535: save as .tif")
+    except ValueError as error:
+        raise ValueError(f"{target}: {error}") from None
     _refuse_existing([target], overwrite)
     _save(target, array)
     return target
+
+
+def _as_label_array(array: np.ndarray) -> np.ndarray:
+    """Labels as `label_dtype`; refuses empty arrays and values that are not whole numbers >= 0."""
+    if array.size == 0:
+        raise ValueError(f"labels are empty (shape {array.shape})")
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        not_whole = array[~np.isfinite(array) | (array != np.round(array))]
+        if not_whole.size:
+            raise ValueError(f"labels must be whole numbers, got {array.dtype} values such as {not_whole[0]} "
+                             f"(shape {array.shape})")
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels must be whole numbers, got dtype {array.dtype} (shape {array.shape})")
+    return array.astype(label_dtype(array))
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:

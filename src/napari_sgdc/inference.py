@@ -176,6 +176,15 @@ def _needs_global_conversion(dtype: np.dtype) -> bool:
     return not (dtype == np.uint8 or dtype == np.uint16 or dtype == bool)
 
 
+def _check_tile(tile: object) -> None:
+    """Raises a one-line ValueError unless `tile` is None, 0 or a whole number >= `MIN_TILE`."""
+    whole = isinstance(tile, (int, np.integer)) or (isinstance(tile, (float, np.floating)) and float(tile).is_integer())
+    if tile is None or (not isinstance(tile, bool) and whole and (tile == 0 or tile >= MIN_TILE)):
+        return
+    raise ValueError(f"tile must be 0 or None (whole image) or a whole number of at least {MIN_TILE} pixels, "
+                     f"got {tile!r}")
+
+
 def _is_stack(image: np.ndarray, stack: bool | None) -> bool:
     """Whether the first axis holds planes; None guesses, refusing the ambiguous channels-first case."""
     if stack is not None:
@@ -433,8 +442,7 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
     array = np.asarray(image)
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if tile is not None and (isinstance(tile, bool) or int(tile) != tile or (tile != 0 and tile < MIN_TILE)):
-        raise ValueError(f"tile must be 0 or None (whole image) or at least {MIN_TILE} pixels, got {tile}")
+    _check_tile(tile)
     is_stack = _is_stack(array, stack)
     planes = array if is_stack else array[None]
     if planes.ndim not in (3, 4) or planes.shape[0] == 0:

@@ -22,14 +22,13 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
-from skimage.morphology import remove_small_objects
-from skimage.segmentation import relabel_sequential, watershed
 
 __all__ = ["PostprocessOptions", "object_confidence", "postprocess"]
 
-_CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
-_SQUARE = ndimage.generate_binary_structure(2, 2)  # 8-connectivity
+# scipy and scikit-image are imported where used: `import napari_sgdc` imports this module
+# eagerly (a lazily exported `postprocess` would be shadowed by this submodule's name).
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)  # 4-connectivity
+_SQUARE = np.ones((3, 3), bool)  # 8-connectivity
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,7 @@ class PostprocessOptions:
     def __post_init__(self) -> None:
         for name in ("threshold", "boundary_threshold"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-                    or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            if not _is_unit_number(value):
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
             object.__setattr__(self, name, float(value))
         size = self.min_size
@@ -60,10 +58,29 @@ class PostprocessOptions:
         object.__setattr__(self, "min_size", int(size))
 
 
+def _is_unit_number(value: object) -> bool:
+    """A real number (not a bool) in [0, 1]; huge integers and NaN are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        return False
+    try:
+        return math.isfinite(value) and 0.0 <= value <= 1.0
+    except OverflowError:
+        return False
+
+
+def _check_map(name: str, array: np.ndarray) -> None:
+    if not (array.dtype == bool or np.issubdtype(array.dtype, np.number)) or np.iscomplexobj(array):
+        raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype} (shape {array.shape})")
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise ValueError(f"expected (H, W) or (N, H, W) {name} maps, got shape {array.shape}")
+
+
 def _remove_small(objects: np.ndarray, min_size: int, connectivity: int = 1) -> np.ndarray:
     """Removes objects (a bool mask's components, or labels) of fewer than `min_size` pixels."""
     if min_size <= 1:
         return objects
+    from skimage.morphology import remove_small_objects
+
     with warnings.catch_warnings():  # "only one label": a plane with one instance is fine
         warnings.filterwarnings("ignore", message="Only one label", category=UserWarning)
         return remove_small_objects(objects, max_size=min_size - 1, connectivity=connectivity)
@@ -73,6 +90,8 @@ def _semantic_plane(mask: np.ndarray, min_size: int, single_object: bool) -> np.
     """Largest region with holes filled (single object), or small regions removed."""
     if not single_object:
         return _remove_small(mask, min_size, connectivity=2)
+    from scipy import ndimage
+
     regions, count = ndimage.label(mask, structure=_SQUARE)
     if count == 0:
         return mask
@@ -83,6 +102,9 @@ def _semantic_plane(mask: np.ndarray, min_size: int, single_object: bool) -> np.
 
 def _instance_plane(mask: np.ndarray, boundary: np.ndarray, boundary_threshold: float, min_size: int) -> np.ndarray:
     """Seeded watershed of one plane; int32 labels 1..K."""
+    from scipy import ndimage
+    from skimage.segmentation import relabel_sequential, watershed
+
     seeds = mask & ~(boundary > boundary_threshold)
     markers, n_seeds = ndimage.label(seeds, structure=_CROSS)
     labels = watershed(boundary, markers, mask=mask, connectivity=1) if n_seeds else np.zeros(mask.shape, np.int32)
@@ -115,14 +137,15 @@ def postprocess(probability: np.ndarray, boundary: np.ndarray | None, options: P
     """
     options = options or PostprocessOptions()
     probability = np.asarray(probability)
-    if probability.ndim not in (2, 3):
-        raise ValueError(f"expected (H, W) or (N, H, W) probabilities, got shape {probability.shape}")
+    _check_map("probability", probability)
     raw_mask = probability > options.threshold  # NaN compares False: background
     planes = raw_mask.reshape((-1,) + raw_mask.shape[-2:])  # (N, H, W)
     mask = np.stack([_semantic_plane(p, options.min_size, single_object) for p in planes]).reshape(raw_mask.shape)
     if not instances:
         return mask, None
     boundary = np.asarray(boundary) if boundary is not None else None
+    if boundary is not None:
+        _check_map("boundary", boundary)
     if boundary is None or boundary.shape != probability.shape:
         shape = None if boundary is None else boundary.shape
         raise ValueError(f"boundary shape {shape} differs from probability shape {probability.shape}")

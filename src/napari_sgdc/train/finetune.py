@@ -60,6 +60,9 @@ def _prepare_pairs(
         label = np.asarray(label)
         if label.ndim != 2:
             raise ValueError(f"labels {index} must be 2D (H, W), got shape {label.shape}")
+        if not (label.dtype == bool or np.issubdtype(label.dtype, np.integer)):
+            raise ValueError(f"labels {index} must be a mask or whole-number ids, got dtype {label.dtype} "
+                             f"(shape {label.shape})")
         if label.shape != image_rgb.shape[:2]:
             raise ValueError(
                 f"labels {index} have shape {label.shape} but image {index} is {image_rgb.shape[:2]}"
@@ -189,7 +192,7 @@ def finetune(
         ValueError: one clear line for no pairs, a count or shape mismatch, labels that are
             all background (without a prediction) or equal to their prediction, or an
             unknown preset.
-        Exception: whatever stopped `fit` (e.g. FloatingPointError), after the model was restored.
+        Exception: whatever stopped `fit` (e.g. `TrainingDiverged`), after the model was restored.
     """
     if isinstance(preset, TrainConfig):
         cfg = preset

@@ -42,7 +42,7 @@ from .state import (
 )
 from .validate import validate
 
-__all__ = ["History", "SELECT_METRICS", "check_train_config", "fit", "seed_everything"]
+__all__ = ["History", "SELECT_METRICS", "TrainingDiverged", "check_train_config", "fit", "seed_everything"]
 
 SELECT_METRICS = {"iou": "max", "dice": "max", "aji": "max", "loss": "min"}
 """Validation metrics that can pick the best checkpoint, and their direction. ``auto``:
@@ -112,6 +112,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite (the message names the learning rates)."""
+
+
 def check_train_config(cfg: TrainConfig) -> None:
     """Raises ValueError, one line naming the setting, for a config `fit` cannot run."""
     for name, least in _COUNTS.items():
@@ -128,6 +132,10 @@ def check_train_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if cfg.select_metric not in (*SELECT_METRICS, "auto"):
         raise ValueError(f"select_metric must be one of {['auto', *SELECT_METRICS]}, got {cfg.select_metric!r}")
+    smallest_map = cfg.batch_size * (cfg.crop_size // 32) ** 2  # values per channel at stride 32
+    if smallest_map < 2 and not cfg.freeze_batchnorm:
+        raise ValueError(f"batch_size {cfg.batch_size} with crop_size {cfg.crop_size} leaves one value per channel "
+                         "at stride 32, too few for BatchNorm statistics: use batch_size >= 2 or crop_size >= 64")
     if str(cfg.device).lower().split(":")[0] not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
 
@@ -286,7 +294,8 @@ def _run_epoch(run: _Run, train_data: Dataset, epoch: int, cancel: threading.Eve
         history.steps += 1
         run.steps_this_call += 1
         if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} at step {history.steps}")
+            raise TrainingDiverged(f"training loss became {loss} at step {history.steps}: lower the learning rate "
+                                   f"(lr_decoder={run.cfg.lr_decoder:g}, lr_encoder={run.cfg.lr_encoder:g})")
         history.losses.append(loss)
         history.loss_parts.append(parts)
         losses.append(loss)
@@ -359,7 +368,7 @@ def fit(
             semantic model.
         FileNotFoundError: ``resume`` has no training state.
         napari_sgdc.io.CheckpointError: the training state is unreadable or does not fit.
-        FloatingPointError: the loss becomes NaN or infinite.
+        TrainingDiverged: the loss becomes NaN or infinite (a ValueError naming the learning rates).
     """
     cfg = cfg or TrainConfig()
     check_train_config(cfg)
