@@ -1,6 +1,8 @@
 """Makes the user-guide screenshots from a real napari window (run under Xvfb).
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py --out docs/images
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py --review   # uncertainty, fine-tune
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py --slide    # whole slide
 
 A development tool (not installed with the package): it reads the ground truth from
 the shared data folder and drives napari through some private attributes.
@@ -32,6 +34,9 @@ def _data_root() -> Path:
 
 def _wait(session, app, timeout: float = 600.0) -> None:
     """Processes Qt events until no SGDC job runs."""
+    from qtpy.QtWidgets import QApplication
+
+    app = app or QApplication.instance()
     start = time.time()
     while not session.busy.idle:
         app.processEvents()
@@ -139,6 +144,174 @@ def _grid_screenshot(viewer, names: list[str], path: Path) -> None:
         viewer.layers.append(layer)
 
 
+def _pump(seconds: float = 0.3) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    end = time.time() + seconds
+    while time.time() < end:
+        QApplication.processEvents()
+        time.sleep(0.01)
+
+
+def _small_png(path: Path, width: int = 1120, colors: int = 160) -> None:
+    """Shrinks a screenshot to `width` px and a 256-colour palette (docs images stay < 400 KB)."""
+    from PIL import Image as PILImage
+
+    with PILImage.open(path) as im:
+        im = im.convert("RGB")
+        if im.width > width:
+            im = im.resize((width, round(im.height * width / im.width)), PILImage.LANCZOS)
+        im.quantize(colors, method=PILImage.Quantize.MEDIANCUT, dither=PILImage.Dither.NONE).save(path, optimize=True)
+
+
+def review_screenshots(out: Path) -> None:
+    """uncertainty_next_region.png, finetune_edited.png, finetune_after.png: the built-in nuclei
+    model on its sample, Next region, a correction painted from the ground truth inside the
+    region, fine-tune and re-segment."""
+    import napari
+    from PIL import Image as PILImage
+
+    from napari_sgdc.demo import setup_viewer
+
+    viewer = napari.Viewer()
+    viewer.window._qt_window.showNormal()
+    viewer.window._qt_window.resize(1600, 1000)
+    setup_viewer(viewer, "nuclei")
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    _, ft = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Fine-tune")
+    _pump(1)
+    session = seg._session
+    image = seg.image_layer.value
+    start = time.time()
+    seg.run_segment()
+    _wait(session, None)
+    print("segmented in", round(time.time() - start, 1), "s", flush=True)
+    uncertainty = viewer.layers[f"{image.name} uncertainty"]
+    uncertainty.visible = True
+    seg.next_region()
+    _pump(0.3)
+    seg.next_region()
+    _pump(0.5)
+    mask = viewer.layers[f"{image.name} mask"]
+    outline = viewer.layers[f"{image.name} next region"].data[0]
+    top, left = np.ceil(outline.min(axis=0)).astype(int)
+    bottom, right = (np.floor(outline.max(axis=0)) + 1).astype(int)
+    box = (slice(top, bottom), slice(left, right))
+    inside = np.asarray(mask.data)[box]
+    ids, counts = np.unique(inside[inside > 0], return_counts=True)
+    if len(ids):  # hover the largest nucleus of the region: the status bar shows its confidence
+        rows, cols = np.nonzero(inside == ids[np.argmax(counts)])
+        viewer.cursor.position = tuple(image.data_to_world((rows.mean() + top, cols.mean() + left)))
+    _pump(0.5)
+    viewer.screenshot(str(out / "uncertainty_next_region.png"), canvas_only=False)
+
+    # correct the mask inside the region from the ground truth (what a user would paint)
+    uncertainty.visible = False
+    with PILImage.open(_data_root() / "monuseg" / "train" / "instances" / "TCGA-21-5784-01Z-00-DX1.png") as im:
+        truth = np.asarray(im)[:512, :512].astype(np.int32)
+    current = np.array(mask.data)
+    target = current.copy()
+
+    def inner(labels: np.ndarray) -> np.ndarray:  # objects entirely inside the region
+        sub = labels[box]
+        border = np.unique(np.concatenate([sub[0], sub[-1], sub[:, 0], sub[:, -1]]))
+        return np.setdiff1d(np.unique(sub[sub > 0]), border)
+
+    target[np.isin(current, inner(current))] = 0  # erase the model's objects in the region...
+    for number, gt in enumerate(inner(truth), start=int(current.max()) + 1):  # ...paint the true nuclei
+        target[(truth == gt) & (target == 0)] = number
+    changed = np.nonzero(target != current)
+    mask.data_setitem(changed, target[changed])
+    viewer.layers.selection.active = mask
+    _pump(1.0)
+    print("edits:", ft.edits.value, flush=True)
+    viewer.screenshot(str(out / "finetune_edited.png"), canvas_only=False)
+    ft.preset.value = "quick"
+    ft.start_finetune()
+    _wait(session, None)
+    print("fine-tune:", ft.status.value, flush=True)
+    _pump(0.5)
+    viewer.screenshot(str(out / "finetune_after.png"), canvas_only=False)
+    viewer.close()
+
+
+def _build_he_slide(path: Path, size: int = 4096) -> Path:
+    """A pyramidal OME-TIFF (0.25 µm/px) tiled from real H&E (MoNuSeg), with white background
+    (benchmarks/wholeslide.py's builder)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from wholeslide import build_slide
+
+    return build_slide(size, path)
+
+
+def slide_screenshots(out: Path, slide: Path | None, model: str, work: Path) -> None:
+    """wholeslide_fov.png and wholeslide_whole.png: a slide opened through the reader, its field
+    of view segmented, then the whole slide in the background (progress in the activity dock)."""
+    import napari
+
+    from napari_sgdc._napari import _wholeslide as ws
+
+    slide = slide or _build_he_slide(work / "he_slide.ome.tif")
+    viewer = napari.Viewer()
+    viewer.window._qt_window.showNormal()
+    viewer.window._qt_window.resize(1600, 1000)
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    [layer] = viewer.open(str(slide), plugin="napari-sgdc")
+    seg.reset_choices()
+    seg.model.value = model if Path(model).suffix else f"built-in: {model}"
+    seg.image_layer.value = layer
+    _pump(1)
+    viewer.reset_view()
+    _pump(0.5)
+    # the field of view: about 1200 x 800 level-0 pixels of tissue (300 x 200 µm)
+    camera = ws._camera(viewer)
+    camera.center = tuple(layer.data_to_world((900, 1000)))
+    size = np.asarray(viewer.canvas.viewbox_size(viewer.layers), dtype=float)
+    camera.zoom = float(np.min(size / (np.asarray(layer.scale) * (800, 1200))))
+    _pump(1)
+    seg.target.value = ws.TARGET_VIEW
+    start = time.time()
+    job = seg.run_segment()
+    _wait(seg._session, None)
+    print("field of view", job.roi, "in", round(time.time() - start, 1), "s:", seg.status.value, flush=True)
+    nuclei = viewer.layers[f"{layer.name} view nuclei"]
+    nuclei.contour = 2
+    nuclei.opacity = 0.9
+    _pump(1)
+    viewer.window.screenshot(str(out / "wholeslide_fov.png"), canvas_only=False, flash=False)
+    _small_png(out / "wholeslide_fov.png")
+
+    seg.target.value = ws.TARGET_WHOLE
+    seg.output.value = str(work)
+    shutil_store = ws.whole_store(ws.slide_of(layer), work)
+    if shutil_store.exists():
+        import shutil
+
+        shutil.rmtree(shutil_store)
+    for name in list(viewer.layers):
+        if name.name.startswith(f"{layer.name} view"):
+            name.visible = False
+    viewer.reset_view()
+    start = time.time()
+    job = seg.run_segment()
+    shot_taken = False
+    while not seg._session.busy.idle:
+        _pump(0.5)
+        if not shot_taken and job.done >= max(2, job.total // 2):  # half-way: the run goes on in the background
+            viewer.window.screenshot(str(work / "wholeslide_running.png"), canvas_only=False, flash=False)
+            shot_taken = True
+    print("whole slide in", round(time.time() - start, 1), "s:", seg.status.value, flush=True)
+    viewer.layers[f"{layer.name} nuclei"].opacity = 0.8
+    viewer.layers[f"{layer.name} probability"].visible = False
+    viewer.reset_view()
+    _pump(2)
+    viewer.window.screenshot(str(out / "wholeslide_whole.png"), canvas_only=False, flash=False)
+    _small_png(out / "wholeslide_whole.png")
+    viewer.close()
+
+
 def main() -> None:
     """Writes the screenshots named in docs/user_guide.md into --out."""
     import tempfile
@@ -148,7 +321,26 @@ def main() -> None:
     parser.add_argument("--dermoscopy-model", default=None, help="built-in name or checkpoint (default: tiny + fine-tune)")
     parser.add_argument("--nuclei-model", default=None, help="built-in name or checkpoint (default: tiny + fine-tune)")
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--review", action="store_true",
+                        help="only the uncertainty / fine-tune screenshots (built-in nuclei model)")
+    parser.add_argument("--slide", nargs="?", const="", default=None, metavar="PATH",
+                        help="only the whole-slide screenshots; PATH: a slide (default: one built from MoNuSeg)")
+    parser.add_argument("--slide-model", default="nuclei", help="built-in name or checkpoint for --slide")
+    parser.add_argument("--work", default=None, help="folder for the built slide and its store (default: temporary)")
     args = parser.parse_args()
+    if args.review or args.slide is not None:
+        import tempfile
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.review:
+            review_screenshots(out)
+        if args.slide is not None:
+            with tempfile.TemporaryDirectory() as tmp_name:
+                work = Path(args.work or tmp_name)
+                work.mkdir(parents=True, exist_ok=True)
+                slide_screenshots(out, Path(args.slide) if args.slide else None, args.slide_model, work)
+        return
 
     import napari
     from qtpy.QtWidgets import QApplication

@@ -24,7 +24,7 @@ from magicgui.widgets import (
     Select,
     SpinBox,
 )
-from napari.layers import Image, Labels, Layer
+from napari.layers import Image, Labels, Layer, Shapes
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_info, show_warning
@@ -40,6 +40,7 @@ from napari_sgdc._napari._layers import (
 from napari_sgdc._napari._runner import Outcome, Relay, SegmentJob, _guarded, error_text, notify_error
 from napari_sgdc._napari._session import Job, ModelState, SGDCSession, display_name, get_session, real_viewer
 from napari_sgdc._napari._shared import ImagePicker, claim, wrap_status, ensure_idle
+from napari_sgdc._napari import _wholeslide as ws
 from napari_sgdc.training_pairs import InputError, TrainingPair, collect_pair, split_by_model
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ def read_pair(viewer: Any, session: SGDCSession, image: Any, labels: Any) -> Tra
             f"'{labels.name}' is a {type(labels).__name__} layer, not Labels: pick the '<image> mask' "
             "Labels layer or convert your mask to Labels (right-click > Convert to Labels)."
         )
+    if ws.slide_of(image) is not None:
+        return _read_slide_pair(session, image, labels)
     cache = session.results.get(image)
     source = cache.model_source if cache is not None else session.current_source
     if source is None:
@@ -78,6 +81,30 @@ def read_pair(viewer: Any, session: SGDCSession, image: Any, labels: Any) -> Tra
     return collect_pair(
         planes.planes, np.asarray(labels.data), image_shape=spatial_shape_of(image), image_name=image.name,
         labels_name=labels.name, model_source=source, predicted=cache.written_mask if own_mask else None,
+    )
+
+
+def _read_slide_pair(session: SGDCSession, image: Any, labels: Any) -> TrainingPair:
+    """A slide region as a training pair: the slide pixels under a ``<image> corrections`` layer
+    (on the working grid the model saw) and the corrected labels; only edits count."""
+    if not ws.is_correction_layer(labels):
+        raise InputError(
+            f"'{image.name}' is a whole slide: segment a region, press 'Correct region' and paint on "
+            f"'{image.name} corrections' (pick it as the corrections)."
+        )
+    meta = labels.metadata["sgdc"]
+    source = meta.get("model_source") or session.current_source
+    if source is None:
+        raise InputError("No model: pick one in SGDC Segment (or Load checkpoint…) and segment first.")
+    y0, x0, h, w = meta["box"]
+    try:
+        crop = ws.read_crop(labels)
+    except Exception as exc:  # noqa: BLE001 - e.g. the store or the slide was moved
+        raise InputError(f"Cannot read the region of '{image.name}': {error_text(exc)}") from exc
+    data = np.asarray(labels.data)
+    return collect_pair(
+        crop[None], data, image_shape=data.shape, image_name=f"{image.name} [y {y0}, x {x0}, {h}×{w}]",
+        labels_name=labels.name, model_source=source, predicted=np.asarray(meta["written"])[None],
     )
 
 
@@ -103,6 +130,16 @@ def edits_text(viewer: Any, session: SGDCSession, image: Any, labels: Any) -> st
     """
     if not isinstance(labels, Labels) or not isinstance(image, Image):
         return ""
+    if ws.is_correction_layer(labels):
+        from napari_sgdc.train.corrections import edit_summary
+
+        written = np.asarray(labels.metadata["sgdc"]["written"])
+        data = np.asarray(labels.data)
+        if data.shape != written.shape or np.array_equal(data, written):
+            return "no edits yet: paint or erase on the region"
+        summary = edit_summary(data, written, instance=True)
+        noun = "object" if summary.objects == 1 else "objects"
+        return f"{summary.pixels} px in {summary.objects} {noun} of the region; they weigh most in fine-tuning"
     cache = session.results.get(image)
     if cache is None or mask_layer_of(viewer, image) is not labels:
         return f"'{labels.name}': not the model's mask, so the whole image is used"
@@ -162,6 +199,11 @@ class FinetuneWidget(Container):
         self.edits.tooltip = ("Pixels and objects of the corrections that differ from what the model wrote; "
                               "fine-tuning crops to them and weighs them most.")
         self.training_list = Select(name="training_list", label="training list", choices=self._pair_titles)
+        self.region_button = PushButton(
+            name="region_button", text="Correct region",
+            tooltip="On a whole slide: copy the segmented labels of the field of view (or of the selected "
+                    "Shapes layer's rectangle) into an editable '<image> corrections' layer.",
+        )
         self.add_button = PushButton(name="add_button", text="Add pair")
         self.remove_button = PushButton(name="remove_button", text="Remove selected")
         list_buttons = Container(layout="horizontal", labels=False, label=" ",
@@ -195,7 +237,7 @@ class FinetuneWidget(Container):
         wrap_status(self.edits)
         _wrap_list(self.training_list)
         self.extend([
-            self.recover_row, self.image_layer, self.labels_layer, self.edits, self.training_list, list_buttons,
+            self.recover_row, self.image_layer, self.region_button, self.labels_layer, self.edits, self.training_list, list_buttons,
             self.preset, self.advanced, self.steps, self.learning_rate, self.freeze_encoder, run_buttons,
             file_buttons, self.status,
         ])
@@ -215,6 +257,9 @@ class FinetuneWidget(Container):
         self.labels_layer.changed.connect(self._on_labels_picked)
         self.image_layer.changed.connect(self._on_image_picked)
         self.add_button.changed.connect(self.add_pair)
+        self.region_button.changed.connect(self.correct_region)
+        self.image_layer.changed.connect(self._show_region_button)
+        self._show_region_button(self.image_layer.value)
         self.remove_button.changed.connect(self.remove_selected)
         self.finetune_button.changed.connect(self.start_finetune)
         self.cancel_button.changed.connect(self.cancel)
@@ -394,6 +439,46 @@ class FinetuneWidget(Container):
         while name in self._viewer.layers:
             name, number = f"{pair.labels_name} (recovered {number})", number + 1
         self._viewer.add_labels(np.array(labels), name=name, **_transform_kwargs(image))
+
+    # -- slide regions -----------------------------------------------------------------------
+    def _show_region_button(self, image: Any) -> None:
+        self.region_button.visible = ws.slide_of(image) is not None
+
+    def correct_region(self, *_: Any) -> Labels | None:
+        """Copies the slide's segmented labels in the field of view (or the rectangle of the
+        active Shapes layer) into an editable ``<image> corrections`` layer (at most
+        `MAX_CROP` working pixels on a side) and picks it as the corrections.
+
+        Returns:
+            The new layer, or None (a notification says why).
+        """
+        image = self.image_layer.value
+        if ws.slide_of(image) is None:
+            notify_error("Correct region works on a whole slide opened with napari-sgdc's reader.")
+            return None
+        nuclei = ws.store_layer_of(self._viewer, image, "nuclei")
+        if nuclei is None:
+            notify_error(f"Segment '{image.name}' first (SGDC Segment: field of view, rectangle or whole slide).")
+            return None
+        active = self._viewer.layers.selection.active
+        if isinstance(active, Shapes) and len(active.data):
+            roi = ws.shape_roi(active, image)
+        else:
+            roi = ws.visible_roi(self._viewer, image)
+        if roi is None:
+            notify_error(f"'{image.name}' is not in view: pan to the region to correct.")
+            return None
+        try:
+            box = ws.crop_box(nuclei, roi)
+            layer = ws.add_correction_layer(self._viewer, image, nuclei, box)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            notify_error(f"Cannot copy the region: {error_text(exc)}")
+            return None
+        self.labels_layer.reset_choices()
+        self.labels_layer.value = layer
+        self._viewer.layers.selection.active = layer
+        self.status.value = f"region {box[2]}×{box[3]} px copied into '{layer.name}': correct it, then Fine-tune"
+        return layer
 
     # -- training list ---------------------------------------------------------------------
     def add_pair(self, *_: Any) -> bool:

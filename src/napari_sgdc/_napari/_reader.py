@@ -46,7 +46,7 @@ def read_slide(path):
     levels = [slide.level_array(level) for level in range(slide.level_count)]
     scale = (slide.mpp, slide.mpp) if slide.mpp else (1.0, 1.0)
     metadata = {"name": path.name, "multiscale": len(levels) > 1, "rgb": True, "scale": scale,
-                "contrast_limits": [0, 255], "metadata": {"slide": slide, "mpp": slide.mpp},
+                "contrast_limits": [0, 255], "metadata": {"slide": slide, "slide_path": str(path), "mpp": slide.mpp},
                 "units": ("µm", "µm") if slide.mpp else ("pixel", "pixel")}
     return [(levels if len(levels) > 1 else levels[0], metadata, "image")]
 

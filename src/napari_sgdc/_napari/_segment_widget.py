@@ -11,12 +11,13 @@ from magicgui.widgets import (
     CheckBox,
     ComboBox,
     Container,
+    FileEdit,
     FloatSlider,
     Label,
     PushButton,
     SpinBox,
 )
-from napari.layers import Image
+from napari.layers import Image, Shapes
 from napari.utils.notifications import show_info
 
 from napari_sgdc._napari._layers import (
@@ -29,6 +30,7 @@ from napari_sgdc._napari._layers import (
 from napari_sgdc._napari._runner import SegmentJob, error_text, notify_error
 from napari_sgdc._napari._session import BUILTIN_PREFIX, Job, display_name, get_session, real_viewer
 from napari_sgdc._napari._shared import ImagePicker, claim, wrap_status
+from napari_sgdc._napari import _wholeslide as ws
 from napari_sgdc.device import DEVICES
 from napari_sgdc.postprocess import PostprocessOptions
 
@@ -94,6 +96,20 @@ class SegmentWidget(Container):
             tooltip="Per-pixel uncertainty (entropy of the probability): free, no extra network pass. "
                     "Needed by Next region; nuclei get a per-object confidence (hover a nucleus).",
         )
+        self.target = ComboBox(
+            name="target", label="slide target", choices=list(ws.TARGETS), value=ws.TARGET_VIEW,
+            tooltip="On a whole slide: segment the field of view, the first rectangle of a Shapes layer, "
+                    "or the whole slide in the background.",
+        )
+        self.shapes_layer = ComboBox(
+            name="shapes_layer", label="rectangle in", choices=self._shapes_choices, nullable=True,
+            tooltip="Shapes layer holding the rectangle (empty: the selected Shapes layer, else the last one).",
+        )
+        self.output = FileEdit(
+            name="output", label="output folder", mode="d", value="",
+            tooltip="Folder of <slide>.ome.zarr (empty: next to the slide). An existing store is resumed or "
+                    "opened, never replaced.",
+        )
         self.segment_button = PushButton(name="segment_button", text=f"Segment ({SEGMENT_SHORTCUT})")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
         buttons = Container(name="buttons", label=" ", layout="horizontal", labels=False,
@@ -120,8 +136,8 @@ class SegmentWidget(Container):
         self.status = Label(name="status", label="status", value="")
         wrap_status(self.status)
         self.extend([
-            self.image_layer, self.model, self.model_note, self.device, self.tile, self.planes,
-            self.gates, self.uncertainty, buttons, self.threshold, self.boundary_threshold, self.min_size,
+            self.image_layer, self.model, self.model_note, self.target, self.shapes_layer, self.output,
+            self.device, self.tile, self.planes, self.gates, self.uncertainty, buttons, self.threshold, self.boundary_threshold, self.min_size,
             self.region_size, self.next_region_button, self.status,
         ])
         self._visited: "weakref.WeakKeyDictionary[Image, set[tuple[int, ...]]]" = weakref.WeakKeyDictionary()
@@ -147,6 +163,9 @@ class SegmentWidget(Container):
         self._model_explicit = False  # the start-up value was not the user's choice
         self.image_layer.changed.connect(self._follow_sample)
         self._follow_sample(self.image_layer.value)
+        self.image_layer.changed.connect(self._show_slide_controls)
+        self.target.changed.connect(self._show_slide_controls)
+        self._show_slide_controls()
         self._bind_shortcut()
 
     # -- choices ---------------------------------------------------------------------
@@ -206,6 +225,19 @@ class SegmentWidget(Container):
         finally:
             self._setting_model = False
 
+    def _shapes_choices(self, _widget: Any = None) -> list[Shapes]:
+        return [layer for layer in self._viewer.layers if isinstance(layer, Shapes) and "sgdc" not in layer.metadata]
+
+    def _show_slide_controls(self, *_: Any) -> None:
+        """The slide targets show only for a slide layer; the image-only settings hide for it."""
+        slide = ws.slide_of(self.image_layer.value) is not None
+        self.target.visible = slide
+        self.shapes_layer.visible = slide and self.target.value == ws.TARGET_RECTANGLE
+        self.output.visible = slide and self.target.value == ws.TARGET_WHOLE
+        for control in (self.tile, self.planes, self.gates, self.uncertainty, self.region_size,
+                        self.next_region_button):
+            control.visible = not slide
+
     def _sources(self) -> list[str]:
         return [value for _, value in self._model_choices()]
 
@@ -256,6 +288,8 @@ class SegmentWidget(Container):
         if source in (None, LOAD_CHECKPOINT):
             notify_error("No model picked: choose a built-in model or Load checkpoint… in SGDC Segment.")
             return None
+        if ws.slide_of(image) is not None:
+            return self.run_slide(image, source)
         if not claim(self._session, Job.SEGMENT, image.name):
             return None
         self._sync_settings()
@@ -270,6 +304,77 @@ class SegmentWidget(Container):
             self.status.value = ""
             return None
         return self.job
+
+    def run_slide(self, image: Image, source: str, target: str | None = None) -> "ws.SlideJob | None":
+        """Segments a slide layer's `target` (default: the picked one) with `segment_slide` in a
+        thread worker; the result layers are read lazily from the store.
+
+        Whole slide: an existing ``<stem>.ome.zarr`` that stopped part-way is resumed; a
+        finished one is opened, not run again; anything else there is refused.
+
+        Returns:
+            The started job, or None (a notification says why).
+        """
+        slide = ws.slide_of(image)
+        target = target or self.target.value
+        resume = overwrite = False
+        if target == ws.TARGET_WHOLE:
+            roi = None
+            store = ws.whole_store(slide, self.output.value)
+            state = ws.store_state(store)
+            if state == "foreign":
+                notify_error(f"{store} exists and is not a napari-sgdc slide store; not replaced. "
+                             "Choose another output folder.")
+                return None
+            if state == "complete":
+                ws.add_store_layers(self._viewer, image, store, target, source)
+                show_info(f"'{image.name}' was already segmented into {store}: opened it. Delete it (or choose "
+                          "another output folder) to segment again.")
+                self.status.value = f"opened {store.name}"
+                return None
+            if state == "partial":
+                resume = True
+                show_info(f"Resuming the interrupted segmentation in {store}.")
+        else:
+            if target == ws.TARGET_VIEW:
+                roi = ws.visible_roi(self._viewer, image)
+                if roi is None:
+                    notify_error(f"'{image.name}' is not in view: pan to the tissue, then segment.")
+                    return None
+            else:
+                shapes = ws.pick_shapes(self._viewer, self.shapes_layer.value)
+                roi = ws.shape_roi(shapes, image) if shapes is not None else None
+                if roi is None:
+                    notify_error("No rectangle: draw one in a Shapes layer over the slide (or pick 'field of "
+                                 "view'), then segment.")
+                    return None
+            store, overwrite = ws.region_store(slide, target), True
+        if not claim(self._session, Job.SEGMENT, f"{image.name} ({target})"):
+            return None
+        self._set_running(True)
+        self.status.value = f"segmenting {image.name} ({target})…"
+        try:
+            self.job = ws.SlideJob(self._viewer, self._session, image, source, target, roi, store,
+                                   resume=resume, overwrite=overwrite, on_done=self._on_slide_done)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            self._session.busy.release(Job.SEGMENT)
+            self._set_running(False)
+            notify_error(f"Cannot segment '{image.name}': {error_text(exc)}")
+            self.status.value = ""
+            return None
+        return self.job
+
+    def _on_slide_done(self, job: "ws.SlideJob", outcome: Any) -> None:
+        self._session.busy.release(Job.SEGMENT)
+        self._set_running(False)
+        if outcome.value is not None:
+            result = outcome.value
+            self.status.value = (f"{job.image.name} ({job.target}): {result.n_objects} nuclei, {result.tiles_run} "
+                                 f"tiles in {outcome.seconds:.1f} s")
+        elif outcome.cancelled:
+            self.status.value = f"cancelled at {job.done}/{job.total} tiles; Segment resumes"
+        else:
+            self.status.value = "failed (see notification)"
 
     def cancel(self, *_: Any) -> None:
         """Asks the running segmentation to stop at its next tile."""
