@@ -32,9 +32,10 @@ def get_reader(path):
 def _is_result_store(path: Path) -> bool:
     try:
         with open(path / ".zattrs") as stream:
-            return "napari_sgdc" in json.load(stream)
+            attributes = json.load(stream)
     except (OSError, ValueError):
         return False
+    return isinstance(attributes, dict) and "napari_sgdc" in attributes
 
 
 def read_slide(path):
@@ -56,11 +57,23 @@ def _scale(multiscales: dict) -> tuple[float, float]:
 
 
 def read_result_store(path):
-    """Probability and boundary (multiscale images), nuclei labels (multiscale) and the tissue mask."""
+    """Probability and boundary (multiscale images), nuclei labels (multiscale) and the tissue mask.
+
+    Raises:
+        ValueError: one line naming the folder when its layout or metadata is not a napari-sgdc store's.
+    """
+    path = Path(path[0] if isinstance(path, (list, tuple)) else path)
+    try:
+        return _store_layers(path)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OSError) as error:
+        raise ValueError(f"{path}: not a readable napari-sgdc result store ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())})") from None
+
+
+def _store_layers(path: Path) -> list:
     import dask.array as da
     import zarr
 
-    path = Path(path[0] if isinstance(path, (list, tuple)) else path)
     root = zarr.open_group(str(path), mode="r")
     multiscales = root.attrs["multiscales"][0]
     scale = _scale(multiscales)
