@@ -244,9 +244,9 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> str:
 def run_tradeoff(args) -> int:
     import torch
 
-    from napari_sgdc.config import PRESETS
     from napari_sgdc.io import load_model
     from napari_sgdc.train import finetune
+    from napari_sgdc.train.finetune import finetune_config
 
     torch.set_num_threads(args.threads)
     scenario = SCENARIOS[args.scenario]
@@ -275,18 +275,22 @@ def run_tradeoff(args) -> int:
         for lam in lambdas:
             for with_predictions in use_predictions:
                 model.load_state_dict(state)
-                cfg = PRESETS[preset] if lam is None else dataclasses.replace(PRESETS[preset], l2sp=lam)
+                cfg = finetune_config(model, preset)  # what the GUI gets for the preset
+                cfg = cfg if lam is None else dataclasses.replace(cfg, l2sp=lam)
                 load_before = load_average()
                 started = time.perf_counter()
                 finetune(model, images, labels, cfg, predictions=predictions if with_predictions else None)
                 seconds = time.perf_counter() - started
                 load_after = load_average()
+                drift = sum(float(((model.state_dict()[k].float() - v.float()) ** 2).sum())
+                            for k, v in state.items() if v.is_floating_point())
                 rows.append({"preset": preset, "l2sp": cfg.l2sp, "predictions": with_predictions,
-                             "steps": cfg.max_steps, "time_s": round(seconds, 1),
+                             "steps": cfg.max_steps, "time_s": round(seconds, 1), "drift_sq": drift,
                              "load": [load_before, load_after],
                              "new_after": scenario["new_score"](model, new_pairs),
                              "base_after": scenario["base_score"](model, base_pairs)})
-                print(f"  {preset} l2sp={cfg.l2sp} predictions={with_predictions}: {seconds:.1f} s "
+                print(f"  {preset} l2sp={cfg.l2sp} predictions={with_predictions}: {seconds:.1f} s, "
+                      f"Σ‖w − w_base‖² = {drift:.4g}, new {rows[-1]['new_after']}, base {rows[-1]['base_after']} "
                       f"(load {load_before:.2f} → {load_after:.2f})", file=sys.stderr, flush=True)
     model.load_state_dict(state)
 

@@ -294,3 +294,34 @@ def test_l2sp_keeps_weights_closer_to_the_base_model():
     assert distances[30.0] < 0.7 * distances[0.0]
     with pytest.raises(ValueError, match="l2sp"):
         fit(build_model(tiny_config()), SegmentationDataset(samples, crop_size=64), None, TrainConfig(l2sp=-1.0))
+
+
+def test_presets_keep_the_models_boundary_width(monkeypatch):
+    from napari_sgdc.config import PRESETS
+    from napari_sgdc.train.finetune import finetune_config
+
+    model = build_model(tiny_config(task="instance"))
+    assert finetune_config(model, "quick") == PRESETS["quick"]  # no checkpoint metadata
+    model.metadata = {"train_config": {"boundary_width": 2, "edge_weight": 1.0}}
+    cfg = finetune_config(model, "quick")
+    assert cfg.boundary_width == 2 and PRESETS["quick"].boundary_width == 3
+    assert cfg.l2sp == PRESETS["quick"].l2sp > 0 and cfg.edge_weight == PRESETS["quick"].edge_weight
+    explicit = _quick(boundary_width=5)
+    assert finetune_config(model, explicit) is explicit
+    with pytest.raises(ValueError, match="preset"):
+        finetune_config(model, "nope")
+    finetune_module = importlib.import_module("napari_sgdc.train.finetune")
+    seen = {}
+    real_dataset = finetune_module.SegmentationDataset
+
+    def spy(samples, **kwargs):
+        seen.update(kwargs)
+        return real_dataset(samples, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "SegmentationDataset", spy)
+    monkeypatch.setitem(PRESETS, "tiny", _quick(max_steps=1, boundary_width=3))
+    image = np.zeros((64, 64, 3), np.uint8)
+    labels = np.zeros((64, 64), np.int32)
+    labels[10:30, 10:30] = 1
+    finetune(model, [image], [labels], "tiny")
+    assert seen["boundary_width"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any, Callable, Sequence
 
@@ -18,7 +19,7 @@ from ..model import SGDCSegmenter
 from .corrections import EDIT_BAND, EDIT_MARGIN, EDIT_WEIGHT, crop_to_edits, edited_pixels, loss_weight_map
 from .fit import History, fit
 
-__all__ = ["finetune", "FOCUS_PROBABILITY"]
+__all__ = ["finetune", "finetune_config", "FOCUS_PROBABILITY"]
 
 FOCUS_PROBABILITY = 0.9
 """Probability that a fine-tuning patch is centred on (jittered) labelled foreground, or on
@@ -110,6 +111,31 @@ def _focus_on_edits(
     return kept, weights
 
 
+def finetune_config(model: SGDCSegmenter, preset: str | TrainConfig = "quick") -> TrainConfig:
+    """The settings `finetune` uses for `preset` on `model`.
+
+    A preset name gives `napari_sgdc.config.PRESETS` ``[preset]`` with the model's own
+    boundary target: ``boundary_width`` is taken from the training config stored in the
+    model's checkpoint (``model.metadata["train_config"]``) when there is one, so
+    fine-tuning does not redefine the boundaries the model learnt (the built-in
+    ``nuclei`` model was trained with 2-pixel boundaries, the presets default to 3). A
+    `TrainConfig` is used as it is.
+
+    Raises:
+        ValueError: an unknown preset name.
+    """
+    if isinstance(preset, TrainConfig):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown fine-tuning preset {preset!r}; choose one of {sorted(PRESETS)} or pass a TrainConfig")
+    cfg = PRESETS[preset]
+    trained = (getattr(model, "metadata", None) or {}).get("train_config") or {}
+    width = trained.get("boundary_width") if isinstance(trained, dict) else None
+    if isinstance(width, int) and not isinstance(width, bool) and width >= 1:
+        cfg = dataclasses.replace(cfg, boundary_width=width)
+    return cfg
+
+
 @contextlib.contextmanager
 def _restore_on_failure(model: SGDCSegmenter) -> Iterator[Callable[[], None]]:
     """Restores each module's train/eval mode and each parameter's ``requires_grad`` on
@@ -178,7 +204,8 @@ def finetune(
         model: the segmenter to update.
         images: images (H, W), (H, W, 3) or (H, W, 4) of any dtype `to_float_rgb` accepts.
         labels: per image (H, W) labels: a mask or an instance map (> 0 = foreground).
-        preset: ``quick`` or ``standard`` (see `napari_sgdc.config.PRESETS`) or a `TrainConfig`.
+        preset: ``quick`` or ``standard`` (see `napari_sgdc.config.PRESETS`, with the
+            model's own boundary width: `finetune_config`) or a `TrainConfig`.
         predictions: optional, per image, the (H, W) labels or mask the corrections
             started from (None entries: no prediction known, the whole image counts).
         callbacks: forwarded to `fit` (step and epoch events).
@@ -194,12 +221,7 @@ def finetune(
             unknown preset.
         Exception: whatever stopped `fit` (e.g. `TrainingDiverged`), after the model was restored.
     """
-    if isinstance(preset, TrainConfig):
-        cfg = preset
-    elif preset in PRESETS:
-        cfg = PRESETS[preset]
-    else:
-        raise ValueError(f"unknown fine-tuning preset {preset!r}; choose one of {sorted(PRESETS)} or pass a TrainConfig")
+    cfg = finetune_config(model, preset)
     instance = model.config.is_instance
     predictions = _check_predictions(predictions, labels)
     samples = _prepare_pairs(images, labels, instance, predictions)
