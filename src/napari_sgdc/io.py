@@ -182,7 +182,10 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "auto") ->
     if text in builtin_models():
         path = BUILTIN_DIR / f"{text}.safetensors"
     else:
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # "~user" of an unknown user
+            path = Path(text)
         if not path.is_file():
             names = ", ".join(builtin_models()) or "none installed"
             raise FileNotFoundError(f"no built-in model or checkpoint file named {text!r} (built-in models: {names})")

@@ -181,9 +181,7 @@ class Slide:
             out = np.full((height, width, 3), BACKGROUND, np.uint8)
             r0, r1, c0, c1 = max(ly, 0), min(ly + height, lh), max(lx, 0), min(lx + width, lw)
             if r1 > r0 and c1 > c0:
-                with self._lock:
-                    data = np.asarray(self._zarr_level(level)[r0:r1, c0:c1])
-                out[r0 - ly:r1 - ly, c0 - lx:c1 - lx] = _to_rgb(data)
+                out[r0 - ly:r1 - ly, c0 - lx:c1 - lx] = self._read_level(level, r0, r1, c0, c1)
             return out
         except SlideError:
             raise
@@ -191,22 +189,30 @@ class Slide:
             raise SlideError(f"{self.path}: cannot read region at level {level} "
                              f"({type(error).__name__}: {_one_line(error)})") from None
 
+    def _read_level(self, level: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """(r1 - r0, c1 - c0, 3) uint8 RGB of a window inside level `level` (tifffile backend);
+        any decoder failure is a `SlideError` naming the file."""
+        try:
+            with self._lock:
+                data = np.asarray(self._zarr_level(level)[r0:r1, c0:c1])
+            return _to_rgb(data)
+        except Exception as error:  # noqa: BLE001 - a damaged tile or header is a bad slide
+            raise SlideError(f"{self.path}: cannot read level {level} ({type(error).__name__}: "
+                             f"{_one_line(error)})") from None
+
     def level_array(self, level: int = 0, chunk: int = 1024):
-        """Level `level` as a lazy dask array (H, W, 3) uint8; nothing is read until computed."""
+        """Level `level` as a lazy dask array (H, W, 3) uint8; nothing is read until computed, and
+        a damaged tile raises `SlideError` naming the file when it is."""
         import dask.array as da
 
-        if self.backend == "tifffile":
-            array = self._zarr_level(level)
-            lazy = da.from_zarr(array)
-            if lazy.ndim == 2:
-                lazy = da.stack([lazy] * 3, axis=-1)
-            return lazy[..., :3] if lazy.shape[-1] != 3 else lazy
         height, width = self.level_shapes[level]
         d = self.level_downsamples[level]
         chunks = (_chunks(height, chunk), _chunks(width, chunk), (3,))
 
         def read_block(block_info=None):
             (r0, r1), (c0, c1), _ = block_info[None]["array-location"]
+            if self.backend == "tifffile":
+                return self._read_level(level, r0, r1, c0, c1)
             return self.read_region(int(round(c0 * d)), int(round(r0 * d)), c1 - c0, r1 - r0, level)
 
         return da.map_blocks(read_block, chunks=chunks, dtype=np.uint8, meta=np.empty((0, 0, 3), np.uint8))
