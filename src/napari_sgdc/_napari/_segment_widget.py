@@ -295,9 +295,14 @@ class SegmentWidget(Container):
         self._sync_settings()
         self._set_running(True)
         self.status.value = f"segmenting {image.name}…"
+        return self._start_job(image, lambda: SegmentJob(self._viewer, self._session, image, source,
+                                                         on_done=self._on_done))
+
+    def _start_job(self, image: Image, make_job: Any) -> Any:
+        """Starts the job `make_job()` builds; a failure to start releases the busy state and notifies."""
         try:
-            self.job = SegmentJob(self._viewer, self._session, image, source, on_done=self._on_done)
-        except Exception as exc:  # noqa: BLE001 - e.g. an image with one axis
+            self.job = make_job()
+        except Exception as exc:  # noqa: BLE001 - e.g. an image with one axis; shown to the user
             self._session.busy.release(Job.SEGMENT)
             self._set_running(False)
             notify_error(f"Cannot segment '{image.name}': {error_text(exc)}")
@@ -353,16 +358,9 @@ class SegmentWidget(Container):
             return None
         self._set_running(True)
         self.status.value = f"segmenting {image.name} ({target})…"
-        try:
-            self.job = ws.SlideJob(self._viewer, self._session, image, source, target, roi, store,
-                                   resume=resume, overwrite=overwrite, on_done=self._on_slide_done)
-        except Exception as exc:  # noqa: BLE001 - shown to the user
-            self._session.busy.release(Job.SEGMENT)
-            self._set_running(False)
-            notify_error(f"Cannot segment '{image.name}': {error_text(exc)}")
-            self.status.value = ""
-            return None
-        return self.job
+        return self._start_job(image, lambda: ws.SlideJob(self._viewer, self._session, image, source, target, roi,
+                                                          store, resume=resume, overwrite=overwrite,
+                                                          on_done=self._on_slide_done))
 
     def _on_slide_done(self, job: "ws.SlideJob", outcome: Any) -> None:
         self._session.busy.release(Job.SEGMENT)
