@@ -1,13 +1,16 @@
 """The paper's claim under an identical budget: SGDC vs pooling vs static, and no SGE supervision.
 
 Each (variant, seed) is trained with ``napari-sgdc train`` and scored with
-``napari-sgdc evaluate`` on the dataset's test split, in-process, one run at a time.
+``napari-sgdc evaluate`` on the dataset's scoring sets (the test split; for ISIC 2018,
+which has no test split, its val split and PH² test), in-process, one run at a time.
 Finished runs are kept (``OUT/<dataset>/<variant>-s<seed>/scores.json``) and skipped on a
-rerun, so the script resumes after an interruption. Prints a markdown table of
-mean ± std over seeds (each seed's value is its mean over the test images).
+rerun, so the script resumes after an interruption; an interrupted training resumes
+from its last saved epoch. Prints a markdown table of mean ± std over seeds (each
+seed's value is its mean over the scoring images).
 
     python benchmarks/ablation.py --dataset ph2 --seeds 0 1 2
     python benchmarks/ablation.py --dataset consep --seeds 0 1 2
+    python benchmarks/ablation.py --dataset isic2018 --seeds 0 1 2 --variants sgdc pooling static
 """
 
 from __future__ import annotations
@@ -22,37 +25,52 @@ from pathlib import Path
 import torch
 
 from napari_sgdc.cli import main as cli
+from napari_sgdc.train import state_path_for
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"sgdc": ["--block", "sgdc"], "pooling": ["--block", "pooling"], "static": ["--block", "static"],
             "sgdc-no-edge": ["--block", "sgdc", "--no-edge-supervision"]}
-LAYOUT_ARGS = {"ph2": ["--val-split", "none"], "consep": ["--val-split", "none"]}
-KEYS = {"ph2": ["iou", "dice", "hd95"], "consep": ["iou", "dice", "hd95", "aji", "object_f1"]}
+DATA = ROOT.parent / "shared" / "data"
+LAYOUT = {"ph2": "ph2", "consep": "consep", "isic2018": "ph2"}  # isic2018 has the ph2 folder layout
+LAYOUT_ARGS = {"ph2": ["--val-split", "none"], "consep": ["--val-split", "none"], "isic2018": ["--val-split", "none"]}
+KEYS = {"ph2": ["iou", "dice", "hd95"], "consep": ["iou", "dice", "hd95", "aji", "object_f1"],
+        "isic2018": ["iou", "dice", "hd95"]}
+# scoring sets: (name, dataset folder, split); None = the --data folder
+SCORING = {"ph2": [("test", None, "test")], "consep": [("test", None, "test")],
+           "isic2018": [("isic-val", None, "val"), ("ph2-test", DATA / "ph2", "test")]}
+
+
+def _score(checkpoint: Path, layout: str, data: Path, split: str, table: Path, keys: list[str]) -> dict:
+    """Mean scores of one checkpoint over one split (per-image rows written to `table`)."""
+    code = cli(["evaluate", "--model", str(checkpoint), "--layout", layout, "--data", str(data), "--split", split,
+                "--csv", str(table), "--device", "cpu"])
+    if code != 0:
+        raise RuntimeError(f"evaluating {checkpoint} on {data} {split} failed ({code})")
+    with open(table) as stream:
+        rows = list(csv.DictReader(stream))
+    return {**{key: statistics.fmean(float(row[key]) for row in rows) for key in keys}, "n": len(rows)}
 
 
 def run_one(dataset: str, data: Path, variant: str, seed: int, out: Path) -> dict:
-    """Trains and evaluates one variant/seed; returns the mean scores over the test split."""
+    """Trains and evaluates one variant/seed; returns {scoring set: mean scores} plus ``train_s``."""
     folder = out / dataset / f"{variant}-s{seed}"
     scores_path = folder / "scores.json"
     if scores_path.is_file():
         return json.loads(scores_path.read_text())
     checkpoint = folder / "model.safetensors"
+    resume = ["--resume"] if state_path_for(checkpoint).is_file() else []
     start = time.perf_counter()
     code = cli(["train", "--config", str(ROOT / "configs" / f"ablation_{dataset}.yaml"), "--data", str(data),
-                "--layout", dataset, "--out", str(checkpoint), "--seed", str(seed), "--device", "cpu",
-                *LAYOUT_ARGS[dataset], *VARIANTS[variant]])
+                "--layout", LAYOUT[dataset], "--out", str(checkpoint), "--seed", str(seed), "--device", "cpu",
+                *LAYOUT_ARGS[dataset], *VARIANTS[variant], *resume])
     if code != 0:
         raise RuntimeError(f"training {variant} seed {seed} failed ({code})")
     train_s = time.perf_counter() - start
-    table = folder / "test.csv"
-    code = cli(["evaluate", "--model", str(checkpoint), "--layout", dataset, "--data", str(data), "--split", "test",
-                "--csv", str(table), "--device", "cpu"])
-    if code != 0:
-        raise RuntimeError(f"evaluating {variant} seed {seed} failed ({code})")
-    with open(table) as stream:
-        rows = list(csv.DictReader(stream))
-    scores = {key: statistics.fmean(float(row[key]) for row in rows) for key in KEYS[dataset]}
-    scores.update(train_s=train_s, n_test=len(rows))
+    scores: dict = {"train_s": train_s}
+    for name, folder_data, split in SCORING[dataset]:
+        scores[name] = _score(checkpoint, LAYOUT[dataset] if folder_data is None else "ph2",
+                              data if folder_data is None else folder_data, split, folder / f"{name}.csv",
+                              KEYS[dataset])
     scores_path.write_text(json.dumps(scores, indent=1))
     return scores
 
@@ -67,22 +85,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = args.data or ROOT.parent / "shared" / "data" / args.dataset
+    data = args.data or DATA / args.dataset
     results = {variant: [run_one(args.dataset, data, variant, seed, args.out) for seed in args.seeds]
                for variant in args.variants}
     keys = KEYS[args.dataset]
-    print(f"\n{args.dataset} test split, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
-          f"mean ± std over seeds\n")
-    print("| variant | " + " | ".join(keys) + " | train time per run (s) |")
-    print("|---" * (len(keys) + 2) + "|")
-    for variant, runs in results.items():
-        cells = []
-        for key in keys:
-            values = [run[key] for run in runs]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.fmean(values):.4f} ± {spread:.4f}")
-        train_s = statistics.fmean(run["train_s"] for run in runs)
-        print(f"| {variant} | " + " | ".join(cells) + f" | {train_s:.0f} |")
+    for name, _, _ in SCORING[args.dataset]:
+        print(f"\n{args.dataset} → {name}, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
+              f"mean ± std over seeds\n")
+        print("| variant | " + " | ".join(keys) + " | train time per run (s) |")
+        print("|---" * (len(keys) + 2) + "|")
+        for variant, runs in results.items():
+            cells = []
+            for key in keys:
+                values = [_scores_of(run, name)[key] for run in runs]
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{statistics.fmean(values):.4f} ± {spread:.4f}")
+            train_s = statistics.fmean(run["train_s"] for run in runs)
+            print(f"| {variant} | " + " | ".join(cells) + f" | {train_s:.0f} |")
+
+
+def _scores_of(run: dict, name: str) -> dict:
+    """One scoring set's means; runs saved before scoring sets were named hold the test means flat."""
+    return run[name] if name in run else run
 
 
 if __name__ == "__main__":

@@ -334,3 +334,17 @@ def test_train_on_several_splits_and_datasets_at_a_working_resolution(tmp_path):
                  "--steps-per-epoch", "1", "--epochs", "1"]) == 0
     provenance = read_metadata(nuclei)["provenance"]
     assert provenance["n_train"] == 2 + 30 and provenance["also"] == [["monuseg", str(DATA / "monuseg")]]
+
+
+def test_train_validates_on_another_dataset_too_with_dermoscopy_augmentation(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  resize_long_side: 96\ntrain:\n  aspect_jitter: 1.4\n  artifacts: true\n")
+    ckpt = tmp_path / "derm.safetensors"
+    assert main(["train", "--data", str(DATA / "isic2018"), "--layout", "ph2", "--out", str(ckpt), "--epochs", "1",
+                 "--config", str(config), "--also", "ph2", str(DATA / "ph2"), "--also-val", "ph2", str(DATA / "ph2"),
+                 "--encoder", "mini", "--crop-size", "64", "--batch-size", "2", "--steps-per-epoch", "1",
+                 "--device", "cpu", "--max-images", "2", "--max-val-images", "2"]) == 0
+    metadata = read_metadata(ckpt)
+    assert metadata["provenance"]["n_train"] == 2 + 120 and metadata["provenance"]["n_val"] == 2 + 2
+    assert metadata["provenance"]["also_val"] == [["ph2", str(DATA / "ph2")]]
+    assert metadata["train_config"]["aspect_jitter"] == 1.4 and metadata["train_config"]["artifacts"] is True

@@ -19,7 +19,14 @@ from napari_sgdc.data import (
     read_rgb,
     to_float_rgb,
 )
-from napari_sgdc.data.transforms import augment_pair, pad_to_size, random_scale_crop, stain_jitter
+from napari_sgdc.data.transforms import (
+    DERMOSCOPY_ARTIFACTS,
+    augment_pair,
+    dermoscopy_artifacts,
+    pad_to_size,
+    random_scale_crop,
+    stain_jitter,
+)
 from napari_sgdc.imageio import read_mask
 
 DATA = Path(os.environ.get("NAPARI_SGDC_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -226,6 +233,50 @@ def test_augmentation_shapes_ranges_and_determinism():
     for seed in range(10):
         _, crop_mask = random_scale_crop(image, labels, 32, np.random.default_rng(seed), foreground_prob=1.0)
         assert crop_mask.any()
+
+
+def test_aspect_jitter_stretches_the_crop_within_its_range():
+    image = np.zeros((200, 200, 3), np.uint8)
+    mask = np.zeros((200, 200), bool)
+    mask[60:140, 60:140] = True  # an 80 x 80 square
+    ratios = []
+    for seed in range(30):
+        _, crop = random_scale_crop(image, mask, 96, np.random.default_rng(seed), scale_range=(0.5, 0.5),
+                                    foreground_prob=1.0, aspect_jitter=1.5)
+        assert crop.shape == (96, 96)
+        rows, cols = np.nonzero(crop.any(axis=1))[0], np.nonzero(crop.any(axis=0))[0]
+        ratios.append((np.ptp(rows) + 1) / (np.ptp(cols) + 1))
+    assert 1 / 1.5 - 0.05 <= min(ratios) < 0.9 and 1.1 < max(ratios) <= 1.5 + 0.05  # stretched both ways
+    # aspect_jitter=1 draws nothing extra: the same crops as before the option existed
+    plain = random_scale_crop(image, mask, 96, np.random.default_rng(0))
+    same = random_scale_crop(image, mask, 96, np.random.default_rng(0), aspect_jitter=1.0)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, same))
+
+
+@pytest.mark.parametrize("name", sorted(DERMOSCOPY_ARTIFACTS))
+def test_each_dermoscopy_artifact_changes_the_image_and_keeps_its_range(name):
+    draw, probability = DERMOSCOPY_ARTIFACTS[name]
+    assert 0 < probability < 1
+    image = np.full((96, 128, 3), 0.6, np.float32)
+    changed = [np.abs(draw(image, np.random.default_rng(seed)) - image).max() > 0.1 for seed in range(5)]
+    assert all(changed)
+    out = dermoscopy_artifacts(image, np.random.default_rng(0))
+    assert out.shape == image.shape and out.dtype == np.float32 and 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_artifacts_leave_the_mask_and_geometry_alone():
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 255, (150, 150, 3), dtype=np.uint8)
+    mask = np.zeros((150, 150), bool)
+    mask[30:100, 40:120] = True
+    differs = 0
+    for seed in range(12):
+        plain_image, plain_mask = augment_pair(image, mask, 64, np.random.default_rng(seed), aspect_jitter=1.4)
+        art_image, art_mask = augment_pair(image, mask, 64, np.random.default_rng(seed), aspect_jitter=1.4,
+                                           artifacts=True)
+        assert np.array_equal(plain_mask, art_mask)
+        differs += not np.allclose(plain_image, art_image)
+    assert 0 < differs < 12  # drawn with probabilities: some crops get artifacts, some none
 
 
 def test_stain_jitter_changes_colour_but_keeps_range():

@@ -401,7 +401,8 @@ def test_param_groups_split_encoder_and_skip_frozen():
     ("lr_decoder", -1e-3), ("lr_encoder", float("nan")), ("lr_decoder", float("inf")), ("max_steps", -1),
     ("steps_per_epoch", -2), ("warmup_steps", -1), ("grad_clip", -1.0), ("val_every", -1), ("seed", -1),
     ("edge_weight", -0.5), ("boundary_width", 0), ("num_workers", -1), ("weight_decay", float("nan")),
-    ("select_metric", "bogus"), ("epochs", 1.5), ("batch_size", True),
+    ("select_metric", "bogus"), ("epochs", 1.5), ("batch_size", True), ("aspect_jitter", 0.5),
+    ("aspect_jitter", float("nan")), ("artifacts", "yes"),
 ])
 def test_bad_train_config_is_refused_before_training(field, value):
     from napari_sgdc.train import check_train_config

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split used for validation, or 'none' (default: val)")
     train.add_argument("--also", nargs=2, action="append", default=[], metavar=("LAYOUT", "DIR"),
                        help="add the train split of another dataset (repeatable), e.g. --also monuseg data/monuseg")
+    train.add_argument("--also-val", nargs=2, action="append", default=[], metavar=("LAYOUT", "DIR"),
+                       help="add the val split of another dataset to validation (repeatable), "
+                            "e.g. --also-val ph2 data/ph2")
     train.add_argument("--max-val-images", type=_count, help="validate on the first N validation images only")
     train.add_argument("--device", choices=DEVICES, help="where to train (default: auto)")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
@@ -496,12 +499,15 @@ def _run_train(args) -> int:
         if args.val_split != "none":
             val_samples = load_samples(args.data, args.layout, args.val_split, max_images=args.max_val_images,
                                        task=task)
+        for layout, folder in args.also_val:
+            val_samples += load_samples(folder, layout, "val", max_images=args.max_val_images, task=task)
         model_cfg = _model_config(args, model_values, task, args.layout)
         train_samples = resize_samples(train_samples, model_cfg.resize_long_side)
         val_samples = resize_samples(val_samples, model_cfg.resize_long_side)
         train_data = SegmentationDataset(train_samples, crop_size=train_cfg.crop_size, augment=True,
                                          boundary_width=train_cfg.boundary_width,
-                                         stain_jitter=train_cfg.stain_jitter, task=task, seed=train_cfg.seed)
+                                         stain_jitter=train_cfg.stain_jitter, task=task, seed=train_cfg.seed,
+                                         aspect_jitter=train_cfg.aspect_jitter, artifacts=train_cfg.artifacts)
         val_data = None
         if val_samples:
             val_data = SegmentationDataset(val_samples, crop_size=None, augment=False,
@@ -512,6 +518,7 @@ def _run_train(args) -> int:
               f", validating on {len(val_samples)}", file=sys.stderr)
         provenance = {"command": "napari-sgdc train", "data": str(args.data), "layout": args.layout,
                       "train_splits": args.train_splits, "also": [list(pair) for pair in args.also],
+                      "also_val": [list(pair) for pair in args.also_val],
                       "max_images": args.max_images, "n_train": len(train_samples), "n_val": len(val_samples)}
         bar = tqdm(total=None, desc="train", unit="step", file=sys.stderr)
         if threading.current_thread() is threading.main_thread():

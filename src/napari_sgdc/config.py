@@ -187,6 +187,9 @@ class TrainConfig:
         edge_weight: weight of the edge (boundary) loss in the total loss.
         boundary_width: width in pixels of the semantic boundary band target.
         stain_jitter: H&E stain augmentation (histology) instead of plain colour jitter only.
+        aspect_jitter: largest height/width stretch of a training crop (1 = none); see
+            `napari_sgdc.data.transforms.random_scale_crop`.
+        artifacts: add dermoscopy artifacts (hair, rulers, ink, vignetting) to training crops.
         num_workers: DataLoader workers.
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         select_metric: validation metric that picks the best checkpoint (``auto``: AJI for
@@ -214,6 +217,8 @@ class TrainConfig:
     edge_weight: float = 0.5
     boundary_width: int = 3
     stain_jitter: bool = False
+    aspect_jitter: float = 1.0
+    artifacts: bool = False
     num_workers: int = 0
     device: str = "auto"
     select_metric: str = "auto"

@@ -263,6 +263,8 @@ class SegmentationDataset(Dataset):
             part of the edge target); None: instance when the samples carry instance ids.
         scale_range: random zoom range of the scale-crop.
         foreground_prob: probability that a random crop is centred on foreground.
+        aspect_jitter: largest stretch of a random crop window (1 = square windows).
+        artifacts: add dermoscopy artifacts (hair, rulers, ink, vignetting) to random crops.
         seed: base seed of the per-item generators.
         weights: optional per-sample (H, W) float loss-weight maps (None entries: all 1),
             cropped and augmented with the mask; random crops are then centred on pixels
@@ -286,6 +288,8 @@ class SegmentationDataset(Dataset):
         *,
         scale_range: tuple[float, float] = (0.75, 1.33),
         foreground_prob: float = 0.5,
+        aspect_jitter: float = 1.0,
+        artifacts: bool = False,
         seed: int = 0,
         weights: Sequence[np.ndarray | None] | None = None,
     ) -> None:
@@ -303,6 +307,8 @@ class SegmentationDataset(Dataset):
         self.instance = (task == "instance") if task else self.samples[0].is_instance
         self.scale_range = scale_range
         self.foreground_prob = foreground_prob
+        self.aspect_jitter = aspect_jitter
+        self.artifacts = artifacts
         self.seed = seed
         self.epoch = 0
         self.weights = None
@@ -336,6 +342,7 @@ class SegmentationDataset(Dataset):
                 image, mask, self.crop_size, rng,
                 stain=self.stain_jitter, scale_range=self.scale_range,
                 foreground_prob=self.foreground_prob, weight=weight,
+                aspect_jitter=self.aspect_jitter, artifacts=self.artifacts,
             )
             image_float, mask = augmented[:2]
             weight = augmented[2] if weight is not None else None

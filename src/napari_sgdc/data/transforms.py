@@ -25,6 +25,7 @@ __all__ = [
     "check_image",
     "color_jitter",
     "stain_jitter",
+    "dermoscopy_artifacts",
     "augment_pair",
 ]
 
@@ -133,19 +134,16 @@ def pad_to_size(array: np.ndarray, height: int, width: int, mode: str = "reflect
 def _resize_pair(
     image: np.ndarray, mask: np.ndarray, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Resizes a square window to size x size: bilinear image, nearest-neighbour mask."""
+    """Resizes a window to size x size: bilinear image, nearest-neighbour mask."""
     if image.shape[0] == size and image.shape[1] == size:
         return image, mask
-    downscale = image.shape[0] > size
+    downscale = max(image.shape[:2]) > size
     image_out = resize(
         image, (size, size), order=1, preserve_range=True, anti_aliasing=downscale
     ).astype(image.dtype if image.dtype != np.uint8 else np.float32)
     if image.dtype == np.uint8:
         image_out = np.clip(image_out + 0.5, 0, 255).astype(np.uint8)
-    mask_out = resize(
-        mask, (size, size), order=0, preserve_range=True, anti_aliasing=False
-    ).astype(mask.dtype)
-    return image_out, mask_out
+    return image_out, resize_labels(mask, (size, size))
 
 
 def random_scale_crop(
@@ -156,14 +154,19 @@ def random_scale_crop(
     scale_range: tuple[float, float] = (0.75, 1.33),
     foreground_prob: float = 0.5,
     weight: np.ndarray | None = None,
+    aspect_jitter: float = 1.0,
 ):
-    """Cuts a random square window and resamples it to crop_size x crop_size.
+    """Cuts a random window and resamples it to crop_size x crop_size.
 
     The scale factor is log-uniform in `scale_range`
     (a factor above 1 enlarges the content). The window is ``crop_size / factor`` source
-    pixels wide. With probability `foreground_prob` it is centred (with jitter of a
-    quarter window) on a random foreground pixel, otherwise placed uniformly. Images
-    smaller than the window are reflect-padded first.
+    pixels on a side; with ``aspect_jitter > 1`` its height and width are then multiplied
+    by ``sqrt(r)`` and ``1 / sqrt(r)`` with ``r`` log-uniform in ``[1 / aspect_jitter,
+    aspect_jitter]``, so the resampled crop is stretched along one axis (images whose
+    aspect ratio was changed, such as ISIC 2018 squashed to squares, and users' images
+    that kept theirs, then look alike to the network). With probability `foreground_prob`
+    it is centred (with jitter of a quarter window) on a random foreground pixel,
+    otherwise placed uniformly. Images smaller than the window are reflect-padded first.
 
     Args:
         image: (H, W, 3) image (uint8 or float).
@@ -176,6 +179,7 @@ def random_scale_crop(
             (nearest neighbour) like the mask. When it has pixels above 1 (user edits,
             see `napari_sgdc.train.corrections`) the window is centred on those instead
             of on foreground.
+        aspect_jitter: largest height/width stretch of the window (1 = square windows).
 
     Returns:
         (image crop (crop, crop, 3), mask crop (crop, crop)) with the input dtypes, plus
@@ -183,12 +187,14 @@ def random_scale_crop(
     """
     low, high = scale_range
     factor = math.exp(rng.uniform(math.log(low), math.log(high)))
-    window = max(1, int(round(crop_size / factor)))
-    image = pad_to_size(image, window, window)
-    mask = pad_to_size(mask, window, window)
+    side = crop_size / factor
+    stretch = math.sqrt(math.exp(rng.uniform(-1.0, 1.0) * math.log(aspect_jitter))) if aspect_jitter > 1 else 1.0
+    win_h, win_w = max(1, int(round(side * stretch))), max(1, int(round(side / stretch)))
+    image = pad_to_size(image, win_h, win_w)
+    mask = pad_to_size(mask, win_h, win_w)
     focus = mask
     if weight is not None:
-        weight = pad_to_size(weight, window, window)
+        weight = pad_to_size(weight, win_h, win_w)
         if (weight > 1).any():
             focus = weight > 1
     height, width = mask.shape[:2]
@@ -196,22 +202,21 @@ def random_scale_crop(
     if use_foreground and focus.any():
         rows, cols = np.nonzero(focus)
         pick = rng.integers(len(rows))
-        jitter = rng.uniform(-0.25, 0.25, size=2) * window
-        top = int(round(rows[pick] + jitter[0] - window / 2))
-        left = int(round(cols[pick] + jitter[1] - window / 2))
+        jitter = rng.uniform(-0.25, 0.25, size=2) * (win_h, win_w)
+        top = int(round(rows[pick] + jitter[0] - win_h / 2))
+        left = int(round(cols[pick] + jitter[1] - win_w / 2))
     else:
-        top = int(rng.integers(0, height - window + 1))
-        left = int(rng.integers(0, width - window + 1))
-    top = min(max(top, 0), height - window)
-    left = min(max(left, 0), width - window)
-    image_crop = image[top : top + window, left : left + window]
-    mask_crop = mask[top : top + window, left : left + window]
+        top = int(rng.integers(0, height - win_h + 1))
+        left = int(rng.integers(0, width - win_w + 1))
+    top = min(max(top, 0), height - win_h)
+    left = min(max(left, 0), width - win_w)
+    image_crop = image[top : top + win_h, left : left + win_w]
+    mask_crop = mask[top : top + win_h, left : left + win_w]
     if weight is None:
         return _resize_pair(image_crop, mask_crop, crop_size)
-    weight_crop = weight[top : top + window, left : left + window]
-    if window != crop_size:
-        weight_crop = resize(weight_crop, (crop_size, crop_size), order=0, preserve_range=True,
-                             anti_aliasing=False).astype(weight_crop.dtype)
+    weight_crop = weight[top : top + win_h, left : left + win_w]
+    if weight_crop.shape != (crop_size, crop_size):
+        weight_crop = resize_labels(weight_crop, (crop_size, crop_size))
     return (*_resize_pair(image_crop, mask_crop, crop_size), weight_crop)
 
 
@@ -300,6 +305,122 @@ def stain_jitter(
     return np.clip(rgb, 0.0, 1.0).astype(np.float32)
 
 
+def _band(shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates (across, along) in pixels of a random straight line through the image:
+    ``across`` is the signed distance from the line, ``along`` the position on it."""
+    height, width = shape
+    angle = rng.uniform(0.0, math.pi)
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    centre_r, centre_c = rng.uniform(0, height), rng.uniform(0, width)
+    across = (rows - centre_r) * math.cos(angle) - (cols - centre_c) * math.sin(angle)
+    along = (rows - centre_r) * math.sin(angle) + (cols - centre_c) * math.cos(angle)
+    return across, along
+
+
+def _hair(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Dark, thin, curved hairs (quadratic Bezier curves 1-3 px wide) drawn over the image."""
+    from scipy.ndimage import binary_dilation
+    from skimage.draw import line
+
+    height, width = image.shape[:2]
+    strands = np.zeros((height, width), bool)
+    for _ in range(int(rng.integers(1, 11))):
+        ends = rng.uniform(-0.2, 1.2, size=(3, 2)) * (height, width)  # start, control, end points
+        ends[1] = (ends[0] + ends[2]) / 2 + rng.normal(0.0, 0.15, 2) * (height, width)  # a gentle bend
+        t = np.linspace(0.0, 1.0, 2 * (height + width))[:, None]
+        curve = (1 - t) ** 2 * ends[0] + 2 * (1 - t) * t * ends[1] + t**2 * ends[2]  # (n, 2) (row, col)
+        points = np.rint(curve).astype(int)
+        for (r0, c0), (r1, c1) in zip(points[:-1], points[1:]):
+            rr, cc = line(r0, c0, r1, c1)
+            keep = (rr >= 0) & (rr < height) & (cc >= 0) & (cc < width)
+            strands[rr[keep], cc[keep]] = True
+    thickness = int(rng.integers(0, 2))
+    if thickness:
+        strands = binary_dilation(strands, iterations=thickness)
+    colour = rng.uniform(0.02, 0.25) * np.array([1.0, 0.8, 0.7], np.float32) * rng.uniform(0.8, 1.2, 3)
+    alpha = rng.uniform(0.6, 1.0)
+    out = image.copy()
+    out[strands] = (1 - alpha) * out[strands] + alpha * colour
+    return out
+
+
+def _ruler(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A ruler: a light or dark straight band with tick marks every few pixels."""
+    across, along = _band(image.shape[:2], rng)
+    half = rng.uniform(3.0, 10.0)
+    band = np.abs(across) < half
+    period = rng.uniform(5.0, 14.0)
+    ticks = band & (np.mod(along, period) < max(1.0, period * 0.2)) & (across > -half * rng.uniform(0.0, 0.8))
+    light = rng.random() < 0.6
+    base = rng.uniform(0.75, 0.95) if light else rng.uniform(0.05, 0.2)
+    tick = rng.uniform(0.0, 0.15) if light else rng.uniform(0.8, 1.0)
+    out = image.copy()
+    out[band] = base
+    out[ticks] = tick
+    return out
+
+
+def _ink(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Surgical-marker ink: translucent purple or blue strokes and dots, blended multiplicatively."""
+    from skimage.draw import disk
+
+    height, width = image.shape[:2]
+    marks = np.zeros((height, width), bool)
+    for _ in range(int(rng.integers(1, 4))):
+        if rng.random() < 0.5:  # a stroke
+            across, along = _band((height, width), rng)
+            length = rng.uniform(0.1, 0.6) * max(height, width)
+            marks |= (np.abs(across) < rng.uniform(1.5, 5.0)) & (np.abs(along) < length / 2)
+        else:  # a dot
+            rr, cc = disk((rng.uniform(0, height), rng.uniform(0, width)), rng.uniform(2.0, 8.0), shape=(height, width))
+            marks[rr, cc] = True
+    tint = np.array([rng.uniform(0.3, 0.6), rng.uniform(0.1, 0.35), rng.uniform(0.5, 0.8)], np.float32)  # purple-blue
+    strength = rng.uniform(0.5, 0.9)
+    out = image.copy()
+    out[marks] = out[marks] * (1 - strength + strength * tint)
+    return out
+
+
+def _vignette(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The dermoscope's round field of view: darkening towards the edge, black outside a circle."""
+    height, width = image.shape[:2]
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    centre_r = height / 2 + rng.uniform(-0.15, 0.15) * height
+    centre_c = width / 2 + rng.uniform(-0.15, 0.15) * width
+    radius = rng.uniform(0.45, 0.7) * math.hypot(height, width)  # the corners are 0.5 diagonals away
+    distance = np.hypot(rows - centre_r, cols - centre_c) / radius  # (H, W), 1 at the circle
+    softness = rng.uniform(0.02, 0.15)
+    inside = np.clip((1.0 - distance) / softness, 0.0, 1.0)
+    falloff = 1.0 - rng.uniform(0.2, 0.6) * np.clip(distance, 0.0, 1.0) ** 2
+    black = rng.uniform(0.0, 0.1)
+    return (image * (inside * falloff)[..., None] + black * (1 - inside)[..., None]).astype(np.float32)
+
+
+DERMOSCOPY_ARTIFACTS = {"hair": (_hair, 0.3), "ruler": (_ruler, 0.1), "ink": (_ink, 0.1), "vignette": (_vignette, 0.25)}
+"""Artifact name: (function, probability per training crop) for `dermoscopy_artifacts`."""
+
+
+def dermoscopy_artifacts(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Adds the artifacts of real dermoscopy images that leave the lesion mask unchanged.
+
+    Each of `DERMOSCOPY_ARTIFACTS` (hair, a ruler, surgical-marker ink, the dermoscope's
+    dark round field of view) is drawn independently with its probability, so most crops
+    get none and a few get several. Hair and ink cross lesions; the mask stays the same.
+
+    Args:
+        image: float (H, W, 3) RGB in [0, 1].
+        rng: random generator.
+
+    Returns:
+        float32 (H, W, 3) in [0, 1].
+    """
+    out = np.asarray(image, np.float32)
+    for draw, probability in DERMOSCOPY_ARTIFACTS.values():
+        if rng.random() < probability:
+            out = draw(out, rng)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
 def augment_pair(
     image: np.ndarray,
     mask: np.ndarray,
@@ -311,8 +432,11 @@ def augment_pair(
     foreground_prob: float = 0.5,
     color_strength: float = 1.0,
     weight: np.ndarray | None = None,
+    aspect_jitter: float = 1.0,
+    artifacts: bool = False,
 ):
-    """The full training augmentation: scale-crop, flips/rotations, colour and stain jitter.
+    """The full training augmentation: scale-crop, flips/rotations, colour and stain jitter,
+    and optionally dermoscopy artifacts.
 
     Args:
         image: (H, W, 3) uint8 or float RGB image.
@@ -325,22 +449,28 @@ def augment_pair(
         color_strength: scales the colour jitter ranges.
         weight: optional (H, W) float per-pixel loss weights, cropped, resampled and
             flipped/rotated with the mask (see `random_scale_crop`).
+        aspect_jitter: largest stretch of the crop window (see `random_scale_crop`).
+        artifacts: add hair, rulers, ink and vignetting (`dermoscopy_artifacts`).
 
     Returns:
         (float32 image (crop, crop, 3) in [0, 1], mask (crop, crop) with the input dtype),
         plus the weight crop (crop, crop) float32 as a third element when `weight` is given.
     """
     if weight is None:
-        image, mask = random_scale_crop(image, mask, crop_size, rng, scale_range, foreground_prob)
+        image, mask = random_scale_crop(image, mask, crop_size, rng, scale_range, foreground_prob,
+                                        aspect_jitter=aspect_jitter)
         image, mask = random_flip_rot90(image, mask, rng)
     else:
         image, mask, weight = random_scale_crop(
-            image, mask, crop_size, rng, scale_range, foreground_prob, np.asarray(weight, np.float32)
+            image, mask, crop_size, rng, scale_range, foreground_prob, np.asarray(weight, np.float32),
+            aspect_jitter=aspect_jitter,
         )
         image, mask, weight = random_flip_rot90(image, mask, rng, weight)
     image_float = to_float_rgb(image)
     if stain and rng.random() < 0.8:
         image_float = stain_jitter(image_float, rng)
+    if artifacts:  # a child stream: the colour jitter below draws the same numbers with or without
+        image_float = dermoscopy_artifacts(image_float, rng.spawn(1)[0])
     image_float = color_jitter(image_float, rng, color_strength)
     if weight is None:
         return image_float, mask

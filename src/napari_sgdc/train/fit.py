@@ -130,6 +130,11 @@ def check_train_config(cfg: TrainConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
                 or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if isinstance(cfg.aspect_jitter, bool) or not isinstance(cfg.aspect_jitter, (int, float, np.number)) \
+            or not 1.0 <= cfg.aspect_jitter <= 4.0:
+        raise ValueError(f"aspect_jitter must be a number from 1 (off) to 4, got {cfg.aspect_jitter!r}")
+    if not isinstance(cfg.artifacts, bool):
+        raise ValueError(f"artifacts must be true or false, got {cfg.artifacts!r}")
     if cfg.select_metric not in (*SELECT_METRICS, "auto"):
         raise ValueError(f"select_metric must be one of {['auto', *SELECT_METRICS]}, got {cfg.select_metric!r}")
     smallest_map = cfg.batch_size * (cfg.crop_size // 32) ** 2  # values per channel at stride 32
