@@ -33,7 +33,7 @@ VARIANTS = {"sgdc": ["--block", "sgdc"], "pooling": ["--block", "pooling"], "sta
 DATA = ROOT.parent / "shared" / "data"
 LAYOUT = {"ph2": "ph2", "consep": "consep", "isic2018": "ph2"}  # isic2018 has the ph2 folder layout
 LAYOUT_ARGS = {"ph2": ["--val-split", "none"], "consep": ["--val-split", "none"], "isic2018": ["--val-split", "none"]}
-KEYS = {"ph2": ["iou", "dice", "hd95"], "consep": ["iou", "dice", "hd95", "aji", "object_f1"],
+KEYS = {"ph2": ["iou", "dice", "hd95"], "consep": ["iou", "dice", "hd95", "aji", "object_f1", "pq"],
         "isic2018": ["iou", "dice", "hd95"]}
 # scoring sets: (name, dataset folder, split); None = the --data folder
 SCORING = {"ph2": [("test", None, "test")], "consep": [("test", None, "test")],
@@ -97,7 +97,7 @@ def main() -> None:
         for variant, runs in results.items():
             cells = []
             for key in keys:
-                values = [_scores_of(run, name)[key] for run in runs]
+                values = [_scores_of(run, name).get(key, float("nan")) for run in runs]
                 spread = statistics.stdev(values) if len(values) > 1 else 0.0
                 cells.append(f"{statistics.fmean(values):.4f} ± {spread:.4f}")
             train_s = statistics.fmean(run["train_s"] for run in runs)

@@ -227,7 +227,7 @@ def test_evaluate_folders_writes_csv(tmp_path, checkpoints, capsys):
     with open(table) as stream:
         rows = list(csv.DictReader(stream))
     assert [row["image"] for row in rows] == ["img0.png", "img1.png"]
-    assert set(rows[0]) == {"image", "iou", "dice", "hd95", "boundary_f1", "aji", "object_f1"}
+    assert set(rows[0]) == {"image", "iou", "dice", "hd95", "boundary_f1", "aji", "object_f1", "pq"}
     for row in rows:
         assert 0.0 <= float(row["iou"]) <= 1.0 and 0.0 <= float(row["aji"]) <= 1.0
         assert float(row["hd95"]) >= 0.0

@@ -155,6 +155,12 @@ def test_object_f1_one_to_one_at_iou_half():
     assert metrics.object_f1(pred, target) == pytest.approx(4 / 7)
     # Lower threshold: the half-covered nucleus now matches: TP 3, FP 1, FN 0 -> 6/7.
     assert metrics.object_f1(pred, target, iou_threshold=0.4) == pytest.approx(6 / 7)
+    # PQ = (1.0 + 0.75) / (TP 2 + FP 2 / 2 + FN 1 / 2) = 1.75 / 3.5 = SQ 0.875 × DQ 4/7.
+    assert metrics.panoptic_quality(pred, target) == pytest.approx(0.5)
+    assert metrics.instance_scores(pred, target, iou_threshold=0.4)["pq"] == pytest.approx(0.5)  # PQ stays at 0.5
+    assert metrics.panoptic_quality(target, target) == 1.0
+    assert metrics.panoptic_quality(np.zeros_like(target), np.zeros_like(target)) == 1.0
+    assert metrics.panoptic_quality(np.zeros_like(target), target) == 0.0
 
 
 def test_object_f1_is_one_to_one():
@@ -180,4 +186,4 @@ def test_score_dicts():
     scores = metrics.semantic_scores(target, target)
     assert scores == {"iou": 1.0, "dice": 1.0, "hd95": 0.0, "boundary_f1": 1.0}
     labels = target.astype(np.int32)
-    assert metrics.instance_scores(labels, labels) == {"aji": 1.0, "object_f1": 1.0}
+    assert metrics.instance_scores(labels, labels) == {"aji": 1.0, "object_f1": 1.0, "pq": 1.0}

@@ -647,7 +647,7 @@ def _run_evaluate(args) -> int:
         return 1
     keys = ["iou", "dice", "hd95", "boundary_f1"]
     if any("aji" in row for row in rows):
-        keys += ["aji", "object_f1"]
+        keys += ["aji", "object_f1", "pq"]
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=["image", *keys], restval="")
@@ -655,7 +655,7 @@ def _run_evaluate(args) -> int:
         for row in rows:
             writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()})
     labels = {"iou": "IoU", "dice": "Dice", "hd95": "HD95 (px)", "boundary_f1": f"Boundary F1 (tol {args.tolerance:g} px)",
-              "aji": "AJI", "object_f1": "Object F1 (IoU>0.5)"}
+              "aji": "AJI", "object_f1": "Object F1 (IoU>0.5)", "pq": "PQ (panoptic quality)"}
     print(f"{len(rows)} image(s), model {args.model}")
     for key, (mean, std) in summarize(rows, keys).items():
         print(f"{labels[key]:<28} {mean:.4f} ± {std:.4f}")

@@ -47,6 +47,7 @@ __all__ = [
     "boundary_f1",
     "aji",
     "object_f1",
+    "panoptic_quality",
     "InstanceMatch",
     "match_instances",
     "semantic_scores",
@@ -260,6 +261,13 @@ class InstanceMatch:
         denominator = 2 * self.tp + self.fp + self.fn
         return 1.0 if denominator == 0 else 2.0 * self.tp / denominator
 
+    @property
+    def pq(self) -> float:
+        """Panoptic quality (Kirillov et al. 2019; the CoNIC metric) = SQ × DQ
+        = Σ matched IoU / (TP + FP / 2 + FN / 2); 1.0 when there are no objects at all."""
+        denominator = self.tp + 0.5 * self.fp + 0.5 * self.fn
+        return 1.0 if denominator == 0 else float(sum(self.pair_ious)) / denominator
+
 
 def match_instances(pred: np.ndarray, target: np.ndarray, iou_threshold: float = 0.5) -> InstanceMatch:
     """Matches instances one-to-one (Hungarian on IoU), keeping pairs with IoU > threshold.
@@ -301,6 +309,20 @@ def object_f1(pred: np.ndarray, target: np.ndarray, iou_threshold: float = 0.5) 
     return match_instances(pred, target, iou_threshold).f1
 
 
+def panoptic_quality(pred: np.ndarray, target: np.ndarray) -> float:
+    """Panoptic quality of one image's instances (matches at IoU > 0.5, which are unique).
+
+    Args:
+        pred: (H, W) integer predicted labels, 0 = background.
+        target: (H, W) integer reference labels.
+
+    Returns:
+        PQ in [0, 1]: detection quality (the object F1) times the mean IoU of the matched
+        pairs; 1.0 when both maps are empty.
+    """
+    return match_instances(pred, target, 0.5).pq
+
+
 def semantic_scores(pred: np.ndarray, target: np.ndarray, tolerance: float = 2.0) -> dict[str, float]:
     """All semantic metrics of one image.
 
@@ -326,12 +348,11 @@ def instance_scores(pred_labels: np.ndarray, target_labels: np.ndarray, iou_thre
     Args:
         pred_labels: (H, W) integer predicted labels.
         target_labels: (H, W) integer reference labels.
-        iou_threshold: object F1 matching threshold.
+        iou_threshold: object F1 matching threshold (PQ always matches at IoU > 0.5).
 
     Returns:
-        {"aji", "object_f1"}.
+        {"aji", "object_f1", "pq"}.
     """
-    return {
-        "aji": aji(pred_labels, target_labels),
-        "object_f1": object_f1(pred_labels, target_labels, iou_threshold),
-    }
+    match = match_instances(pred_labels, target_labels, iou_threshold)
+    at_half = match if iou_threshold == 0.5 else match_instances(pred_labels, target_labels, 0.5)
+    return {"aji": aji(pred_labels, target_labels), "object_f1": match.f1, "pq": at_half.pq}
