@@ -348,3 +348,22 @@ def test_train_validates_on_another_dataset_too_with_dermoscopy_augmentation(tmp
     assert metadata["provenance"]["n_train"] == 2 + 120 and metadata["provenance"]["n_val"] == 2 + 2
     assert metadata["provenance"]["also_val"] == [["ph2", str(DATA / "ph2")]]
     assert metadata["train_config"]["aspect_jitter"] == 1.4 and metadata["train_config"]["artifacts"] is True
+
+
+@pytest.mark.parametrize("instance_map", ["distance", "hover"])
+def test_train_and_evaluate_an_instance_map_model(tmp_path, capsys, instance_map):
+    ckpt = tmp_path / f"{instance_map}.safetensors"
+    assert main(["train", "--data", str(DATA / "consep"), "--layout", "consep", "--out", str(ckpt),
+                 "--instance-map", instance_map, "--encoder", "mini", "--crop-size", "64", "--batch-size", "2",
+                 "--steps-per-epoch", "2", "--epochs", "1", "--device", "cpu", "--max-images", "2",
+                 "--max-val-images", "2"]) == 0
+    metadata = read_metadata(ckpt)
+    assert metadata["model_config"]["instance_map"] == instance_map
+    assert "aji" in metadata["metrics"]  # validated by decoding the new head
+    model = load_checkpoint(ckpt)[0]
+    assert model.config.instance_channels == (1 if instance_map == "distance" else 2)
+    table = tmp_path / "scores.csv"
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(ckpt), "--layout", "consep", "--data", str(DATA / "consep"),
+                 "--split", "test", "--max-images", "2", "--csv", str(table), "--device", "cpu"]) == 0
+    assert "PQ (panoptic quality)" in capsys.readouterr().out

@@ -83,7 +83,7 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of all commands."""
-    from .config import TASKS
+    from .config import INSTANCE_MAPS, TASKS
     from .data.datasets import LAYOUTS, SPLITS
     from .device import DEVICES
     from .model.registry import BLOCK_TYPES, ENCODERS
@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--block", choices=tuple(BLOCK_TYPES), help="guided decoder block (default: sgdc)")
     train.add_argument("--no-edge-supervision", action="store_true", help="do not supervise the SGE edge output")
     train.add_argument("--task", choices=TASKS, help="semantic or instance (default: from the layout / masks)")
+    train.add_argument("--instance-map", choices=INSTANCE_MAPS,
+                       help="how an instance model splits touching objects (default: boundary)")
     train.add_argument("--seed", type=int, help="random seed (default: 0)")
     train.add_argument("--crop-size", type=int, help="training crop size, a multiple of 32 (default: 256)")
     train.add_argument("--batch-size", type=int, help="images per step (default: 8)")
@@ -415,6 +417,8 @@ def _model_config(args, model_values: dict, task: str, layout: str):
         values["encoder"] = args.encoder
     if args.block:
         values["block"] = args.block
+    if args.instance_map:
+        values["instance_map"] = args.instance_map
     if args.no_edge_supervision:
         values["edge_supervision"] = False
     if args.no_pretrained:
@@ -507,11 +511,13 @@ def _run_train(args) -> int:
         train_data = SegmentationDataset(train_samples, crop_size=train_cfg.crop_size, augment=True,
                                          boundary_width=train_cfg.boundary_width,
                                          stain_jitter=train_cfg.stain_jitter, task=task, seed=train_cfg.seed,
-                                         aspect_jitter=train_cfg.aspect_jitter, artifacts=train_cfg.artifacts)
+                                         aspect_jitter=train_cfg.aspect_jitter, artifacts=train_cfg.artifacts,
+                                         instance_map=model_cfg.instance_map)
         val_data = None
         if val_samples:
             val_data = SegmentationDataset(val_samples, crop_size=None, augment=False,
-                                           boundary_width=train_cfg.boundary_width, task=task)
+                                           boundary_width=train_cfg.boundary_width, task=task,
+                                           instance_map=model_cfg.instance_map)
         train.seed_everything(train_cfg.seed)  # before build_model, so --seed also fixes the initial weights
         model = build_model(model_cfg)
         print(f"training {model_cfg.encoder}/{model_cfg.block} ({task}) on {len(train_samples)} image(s)"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 TASKS = ("semantic", "instance")
+INSTANCE_MAPS = ("boundary", "distance", "hover")
 MAX_CHANNELS = 4096
 MAX_CLASSES = 256
 MAX_KERNEL = 31
@@ -68,6 +69,11 @@ class ModelConfig:
         block: guided decoder block: ``sgdc`` (the paper), ``pooling`` (pooling-based
             dynamic convolution, the paper's baseline) or ``static`` (plain convolution).
         task: ``semantic`` (one mask) or ``instance`` (mask + boundary split into instances).
+        instance_map: how an instance model separates touching objects (see
+            `napari_sgdc.postprocess`): ``boundary`` (the boundary head: mask − boundary
+            seeds), ``distance`` (an extra head regressing each object's distance to its
+            border, normalised to 1 at its centre) or ``hover`` (two extra heads regressing
+            HoVer-Net's horizontal and vertical offsets to the object's centre, in [-1, 1]).
         n_classes: mask-head channels (1 for a binary foreground).
         decoder_channels: decoder widths at strides 16, 8, 4, 2, 1.
         sge_channels: SGE bottleneck and fused width (``bottleneck`` and ``mid``).
@@ -93,6 +99,7 @@ class ModelConfig:
     pretrained: bool = True
     block: str = "sgdc"
     task: str = "semantic"
+    instance_map: str = "boundary"
     n_classes: int = 1
     decoder_channels: tuple[int, ...] = (128, 64, 48, 32, 16)
     sge_channels: int = 64
@@ -116,6 +123,9 @@ class ModelConfig:
         _choice("encoder", self.encoder, tuple(ENCODERS))
         _choice("block", self.block, tuple(BLOCK_TYPES))
         _choice("task", self.task, TASKS)
+        _choice("instance_map", self.instance_map, INSTANCE_MAPS)
+        if self.instance_map != "boundary" and self.task != "instance":
+            raise ValueError(f"instance_map {self.instance_map!r} needs task 'instance', got task {self.task!r}")
         for name in ("pretrained", "edge_supervision", "single_object"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -153,6 +163,11 @@ class ModelConfig:
     def is_instance(self) -> bool:
         """Whether the model splits its mask into instances (``task == "instance"``)."""
         return self.task == "instance"
+
+    @property
+    def instance_channels(self) -> int:
+        """Channels of the extra instance head: 0 (boundary), 1 (distance) or 2 (hover)."""
+        return {"boundary": 0, "distance": 1, "hover": 2}[self.instance_map] if self.is_instance else 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -41,9 +41,9 @@ from .data.transforms import check_image, resize_image, to_float_rgb, working_si
 from .device import eval_mode, model_device, resolve_device
 from .locks import model_lock
 from .model import SGDCSegmenter
-from .postprocess import PostprocessOptions, object_confidence, postprocess
+from .postprocess import PostprocessOptions, object_confidence, postprocess, separation_map
 
-__all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "predict_maps", "segment",
+__all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "head_maps", "predict_maps", "segment",
            "tile_origins"]
 
 SIZE_MULTIPLE = 32
@@ -114,6 +114,9 @@ class SegmentationResult:
         uncertainty: float32 (H, W) in [0, 1] when requested (see `UNCERTAINTY_METHODS`), else None.
         confidence: for instance models with uncertainty, float32 (K + 1,): confidence[i] is
             1 − the mean uncertainty of instance i (confidence[0], background, is 0).
+        separation: float32 (H, W) in [0, 1], the map the instance split thresholds
+            (`napari_sgdc.postprocess.separation_map`); `boundary` itself for boundary and
+            semantic models.
     """
 
     probability: np.ndarray
@@ -123,6 +126,7 @@ class SegmentationResult:
     gates: list[GateMap] | None = None
     uncertainty: np.ndarray | None = None
     confidence: np.ndarray | None = None
+    separation: np.ndarray | None = None
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -207,12 +211,52 @@ def _dihedral(x: torch.Tensor, index: int, inverse: bool = False) -> torch.Tenso
     return torch.flip(x, dims=(-1,)) if flip else x
 
 
+def _dihedral_vectors(vx: torch.Tensor, vy: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undoes `_dihedral` transform `index` on the components of a vector field.
+
+    A quarter turn (`torch.rot90` from rows to columns) maps an offset (x, y) (column,
+    row) to (y, −x) and the flip maps it to (−x, y); `_dihedral` turns, then flips, so
+    the inverse flips, then turns back with (x, y) → (−y, x) per turn. Apply it after
+    the maps themselves went back through ``_dihedral(..., inverse=True)``.
+    """
+    turns, flip = index % 4, index >= 4
+    if flip:
+        vx = -vx
+    for _ in range(turns):
+        vx, vy = -vy, vx
+    return vx, vy
+
+
+def head_maps(outputs: dict[str, torch.Tensor], index: int = 0) -> dict[str, torch.Tensor]:
+    """Per-pixel maps of the first item of a forward pass, in the untransformed frame.
+
+    Args:
+        outputs: the model's outputs (``mask``, ``edge`` and optionally ``distance`` or
+            ``hover``) for an input seen through `_dihedral` transform `index`.
+        index: the transform to undo (0: none).
+
+    Returns:
+        float32 (H, W) tensors: ``probability``, ``boundary``, and ``distance`` (in [0, 1])
+        or ``hover_x`` and ``hover_y`` (in [-1, 1]) for those ``ModelConfig.instance_map``.
+    """
+    maps = {"probability": torch.sigmoid(outputs["mask"][0, 0].float()),
+            "boundary": torch.sigmoid(outputs["edge"][0, 0].float())}
+    if "distance" in outputs:
+        maps["distance"] = torch.sigmoid(outputs["distance"][0, 0].float())
+    maps = {name: _dihedral(value, index, inverse=True) for name, value in maps.items()}  # (H, W) each
+    if "hover" in outputs:
+        hover = _dihedral(outputs["hover"][0].float().clamp(-1.0, 1.0), index, inverse=True)  # (2, H, W)
+        maps["hover_x"], maps["hover_y"] = _dihedral_vectors(hover[0], hover[1], index)
+    return maps
+
+
 class _PlaneSegmenter:
     """Runs the tiled forward pass of one model over planes, sharing progress state.
 
-    Each plane gives a dict of float32 maps: ``probability`` and ``boundary``, plus
-    ``probability_sq`` (the mean squared probability over the test-time transforms) when
-    the TTA spread is wanted, all blended over tiles with the same Gaussian weights.
+    Each plane gives a dict of float32 maps: those of `head_maps` (``probability``,
+    ``boundary`` and the instance-map heads), plus ``probability_sq`` (the mean squared
+    probability over the test-time transforms) when the TTA spread is wanted, all blended
+    over tiles with the same Gaussian weights.
     """
 
     def __init__(self, model, device, tile, overlap, return_gates, progress, cancel, n_planes, working_shape,
@@ -268,11 +312,9 @@ class _PlaneSegmenter:
             for index in self.transforms:
                 with_gates = self.return_gates and index == 0
                 out = self.model(_dihedral(batch, index), return_gates=with_gates)
-                prob = _dihedral(torch.sigmoid(out["mask"][0, 0].float()), index, inverse=True)  # (tile_h, tile_w)
-                edge = _dihedral(torch.sigmoid(out["edge"][0, 0].float()), index, inverse=True)
-                parts = {"probability": prob, "boundary": edge}
+                parts = head_maps(out, index)  # (tile_h, tile_w) each
                 if self.spread:
-                    parts["probability_sq"] = prob * prob
+                    parts["probability_sq"] = parts["probability"] ** 2
                 for name, value in parts.items():
                     sums[name] = sums[name] + value if name in sums else value
                 for block in out.get("gates", []) if with_gates else []:
@@ -368,7 +410,7 @@ def _tile_layout(height: int, width: int, tile: int | None, overlap: float):
 def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = None, overlap: float = 0.25,
                  device: str | torch.device | None = None, tta: bool = False,
                  cancel: threading.Event | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The model's blended probability and boundary maps of one 2-D image, without post-processing.
+    """The model's blended probability and separation maps of one 2-D image, without post-processing.
 
     The same forward pass as `segment` (tiles, Gaussian blending, working resolution, TTA),
     for callers that post-process regions themselves (whole-slide inference). No
@@ -381,7 +423,8 @@ def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = 
             maps are not blended (so a pixel-wise model gives the same value whatever the crop).
 
     Returns:
-        ``(probability, boundary)``, float32 (H, W) each.
+        ``(probability, separation)``, float32 (H, W) each; the separation map
+        (`napari_sgdc.postprocess.separation_map`) is the boundary for boundary models.
     """
     array = np.asarray(image)
     check_image(array.shape, array.dtype)
@@ -392,7 +435,7 @@ def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = 
                                  model.config.resize_long_side, tta=tta)
         runner.gaussian = bool(tile)  # one pass: no blending, so every pixel is exactly the model's output
         maps, _ = runner.run(array)
-    return maps["probability"], maps["boundary"]
+    return maps["probability"], separation_map(maps)
 
 
 def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions | None = None, *,
@@ -486,7 +529,8 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
     if not is_stack:
         maps = {name: value[0] for name, value in maps.items()}  # (H, W)
     probability, boundary = maps["probability"], maps["boundary"]
-    mask, labels = postprocess(probability, boundary, options, single_object=config.single_object,
+    separation = separation_map(maps) if config.is_instance else boundary
+    mask, labels = postprocess(probability, separation, options, single_object=config.single_object,
                                instances=config.is_instance)
     uncertainty_map = confidence = None
     if method is not None:
@@ -500,7 +544,7 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
             gates = [GateMap(g.name, g.stride, np.stack([o[1][i].data for o in outputs]))
                      for i, g in enumerate(outputs[0][1])]
     return SegmentationResult(probability=probability, mask=mask, boundary=boundary, labels=labels, gates=gates,
-                              uncertainty=uncertainty_map, confidence=confidence)
+                              uncertainty=uncertainty_map, confidence=confidence, separation=separation)
 
 
 def _uncertainty(method: str, probability: np.ndarray, probability_sq: np.ndarray | None) -> np.ndarray:

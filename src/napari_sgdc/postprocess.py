@@ -8,11 +8,21 @@ Semantic mask: ``probability > threshold``; with ``single_object`` (one lesion p
 image) only the largest 8-connected region is kept, with holes filled; otherwise
 8-connected regions smaller than ``min_size`` pixels are removed.
 
-Instance labels: seeds are the 4-connected components of (mask and not boundary >
-``boundary_threshold``); a watershed on the boundary probability floods the raw mask
-from them; mask components without any seed become their own instance; instances
-smaller than ``min_size`` pixels are removed; ids are 1..K, and unique across the
-planes of a stack (plane i's ids follow plane i − 1's).
+Instance labels come from a separation map ``s`` in [0, 1], high between touching
+objects (`separation_map`, by ``ModelConfig.instance_map``):
+
+    boundary: s = the boundary probability
+    distance: s = 1 − the predicted distance to the border (1 at each object's centre)
+    hover:    s = the HoVer-Net gradient energy: clip(max(−∂x/∂x, −∂y/∂y) / 0.5, 0, 1)
+              of the predicted x and y offset maps (derivative-of-Gaussian, σ = 1 px):
+              inside an object each map rises by about 2 / diameter per pixel; where
+              two objects touch it falls from +1 to −1 within a few pixels
+
+Seeds (markers) are the 4-connected components of (mask and s ≤ ``boundary_threshold``);
+a watershed on s floods the raw mask from them; mask components without any seed
+become their own instance; instances smaller than ``min_size`` pixels are removed; ids
+are 1..K, and unique across the planes of a stack (plane i's ids follow plane i − 1's).
+The same threshold slider therefore splits nuclei for every instance map.
 """
 
 from __future__ import annotations
@@ -23,7 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PostprocessOptions", "object_confidence", "postprocess"]
+__all__ = ["PostprocessOptions", "object_confidence", "postprocess", "separation_map"]
+
+HOVER_SMOOTHING = 1.0  # σ in pixels of the derivative-of-Gaussian applied to the HoVer maps
+HOVER_GRADIENT_SCALE = 0.5  # a fall of this much per pixel in an x or y map is a full border (s = 1)
 
 # scipy and scikit-image are imported where used: `import napari_sgdc` imports this module
 # eagerly (a lazily exported `postprocess` would be shadowed by this submodule's name).
@@ -37,8 +50,9 @@ class PostprocessOptions:
 
     Attributes:
         threshold: mask probability threshold in [0, 1] (mask = probability > threshold).
-        boundary_threshold: boundary probability in [0, 1] above which pixels do not
-            seed instances (splits touching nuclei).
+        boundary_threshold: separation value in [0, 1] above which pixels do not seed
+            instances (splits touching nuclei): the boundary probability, or, for
+            distance and HoVer models, their separation map (see the module docstring).
         min_size: objects smaller than this many pixels are removed (>= 0).
     """
 
@@ -116,14 +130,38 @@ def _instance_plane(mask: np.ndarray, boundary: np.ndarray, boundary_threshold: 
     return relabel_sequential(labels)[0].astype(np.int32)
 
 
-def postprocess(probability: np.ndarray, boundary: np.ndarray | None, options: PostprocessOptions | None = None, *,
-                single_object: bool = False, instances: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def separation_map(maps: dict[str, np.ndarray]) -> np.ndarray:
+    """The separation map of a model's output maps (module docstring), float32 in [0, 1].
+
+    Args:
+        maps: float (H, W) or (N, H, W) maps by name: ``boundary``, and ``distance`` or
+            ``hover_x`` and ``hover_y`` for those instance maps (as `segment` computes them).
+
+    Returns:
+        float32 array of the maps' shape; the ``boundary`` map itself for boundary models.
+    """
+    if "distance" in maps:
+        return np.clip(1.0 - np.asarray(maps["distance"], np.float32), 0.0, 1.0)
+    if "hover_x" in maps:
+        from scipy.ndimage import gaussian_filter
+
+        hover_x, hover_y = (np.asarray(maps[name], np.float32) for name in ("hover_x", "hover_y"))
+        lead = (0,) * (hover_x.ndim - 2)  # no smoothing across the planes of a stack
+        d_dx = gaussian_filter(hover_x, (*lead, HOVER_SMOOTHING, HOVER_SMOOTHING), order=(*lead, 0, 1))
+        d_dy = gaussian_filter(hover_y, (*lead, HOVER_SMOOTHING, HOVER_SMOOTHING), order=(*lead, 1, 0))
+        return np.clip(np.maximum(-d_dx, -d_dy) / HOVER_GRADIENT_SCALE, 0.0, 1.0).astype(np.float32)
+    return np.asarray(maps["boundary"], np.float32)
+
+
+def postprocess(probability: np.ndarray, separation: np.ndarray | None, options: PostprocessOptions | None = None,
+                *, single_object: bool = False, instances: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Turns probabilities into the mask and, for instance models, the instance labels.
 
     Args:
         probability: float (H, W) or (N, H, W) foreground probability.
-        boundary: float array of the same shape (boundary probability); needed only
-            when `instances`.
+        separation: float array of the same shape, high between touching objects (the
+            boundary probability, or `separation_map` of the outputs); needed only when
+            `instances`.
         options: thresholds and minimum size (default `PostprocessOptions()`).
         single_object: the model's ``ModelConfig.single_object`` (one lesion per image).
         instances: also compute instance labels (``ModelConfig.is_instance``).
@@ -143,13 +181,13 @@ def postprocess(probability: np.ndarray, boundary: np.ndarray | None, options: P
     mask = np.stack([_semantic_plane(p, options.min_size, single_object) for p in planes]).reshape(raw_mask.shape)
     if not instances:
         return mask, None
-    boundary = np.asarray(boundary) if boundary is not None else None
-    if boundary is not None:
-        _check_map("boundary", boundary)
-    if boundary is None or boundary.shape != probability.shape:
-        shape = None if boundary is None else boundary.shape
+    separation = np.asarray(separation) if separation is not None else None
+    if separation is not None:
+        _check_map("separation", separation)
+    if separation is None or separation.shape != probability.shape:
+        shape = None if separation is None else separation.shape
         raise ValueError(f"boundary shape {shape} differs from probability shape {probability.shape}")
-    boundaries = np.nan_to_num(boundary.reshape(planes.shape), nan=1.0)  # (N, H, W)
+    boundaries = np.nan_to_num(separation.reshape(planes.shape), nan=1.0)  # (N, H, W)
     labels = np.zeros(planes.shape, np.int32)
     offset = 0
     for index, (plane_mask, plane_boundary) in enumerate(zip(planes, boundaries)):

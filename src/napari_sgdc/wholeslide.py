@@ -320,9 +320,9 @@ def _tile_task(plan: _Plan, model, i: int, j: int) -> int:
     y0, x0 = i * t, j * t
     wy, wx = y0 - m, x0 - m
     rgb = read_working(slide, plan, wy, wx, plan.window, plan.window)
-    prob, boundary = predict_maps(model, rgb, tile=None)
+    prob, separation = predict_maps(model, rgb, tile=None)
     options = plan.options()
-    mask, labels = postprocess(prob, boundary, options, single_object=False, instances=plan.instances)
+    mask, labels = postprocess(prob, separation, options, single_object=False, instances=plan.instances)
     if labels is None:
         labels = ndimage.label(mask, structure=np.ones((3, 3), bool))[0].astype(np.int32)
     root = _open_group(plan.store)

@@ -263,6 +263,12 @@ def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes: Plan
     cache.single_object = config.single_object
     cache.probability[planes.indices] = _as_planes(result.probability, n_new)
     cache.boundary[planes.indices] = _as_planes(result.boundary, n_new)
+    if result.separation is not None and result.separation is not result.boundary:  # distance and HoVer models
+        if cache.separation is None:
+            cache.separation = cache.boundary.copy()  # planes segmented before split on their boundary
+        cache.separation[planes.indices] = _as_planes(result.separation, n_new)
+    elif cache.separation is not None:
+        cache.separation[planes.indices] = cache.boundary[planes.indices]
     cache.segmented[planes.indices] = True
     if result.uncertainty is None:
         cache.uncertainty = None  # stale for the planes segmented now

@@ -112,6 +112,9 @@ class CachedResult:
             ``single_object``, e.g. one lesion per dermoscopy image).
         uncertainty: (N, H, W) float32 per-pixel uncertainty in [0, 1]
             (`napari_sgdc.inference.segment(uncertainty=True)`), or None when it was not computed.
+        separation: (N, H, W) float32 map the instance split thresholds, for models whose
+            ``instance_map`` is ``distance`` or ``hover`` (`SegmentationResult.separation`);
+            None when it is the boundary.
     """
 
     probability: np.ndarray
@@ -123,6 +126,7 @@ class CachedResult:
     model_source: str
     single_object: bool = False
     uncertainty: np.ndarray | None = None
+    separation: np.ndarray | None = None  # (N, H, W) for distance and HoVer models; None: the boundary
 
     def has_uncertainty(self, plane: int) -> bool:
         """Whether plane `plane` was segmented with its uncertainty computed."""
@@ -160,7 +164,8 @@ class CachedResult:
         out = np.zeros(self.probability.shape, np.int32 if self.instances else np.uint8)
         indices = np.flatnonzero(self.segmented)
         if len(indices):
-            mask, labels = postprocess(self.probability[indices], self.boundary[indices], options,
+            split = self.boundary if self.separation is None else self.separation
+            mask, labels = postprocess(self.probability[indices], split[indices], options,
                                        single_object=self.single_object, instances=self.instances)
             out[indices] = labels if self.instances else mask
         return out

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..imageio import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image, read_mask
-from .targets import boundary_target
+from .targets import boundary_target, instance_map_target
 from .transforms import augment_pair, center_crop, to_float_rgb, to_uint8_rgb
 
 __all__ = [
@@ -265,6 +265,8 @@ class SegmentationDataset(Dataset):
         foreground_prob: probability that a random crop is centred on foreground.
         aspect_jitter: largest stretch of a random crop window (1 = square windows).
         artifacts: add dermoscopy artifacts (hair, rulers, ink, vignetting) to random crops.
+        instance_map: ``ModelConfig.instance_map`` of the model to train: ``distance`` or
+            ``hover`` add that regression target (see `napari_sgdc.data.targets`).
         seed: base seed of the per-item generators.
         weights: optional per-sample (H, W) float loss-weight maps (None entries: all 1),
             cropped and augmented with the mask; random crops are then centred on pixels
@@ -273,8 +275,9 @@ class SegmentationDataset(Dataset):
     Items:
         dict with ``image`` (3, h, w) float32 in [0, 1], ``mask`` (1, h, w) float32 {0, 1}
         and ``edge`` (1, h, w) float32 {0, 1}; instance datasets add ``instances`` (1, h, w)
-        int32 ids (0 = background), e.g. for AJI in validation; with `weights`, ``weight``
-        (1, h, w) float32.
+        int32 ids (0 = background), e.g. for AJI in validation, and, for ``instance_map``
+        ``distance`` or ``hover``, that target ((1, h, w) or (2, h, w) float32); with
+        `weights`, ``weight`` (1, h, w) float32.
     """
 
     def __init__(
@@ -290,6 +293,7 @@ class SegmentationDataset(Dataset):
         foreground_prob: float = 0.5,
         aspect_jitter: float = 1.0,
         artifacts: bool = False,
+        instance_map: str = "boundary",
         seed: int = 0,
         weights: Sequence[np.ndarray | None] | None = None,
     ) -> None:
@@ -309,6 +313,7 @@ class SegmentationDataset(Dataset):
         self.foreground_prob = foreground_prob
         self.aspect_jitter = aspect_jitter
         self.artifacts = artifacts
+        self.instance_map = instance_map
         self.seed = seed
         self.epoch = 0
         self.weights = None
@@ -361,6 +366,9 @@ class SegmentationDataset(Dataset):
         }
         if self.instance:
             item["instances"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int32)[None])  # (1, h, w)
+            target = instance_map_target(mask, self.instance_map)  # (1 or 2, h, w) or None
+            if target is not None:
+                item[self.instance_map] = torch.from_numpy(target)
         if weight is not None:
             item["weight"] = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)[None])  # (1, h, w)
         return item

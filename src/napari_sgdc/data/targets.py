@@ -6,7 +6,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
-__all__ = ["boundary_target"]
+__all__ = ["boundary_target", "distance_target", "hover_target", "instance_map_target"]
 
 
 def boundary_target(mask: np.ndarray, width: int = 3, instance: bool = False) -> np.ndarray:
@@ -60,3 +60,69 @@ def boundary_target(mask: np.ndarray, width: int = 3, instance: bool = False) ->
         outer = ~foreground & (distance_to_object <= outer_width)
         return inner | outer
     return inner
+
+
+def _objects(labels: np.ndarray):
+    """Yields (id, bounding-box slices, bool crop of the object) for each positive id."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"instance map must be 2D (H, W), got shape {labels.shape}")
+    if labels.dtype == bool:
+        labels = ndimage.label(labels)[0]
+    for index, box in enumerate(ndimage.find_objects(labels.astype(np.int64, copy=False)), start=1):
+        if box is not None:
+            yield index, box, labels[box] == index
+
+
+def distance_target(labels: np.ndarray) -> np.ndarray:
+    """Each object's Euclidean distance to its own border, divided by its largest value.
+
+    Args:
+        labels: (H, W) integer instance map (0 = background); a bool mask counts its
+            4-connected components as objects.
+
+    Returns:
+        float32 (H, W): 0 on background, 1 at each object's most central pixel, falling
+        towards its rim (a touching neighbour counts as border).
+    """
+    out = np.zeros(np.shape(labels), np.float32)
+    for _, box, inside in _objects(labels):
+        padded = np.pad(inside, 1)  # the crop's edge is the object's border too
+        distance = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]  # (h, w) pixels
+        out[box][inside] = (distance / distance.max())[inside]
+    return out
+
+
+def hover_target(labels: np.ndarray) -> np.ndarray:
+    """HoVer-Net's horizontal and vertical maps (Graham et al. 2019).
+
+    Inside each object, the x (column) and y (row) offset of every pixel from the
+    object's centroid, each divided by its largest absolute value in that object, so
+    both run from -1 to 1 across the object and jump where two objects touch.
+
+    Args:
+        labels: (H, W) integer instance map (0 = background).
+
+    Returns:
+        float32 (2, H, W): channel 0 horizontal (x), channel 1 vertical (y); 0 on background.
+    """
+    out = np.zeros((2, *np.shape(labels)), np.float32)
+    for _, box, inside in _objects(labels):
+        rows, cols = np.nonzero(inside)
+        for channel, offsets in ((0, cols - cols.mean()), (1, rows - rows.mean())):
+            peak = np.abs(offsets).max()
+            values = offsets / peak if peak > 0 else offsets
+            out[channel][box][rows, cols] = values
+    return out
+
+
+def instance_map_target(labels: np.ndarray, instance_map: str) -> np.ndarray | None:
+    """The regression target of `ModelConfig.instance_map`: (1, H, W) for ``distance``,
+    (2, H, W) for ``hover``, None for ``boundary`` (the boundary target serves)."""
+    if instance_map == "distance":
+        return distance_target(labels)[None]
+    if instance_map == "hover":
+        return hover_target(labels)
+    if instance_map == "boundary":
+        return None
+    raise ValueError(f"unknown instance_map {instance_map!r}")

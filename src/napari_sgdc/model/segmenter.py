@@ -8,6 +8,9 @@
         d = block(d, guidance)                           (strides 16, 8 and 4 only)
     mask  = mask_head(d)                                 (B, n_classes, H, W)
     edge  = up(edge_s4) + edge_head(d)                   (B, 1, H, W)
+    instance maps (cfg.instance_map):
+        distance = distance_head(d)                      (B, 1, H, W) logits of the normalised distance
+        hover    = hover_head(d)                         (B, 2, H, W) x and y offsets to the centre
 
 The edge output is the SGE edge map, upsampled and corrected at full resolution by a
 3×3 head on the last decoder features; for instance models it is the boundary that
@@ -74,6 +77,9 @@ class SGDCSegmenter(nn.Module):
         self.decoder = nn.ModuleList(stages)
         self.mask_head = nn.Conv2d(in_ch, cfg.n_classes, 3, padding=1)
         self.edge_head = nn.Conv2d(in_ch, 1, 3, padding=1)
+        if cfg.instance_channels:  # regression head of ModelConfig.instance_map (distance or hover)
+            self.instance_head = nn.Sequential(ConvBNReLU(in_ch, in_ch),
+                                               nn.Conv2d(in_ch, cfg.instance_channels, 3, padding=1))
 
     def _make_block(self, dim: int) -> nn.Module:
         cfg = self.config
@@ -98,7 +104,9 @@ class SGDCSegmenter(nn.Module):
         """Args: x (B, 3, H, W) RGB in [0, 1]; H and W multiples of 32.
 
         Returns:
-            {"mask": (B, n_classes, H, W) logits, "edge": (B, 1, H, W) logits} and, when
+            {"mask": (B, n_classes, H, W) logits, "edge": (B, 1, H, W) logits}, plus
+            "distance" (B, 1, H, W) logits or "hover" (B, 2, H, W) values for those
+            ``config.instance_map`` settings, and, when
             `return_gates`, "gates": one dict per guided block (deepest first) with
             "name", "stride", "gate1", "gate2" (B, C, h, w) and "kernel" (B, heads, k*k, h, w).
         """
@@ -118,6 +126,8 @@ class SGDCSegmenter(nn.Module):
         edge_logits = F.interpolate(edge_s4, size=(height, width), mode="bilinear", align_corners=False)
         edge_logits = edge_logits + self.edge_head(decoded)  # (B, 1, H, W)
         out = {"mask": mask_logits, "edge": edge_logits}
+        if self.config.instance_channels:
+            out[self.config.instance_map] = self.instance_head(decoded)  # (B, 1 or 2, H, W)
         if return_gates:
             out["gates"] = gates
         return out

@@ -233,7 +233,7 @@ def finetune(
         samples, crop_size=cfg.crop_size, augment=True, boundary_width=cfg.boundary_width,
         stain_jitter=cfg.stain_jitter, task="instance" if instance else "semantic",
         scale_range=(0.85, 1.18), foreground_prob=FOCUS_PROBABILITY, seed=cfg.seed,
-        aspect_jitter=cfg.aspect_jitter, artifacts=cfg.artifacts,
+        aspect_jitter=cfg.aspect_jitter, artifacts=cfg.artifacts, instance_map=model.config.instance_map,
         weights=weights if any(weight is not None for weight in weights) else None,
     )
     device = model_device(model) if cfg.device == "auto" else None

@@ -260,8 +260,8 @@ def _train_step(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[float, dict[
     cfg, device = run.cfg, run.device
     image = batch["image"].to(device, non_blocking=True)  # (B, 3, h, w)
     image = image.contiguous(memory_format=_memory_format(device))
-    keys = ("mask", "edge", "weight") if "weight" in batch else ("mask", "edge")
-    targets = {key: batch[key].to(device, non_blocking=True) for key in keys}  # (B, 1, h, w)
+    keys = [key for key in ("mask", "edge", "weight", "distance", "hover") if key in batch]
+    targets = {key: batch[key].to(device, non_blocking=True) for key in keys}  # (B, 1 or 2, h, w)
     with autocast(device, cfg.amp):
         outputs = run.model(image)
     loss, parts = total_loss(outputs, targets, cfg.edge_weight, run.model.config.edge_supervision)
@@ -304,7 +304,7 @@ def _run_epoch(run: _Run, train_data: Dataset, epoch: int, cancel: threading.Eve
         history.losses.append(loss)
         history.loss_parts.append(parts)
         losses.append(loss)
-        run.emit("step", epoch, loss, {"loss_mask": parts["mask"], "loss_edge": parts["edge"]})
+        run.emit("step", epoch, loss, {f"loss_{name}": value for name, value in parts.items()})
     return losses
 
 

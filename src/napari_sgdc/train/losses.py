@@ -16,6 +16,14 @@ patches without foreground do not produce undefined values:
     L_total = L_mask + λ_edge · L_edge     (λ_edge = TrainConfig.edge_weight;
                                             L_edge is dropped when ModelConfig.edge_supervision
                                             is False)
+              + L_map                      (instance models with ModelConfig.instance_map
+                                            ``distance`` or ``hover``)
+
+    L_map (distance) = MSE(σ(d), t_d)                 t_d: normalised distance to border
+    L_map (hover)    = MSE(h, t_h) + 2 · MSGE(h, t_h)  t_h: HoVer-Net x/y maps in [-1, 1]
+              MSGE = mean over object pixels of the squared difference of the
+                     x-gradient of the x map and the y-gradient of the y map (Graham et al.
+                     2019, with their weights 1 and 2); gradients by 5×5 Sobel kernels
 
 Boundary pixels are rare (a few percent), hence the weighted BCE: without it the edge
 head learns to predict "no boundary" everywhere.
@@ -36,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-__all__ = ["mask_loss", "edge_loss", "total_loss", "EDGE_POS_WEIGHT_MAX"]
+__all__ = ["mask_loss", "edge_loss", "instance_map_loss", "total_loss", "EDGE_POS_WEIGHT_MAX"]
 
 EDGE_POS_WEIGHT_MAX = 50.0
 
@@ -112,6 +120,46 @@ def edge_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor |
     return _weighted_bce(logits, target, weight, pos_weight) + _weighted_dice(logits, target, weight)
 
 
+def _sobel_5x5(device: torch.device) -> torch.Tensor:
+    """(2, 1, 5, 5) kernels: d/dx and d/dy, each normalised to unit gain on a unit ramp."""
+    smooth = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=device)
+    derivative = torch.tensor([-1.0, -2.0, 0.0, 2.0, 1.0], device=device)
+    d_dx = smooth[:, None] * derivative[None, :]  # (5, 5): varies along x (columns)
+    d_dx = d_dx / (d_dx * torch.arange(-2.0, 3.0, device=device)[None, :]).sum()
+    return torch.stack([d_dx, d_dx.T])[:, None]
+
+
+def _hover_gradients(maps: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) x and y maps → (B, 2, H, W): d(x map)/dx and d(y map)/dy."""
+    kernels = _sobel_5x5(maps.device)  # (2, 1, 5, 5)
+    return F.conv2d(maps, kernels, padding=2, groups=2)
+
+
+def instance_map_loss(name: str, output: torch.Tensor, target: torch.Tensor,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """L_map of the module docstring for ``instance_map`` `name` (``distance`` or ``hover``).
+
+    Args:
+        name: ``distance`` ((B, 1, H, W) logits) or ``hover`` ((B, 2, H, W) values).
+        output: the head's output.
+        target: the matching target from `napari_sgdc.data.targets.instance_map_target`.
+        weight: optional (B, 1, H, W) per-pixel weights.
+    """
+    _check_shapes(output, target, name)
+    weight = _check_weight(weight, target[:, :1])
+    values = torch.sigmoid(output.float()) if name == "distance" else output.float()
+    squared = (values - target) ** 2  # (B, C, H, W)
+    total = weight.expand_as(squared) if weight is not None else torch.ones_like(squared)
+    loss = (squared * total).sum() / total.sum().clamp_min(1e-6)
+    if name == "hover":
+        inside = (target.abs().sum(dim=1, keepdim=True) > 0).float()  # (B, 1, H, W) object pixels
+        if weight is not None:
+            inside = inside * weight
+        gradient_error = (_hover_gradients(values) - _hover_gradients(target)) ** 2  # (B, 2, H, W)
+        loss = loss + 2.0 * (gradient_error * inside).sum() / (2.0 * inside.sum()).clamp_min(1.0)
+    return loss
+
+
 def total_loss(
     outputs: dict[str, torch.Tensor],
     batch: dict[str, torch.Tensor],
@@ -121,22 +169,33 @@ def total_loss(
     """``L_mask + edge_weight * L_edge`` (see the module docstring).
 
     Args:
-        outputs: model outputs with ``mask`` (B, 1, H, W) and ``edge`` (B, 1, H, W) logits.
-        batch: targets with ``mask`` and ``edge`` (B, 1, H, W), and optionally ``weight``
-            (B, 1, H, W) per-pixel loss weights applied to both terms.
+        outputs: model outputs with ``mask`` (B, 1, H, W) and ``edge`` (B, 1, H, W) logits,
+            and ``distance`` or ``hover`` for those instance maps.
+        batch: targets with ``mask`` and ``edge`` (B, 1, H, W), the instance-map target
+            when the outputs have one, and optionally ``weight`` (B, 1, H, W) per-pixel loss
+            weights applied to every term.
         edge_weight: λ_edge.
         edge_supervision: include the edge term.
 
     Returns:
-        (total scalar loss, {"mask": float, "edge": float}) with the parts for logging
-        (``edge`` is 0.0 when not supervised).
+        (total scalar loss, {"mask": float, "edge": float} plus ``distance`` or ``hover``)
+        with the parts for logging (``edge`` is 0.0 when not supervised).
     """
     weight = batch.get("weight")
     loss_mask = mask_loss(outputs["mask"], batch["mask"], weight)
     parts = {"mask": float(loss_mask.detach())}
+    loss = loss_mask
+    for name in ("distance", "hover"):
+        if name in outputs:
+            if name not in batch:
+                raise ValueError(f"the model has a {name} head but the batch has no {name} target "
+                                 f"(build the dataset with instance_map={name!r})")
+            loss_map = instance_map_loss(name, outputs[name], batch[name], weight)
+            parts[name] = float(loss_map.detach())
+            loss = loss + loss_map
     if edge_supervision and edge_weight > 0 and "edge" in outputs:
         loss_edge = edge_loss(outputs["edge"], batch["edge"], weight)
         parts["edge"] = float(loss_edge.detach())
-        return loss_mask + edge_weight * loss_edge, parts
+        return loss + edge_weight * loss_edge, parts
     parts["edge"] = 0.0
-    return loss_mask, parts
+    return loss, parts

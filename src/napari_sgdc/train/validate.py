@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from .. import metrics as seg_metrics
 from ..device import autocast, eval_mode, resolve_device
 from ..model import SGDCSegmenter
-from ..postprocess import PostprocessOptions, postprocess
+from ..inference import head_maps
+from ..postprocess import PostprocessOptions, postprocess, separation_map
 from .losses import total_loss
 
 __all__ = ["validate"]
@@ -89,9 +90,11 @@ def validate(
             padded = _pad_to_multiple(image, model.size_multiple).contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
                 outputs = model(padded)
-            outputs = {key: outputs[key][..., :height, :width].float() for key in ("mask", "edge")}  # (1, 1, H, W)
-            targets = {key: item[key][None].to(device) for key in ("mask", "edge")}  # (1, 1, H, W)
-            loss, _ = total_loss(outputs, targets, edge_weight, config.edge_supervision)
+            heads = [key for key in ("mask", "edge", "distance", "hover") if key in outputs]
+            outputs = {key: outputs[key][..., :height, :width].float() for key in heads}  # (1, 1 or 2, H, W)
+            targets = {key: item[key][None].to(device) for key in heads if key in item}  # (1, 1 or 2, H, W)
+            scored = {key: outputs[key] for key in targets}  # heads without a target stay out of the loss
+            loss, _ = total_loss(scored, targets, edge_weight, config.edge_supervision)
             scores["val_loss"].append(float(loss))
             probability = torch.sigmoid(outputs["mask"][0, 0]).cpu().numpy()  # (H, W)
             target = item["mask"][0].numpy() > 0.5  # (H, W)
@@ -99,8 +102,8 @@ def validate(
             scores["iou"].append(seg_metrics.iou(prediction, target))
             scores["dice"].append(seg_metrics.dice(prediction, target))
             if config.is_instance:
-                boundary = torch.sigmoid(outputs["edge"][0, 0]).cpu().numpy()  # (H, W)
-                _, labels = postprocess(probability, boundary, options, single_object=config.single_object,
-                                        instances=True)
+                maps = {name: value.cpu().numpy() for name, value in head_maps(outputs).items()}  # (H, W) each
+                _, labels = postprocess(probability, separation_map(maps), options,
+                                        single_object=config.single_object, instances=True)
                 scores["aji"].append(seg_metrics.aji(labels, _instance_target(item)))
     return {key: float(np.mean(values)) for key, values in scores.items()}
