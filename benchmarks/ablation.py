@@ -11,6 +11,7 @@ seed's value is its mean over the scoring images).
     python benchmarks/ablation.py --dataset ph2 --seeds 0 1 2
     python benchmarks/ablation.py --dataset consep --seeds 0 1 2
     python benchmarks/ablation.py --dataset isic2018 --seeds 0 1 2 --variants sgdc pooling static
+    python benchmarks/ablation.py --dataset consep --seeds 0 --variants sgdc sgdc-distance sgdc-hover
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from napari_sgdc.train import state_path_for
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"sgdc": ["--block", "sgdc"], "pooling": ["--block", "pooling"], "static": ["--block", "static"],
-            "sgdc-no-edge": ["--block", "sgdc", "--no-edge-supervision"]}
+            "sgdc-no-edge": ["--block", "sgdc", "--no-edge-supervision"],
+            # instance representations (CoNSeP; ModelConfig.instance_map), all on the sgdc block
+            "sgdc-distance": ["--block", "sgdc", "--instance-map", "distance"],
+            "sgdc-hover": ["--block", "sgdc", "--instance-map", "hover"]}
 DATA = ROOT.parent / "shared" / "data"
 LAYOUT = {"ph2": "ph2", "consep": "consep", "isic2018": "ph2"}  # isic2018 has the ph2 folder layout
 LAYOUT_ARGS = {"ph2": ["--val-split", "none"], "consep": ["--val-split", "none"], "isic2018": ["--val-split", "none"]}
@@ -80,7 +84,8 @@ def main() -> None:
     parser.add_argument("--dataset", choices=sorted(KEYS), default="ph2")
     parser.add_argument("--data", type=Path, help="dataset folder (default: ../shared/data/<dataset>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[:4], choices=list(VARIANTS),
+                        help="default: the four block variants")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

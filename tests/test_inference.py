@@ -320,3 +320,25 @@ def test_uncertainty_for_stacks_working_resolution_and_instances():
     for index in range(1, labelled.labels.max() + 1):
         expected = 1.0 - labelled.uncertainty[labelled.labels == index].mean()
         assert abs(labelled.confidence[index] - expected) < 1e-5
+
+
+def test_mpp_resamples_to_the_models_scale_and_back():
+    from napari_sgdc.inference import _working_shape
+    from napari_sgdc.model import tiny_config
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(task="instance", mpp=0.25)).eval()
+    assert _working_shape(60, 80, model.config, 0.5) == (120, 160)  # 20x → 40x: twice the pixels
+    assert _working_shape(60, 80, model.config, None) == (60, 80)
+    image = _image(60, 80)
+    seen = []
+    result = segment(model, image, tile=64, mpp=0.5, progress=lambda done, total: seen.append(total))
+    assert result.probability.shape == (60, 80) and result.labels.shape == (60, 80)
+    native = []
+    segment(model, image, tile=64, progress=lambda done, total: native.append(total))
+    assert seen[-1] > native[-1]  # the network saw the enlarged image
+    with pytest.raises(ValueError, match="mpp must be"):
+        segment(model, image, mpp=-1.0)
+    unscaled = build_model(tiny_config()).eval()
+    with pytest.raises(ValueError, match="does not record"):
+        segment(unscaled, image, mpp=0.5)

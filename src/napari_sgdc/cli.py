@@ -108,11 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--uncertainty", action="store_true",
                          help="also write S_uncertainty.tif, per-pixel uncertainty in [0, 1] (no extra cost)")
     _add_inference_options(predict)
+    predict.add_argument("--mpp", type=float,
+                         help="µm per pixel of the inputs: images are resampled to the model's scale (e.g. 0.5 for "
+                              "a 20x image and the 40x nuclei model); slides use it when their metadata has none")
     slides = predict.add_argument_group(
         "whole slides", "Slide inputs (.svs .ndpi .mrxs .ome.tif, and tiled pyramidal .tif) are segmented tile by "
                         "tile into S.ome.zarr, with the object table S_objects.csv and QuPath GeoJSON "
                         "S_objects.geojson (docs/wholeslide.md).")
-    slides.add_argument("--mpp", type=float, help="slide µm per pixel when its metadata has none (e.g. 0.25 at 40x)")
     slides.add_argument("--roi", type=_parse_roi, metavar="X,Y,W,H",
                         help="segment only this box, in level-0 slide pixels")
     slides.add_argument("--slide-tile", type=int, default=1024,
@@ -245,7 +247,7 @@ def _segment_file(model, path: Path, options, args, progress=None):
     image = read_image(path)
     try:
         return segment(model, image, options, tile=args.tile or None, overlap=args.overlap, tta=args.tta,
-                       uncertainty=args.uncertainty, progress=progress, stack=False)
+                       uncertainty=args.uncertainty, progress=progress, stack=False, mpp=args.mpp)
     except ValueError as error:
         raise ValueError(f"unsupported image (shape {image.shape}, dtype {image.dtype}): {error}") from None
 
@@ -292,6 +294,9 @@ def _run_predict(args) -> int:
         if not files:
             return 1 if failures else 0
     _planned_outputs(files, args.out, model.config.is_instance, args.uncertainty, args.overwrite)
+    from .inference import check_mpp
+
+    check_mpp(args.mpp, model.config)  # before any work: one line for a model without a scale
     args.out.mkdir(parents=True, exist_ok=True)
     done = 0
     with tqdm(total=len(files), desc="predict", unit="image", file=sys.stderr) as bar:

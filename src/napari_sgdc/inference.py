@@ -43,7 +43,7 @@ from .locks import model_lock
 from .model import SGDCSegmenter
 from .postprocess import PostprocessOptions, object_confidence, postprocess, separation_map
 
-__all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "head_maps", "predict_maps", "segment",
+__all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "check_mpp", "head_maps", "predict_maps", "segment",
            "tile_origins"]
 
 SIZE_MULTIPLE = 32
@@ -260,9 +260,9 @@ class _PlaneSegmenter:
     """
 
     def __init__(self, model, device, tile, overlap, return_gates, progress, cancel, n_planes, working_shape,
-                 working_long_side=0, tta=False, spread=False):
+                 tta=False, spread=False):
         self.model = model
-        self.working_long_side = working_long_side
+        self.working_shape = tuple(working_shape)  # (h, w) the network sees, the same for every plane
         self.device = device
         self.tile = tile
         self.overlap = overlap
@@ -285,12 +285,13 @@ class _PlaneSegmenter:
     def run(self, plane: np.ndarray) -> tuple[dict[str, np.ndarray], list[GateMap] | None]:
         """Returns ({name: (H, W) float32 map}, gates list or None) for one plane.
 
-        With a working resolution the plane is resized so that its long side has that
-        many pixels, segmented, and the maps are resized back to (H, W) (gates to
-        (ceil(H / stride), ceil(W / stride)), so their strides stay relative to the input).
+        When the working shape differs from (H, W) (a working resolution, or a
+        magnification other than the model's) the plane is resized to it, segmented, and
+        the maps are resized back to (H, W) (gates to (ceil(H / stride), ceil(W / stride)),
+        so their strides stay relative to the input).
         """
         height, width = plane.shape[:2]
-        working = working_size(height, width, self.working_long_side)
+        working = self.working_shape
         if working == (height, width):
             return self._run_native(plane)
         rgb = resize_image(to_float_rgb(plane), working)  # (h, w, 3)
@@ -431,18 +432,39 @@ def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = 
     working = working_size(*array.shape[:2], model.config.resize_long_side)
     with model_lock(model), eval_mode(model):
         target = model_device(model) if device is None else resolve_device(device)
-        runner = _PlaneSegmenter(model.to(target), target, tile, overlap, False, None, cancel, 1, working,
-                                 model.config.resize_long_side, tta=tta)
+        runner = _PlaneSegmenter(model.to(target), target, tile, overlap, False, None, cancel, 1, working, tta=tta)
         runner.gaussian = bool(tile)  # one pass: no blending, so every pixel is exactly the model's output
         maps, _ = runner.run(array)
     return maps["probability"], separation_map(maps)
+
+
+def _working_shape(height: int, width: int, config, mpp: float | None) -> tuple[int, int]:
+    """The (h, w) the network sees: the image resampled from `mpp` to the model's µm/px
+    when both are known, else resized to ``config.resize_long_side`` (0: unchanged)."""
+    if mpp:
+        scale = float(mpp) / config.mpp
+        return max(1, round(height * scale)), max(1, round(width * scale))
+    return working_size(height, width, config.resize_long_side)
+
+
+def check_mpp(mpp: object, config) -> None:
+    """Raises a one-line ValueError unless `segment(mpp=mpp)` can run a model of `config`."""
+    if mpp is None:
+        return
+    if isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.number)) or not 0.05 < float(mpp) < 50:
+        raise ValueError(f"mpp must be the image's µm per pixel in (0.05, 50), got {mpp!r}")
+    if not config.mpp:
+        raise ValueError("this model does not record the µm/px it was trained at (ModelConfig.mpp = 0), "
+                         "so mpp cannot be used with it")
+    if config.resize_long_side:
+        raise ValueError("mpp cannot be combined with a model that has a working resolution (resize_long_side)")
 
 
 def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions | None = None, *,
             tile: int | None = 512, overlap: float = 0.25, device: str | torch.device | None = None,
             return_gates: bool = False, tta: bool = False, uncertainty: bool | str = False,
             progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None,
-            stack: bool | None = None) -> SegmentationResult:
+            stack: bool | None = None, mpp: float | None = None) -> SegmentationResult:
     """Segments a 2D image or a stack of 2D planes of any size.
 
     Args:
@@ -469,6 +491,10 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
         cancel: when set, the call stops before the next tile and raises `Cancelled`.
         stack: treat the first axis as planes; None auto-detects (4D, or 3D whose last axis
             is longer than 4, i.e. cannot be channels).
+        mpp: the image's µm per pixel. For models that record theirs (``config.mpp``, the
+            nuclei model: 0.25, i.e. 40×) the image is resampled to the model's scale and the
+            outputs back to the image's pixels, so a 20× image (0.5) gives correctly sized
+            nuclei. None: the image is taken to be at the model's scale.
 
     Returns:
         A `SegmentationResult`; instance labels when ``model.config.is_instance``. Stacks
@@ -501,7 +527,8 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
                          f"got {uncertainty!r}")
     tta = bool(tta) or method == "tta"
     config = model.config
-    working = working_size(*planes.shape[1:3], config.resize_long_side)
+    check_mpp(mpp, config)
+    working = _working_shape(*planes.shape[1:3], config, mpp)
     with model_lock(model), eval_mode(model):  # waits for a fine-tune of this model to end
         home = model_device(model)
         target_device = home if device is None else resolve_device(device)
@@ -509,7 +536,7 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
         for number, (attempt_device, attempt_tile) in enumerate(attempts):
             runner = _PlaneSegmenter(model.to(attempt_device), attempt_device, attempt_tile if number else tile,
                                      overlap, return_gates, progress, cancel, len(planes), working,
-                                     config.resize_long_side, tta=tta, spread=method == "tta")
+                                     tta=tta, spread=method == "tta")
             try:
                 outputs = [runner.run(plane) for plane in planes]
                 break

@@ -32,7 +32,8 @@ of the model plus a few chunks, independent of the slide size.
 
 Store layout (zarr v2, OME-NGFF 0.4)::
 
-    S.ome.zarr/            multiscale image, axes (c, y, x): c = probability, boundary (uint8, p·255)
+    S.ome.zarr/            multiscale image, axes (c, y, x): c = probability, boundary (uint8, p·255;
+                           the separation map for distance and HoVer models)
     S.ome.zarr/labels/nuclei   multiscale int32 instance labels (0 = background)
     S.ome.zarr/labels/tissue   uint8 tissue mask (1 = tissue, 2 = tissue and processed) at thumbnail scale
     S.ome.zarr/tiles/i_j.npz   per-tile object records (`export_objects` reads them)
@@ -328,7 +329,7 @@ def _tile_task(plan: _Plan, model, i: int, j: int) -> int:
     root = _open_group(plan.store)
     core_h, core_w = min(t, plan.height - y0), min(t, plan.width - x0)
     core = (slice(m, m + core_h), slice(m, m + core_w))
-    quantised = np.stack([prob[core], boundary[core]])
+    quantised = np.stack([prob[core], separation[core]])
     root["0"][:, y0:y0 + core_h, x0:x0 + core_w] = np.round(np.clip(quantised, 0, 1) * 255).astype(np.uint8)
 
     n = int(labels.max())

@@ -20,12 +20,12 @@ def sgdc_cache(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-def _save_tiny(path: Path, task: str) -> Path:
+def _save_tiny(path: Path, task: str, **config) -> Path:
     from napari_sgdc.io import save_checkpoint
     from napari_sgdc.model import build_model, tiny_config
 
     torch.manual_seed(0)
-    model = build_model(tiny_config(task=task)).eval()
+    model = build_model(tiny_config(task=task, **config)).eval()
     return save_checkpoint(path, model, provenance={"note": f"random tiny {task} model for GUI tests"})
 
 
@@ -39,6 +39,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def tiny_instance_checkpoint(tmp_path_factory) -> Path:
     """A random tiny instance model saved with io.save_checkpoint."""
     return _save_tiny(tmp_path_factory.mktemp("models") / "tiny_instance.safetensors", "instance")
+
+
+@pytest.fixture(scope="session")
+def tiny_hover_checkpoint(tmp_path_factory) -> Path:
+    """A random tiny instance model with HoVer maps (``instance_map="hover"``)."""
+    return _save_tiny(tmp_path_factory.mktemp("models") / "tiny_hover.safetensors", "instance", instance_map="hover")
 
 
 def lesion_image(size: int = 192, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -153,6 +153,38 @@ def test_stack_instance_ids_stay_unique_across_planes_after_a_slider_move(
     _assert_disjoint_ids(labels)
 
 
+def test_hover_model_sliders_split_on_its_separation_map_without_a_forward_pass(
+        make_napari_viewer, tiny_hover_checkpoint, wait_segment, monkeypatch):
+    from napari_sgdc.inference import segment
+    from napari_sgdc.io import load_checkpoint
+    from napari_sgdc.postprocess import PostprocessOptions, postprocess
+
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    rgb = np.random.default_rng(4).integers(0, 255, (80, 96, 3), dtype=np.uint8)
+    image = viewer.add_image(rgb, name="hne", rgb=True)
+    assert seg.load_checkpoint(str(tiny_hover_checkpoint))
+    seg.image_layer.value = image
+    seg.gates.value = False
+    wait_segment(seg.run_segment())
+    reference = segment(load_checkpoint(tiny_hover_checkpoint)[0], rgb, tile=seg.tile.value)
+    assert "hne SGE boundary" in viewer.layers  # the SGE boundary map stays a layer
+    np.testing.assert_allclose(np.asarray(viewer.layers["hne probability"].data), reference.probability, atol=1e-5)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a slider ran the network")
+
+    monkeypatch.setattr("napari_sgdc.inference.segment", no_forward)
+    seg.min_size.value = 2
+    seg.boundary_threshold.value = round(float(np.quantile(reference.separation, 0.6)), 3)
+    seg.threshold.value = round(float(np.quantile(reference.probability, 0.4)), 3)
+    options = PostprocessOptions(seg.threshold.value, seg.boundary_threshold.value, 2)
+    expected = postprocess(reference.probability, reference.separation, options, instances=True)[1]
+    np.testing.assert_array_equal(np.asarray(viewer.layers["hne mask"].data), expected)
+    boundary_split = postprocess(reference.probability, reference.boundary, options, instances=True)[1]
+    assert not np.array_equal(expected, boundary_split)  # it really decoded the HoVer maps
+
+
 def test_event_loop_ticks_while_segmenting_with_progress_per_tile(make_napari_viewer, tiny_checkpoint, qtbot,
                                                                    wait_segment):
     from qtpy.QtCore import QTimer
