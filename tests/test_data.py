@@ -328,3 +328,30 @@ def test_resize_samples_to_a_working_resolution():
     assert np.count_nonzero(resized.mask == 7) == 10 * 15
     assert resized.image[:, :20].max() < 50 and resized.image[:, 25:].min() > 150
     assert resize_samples([Sample("a", image, labels)], 0)[0].image is image
+
+
+def test_gbm40_is_partly_annotated_so_far_unlabelled_pixels_weigh_nothing():
+    from napari_sgdc.data import resize_samples
+    from napari_sgdc.data.datasets import GBM40_RING_PX
+
+    samples = load_samples(DATA / "gbm40", "gbm40", "train", max_images=2)
+    assert len(samples) == 2 and samples[0].is_instance and samples[0].mask.shape == (512, 512)
+    assert load_samples(DATA / "gbm40", "gbm40", "val") == []
+    sample = samples[0]
+    weight = sample.weight
+    assert weight.shape == sample.mask.shape and set(np.unique(weight)) == {0.0, 1.0}
+    assert np.all(weight[sample.mask > 0] == 1)  # every annotated nucleus counts
+    far = ndimage_distance(sample.mask > 0) > GBM40_RING_PX
+    assert far.any() and np.all(weight[far] == 0)  # unlabelled pixels far from annotations are ignored
+    item = SegmentationDataset(samples, crop_size=128, augment=True, task="instance")[0]
+    assert item["weight"].shape == (1, 128, 128) and set(np.unique(item["weight"].numpy())) <= {0.0, 1.0}
+    smaller = resize_samples(samples, 256)[0]
+    assert smaller.weight.shape == (256, 256)
+    mixed = SegmentationDataset([Sample("plain", sample.image, sample.mask), sample], crop_size=64, augment=False)
+    assert float(mixed[0]["weight"].min()) == 1.0  # a fully annotated sample counts everywhere
+
+
+def ndimage_distance(annotated: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(~annotated)

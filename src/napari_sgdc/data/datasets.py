@@ -9,6 +9,12 @@ Layouts understood by `load_samples` (see ``shared/data/README.md``):
   split is by parent tile (neighbouring patches share nuclei).
 * ``monuseg``: ``train/images/*.jpg`` + ``train/instances/*.png`` where present, else
   ``train/masks/*.png``. Training set only (``val``/``test`` are empty).
+* ``gbm40``: ``images/*.jpg`` + ``instances/*.png`` (uint16), **partly annotated**: many
+  nuclei have no polygon, so unlabelled pixels are not reliable background. Each sample
+  carries a loss weight (`napari_sgdc.data.targets.annotated_weight`): 1 on the annotated
+  nuclei and a `GBM40_RING_PX` ring around them, 0 elsewhere, so the losses learn shape
+  and separation from it and never learn that an unannotated nucleus is background.
+  Training set only (``val``/``test`` are empty).
 * ``folders``: ``<root>/images`` with ``<root>/masks`` (or ``labels``/``instances``);
   when ``<root>/<split>/images`` exists that folder is used instead. Masks are matched
   by stem, optionally with a ``_mask``/``_label``/``_labels``/``_segmentation`` suffix.
@@ -27,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..imageio import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image, read_mask
-from .targets import boundary_target, instance_map_target
+from .targets import annotated_weight, boundary_target, instance_map_target
 from .transforms import augment_pair, center_crop, to_float_rgb, to_uint8_rgb
 
 __all__ = [
@@ -40,11 +46,12 @@ __all__ = [
     "CONSEP_VAL_PARENTS",
 ]
 
-LAYOUTS = ("ph2", "consep", "monuseg", "folders")
+LAYOUTS = ("ph2", "consep", "monuseg", "gbm40", "folders")
 SPLITS = ("train", "val", "test", "all")
 CONSEP_VAL_PARENTS = (19, 20)
 _MASK_STEM_SUFFIXES = ("", "_mask", "_label", "_labels", "_segmentation", "_instances")
-_DEFAULT_TASK = {"ph2": "semantic", "consep": "instance", "monuseg": "instance", "folders": None}
+_DEFAULT_TASK = {"ph2": "semantic", "consep": "instance", "monuseg": "instance", "gbm40": "instance", "folders": None}
+GBM40_RING_PX = 6  # background kept in the loss around each annotated GBM40 nucleus
 
 
 @dataclass
@@ -55,11 +62,14 @@ class Sample:
         name: identifier (the file stem).
         image: (H, W, 3) uint8 RGB.
         mask: (H, W) bool for semantic samples, or int32 instance ids (0 = background).
+        weight: optional (H, W) float32 per-pixel loss weight (0 = ignore), for partly
+            annotated data; None = every pixel counts.
     """
 
     name: str
     image: np.ndarray
     mask: np.ndarray
+    weight: np.ndarray | None = None
 
     @property
     def is_instance(self) -> bool:
@@ -174,6 +184,15 @@ def _pairs_folders(root: Path, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def _pairs_gbm40(root: Path, split: str) -> list[tuple[Path, Path]]:
+    if split in ("val", "test"):
+        return []
+    image_dir = root / "images"
+    if not image_dir.is_dir():
+        raise ValueError(f"gbm40 layout needs {image_dir}")
+    return [(path, root / "instances" / f"{path.stem}.png") for path in _list_images(image_dir)]
+
+
 def _guess_instance(mask_path: Path) -> bool:
     """Folders layout with task=None: instance when the file looks like an instance map."""
     if mask_path.parent.name == "instances":
@@ -193,7 +212,7 @@ def load_samples(
 
     Args:
         root: dataset folder (for example ``shared/data/ph2``).
-        layout: ``ph2``, ``consep``, ``monuseg`` or ``folders`` (see the module docstring).
+        layout: ``ph2``, ``consep``, ``monuseg``, ``gbm40`` or ``folders`` (see the module docstring).
         split: ``train``, ``val``, ``test`` or ``all``. Layouts without the split
             (monuseg val/test, folders without ``<root>/<split>/images``) return ``[]``.
         max_images: keep only the first N pairs (in sorted order).
@@ -221,6 +240,7 @@ def load_samples(
         "ph2": _pairs_ph2,
         "consep": _pairs_consep,
         "monuseg": _pairs_monuseg,
+        "gbm40": _pairs_gbm40,
         "folders": _pairs_folders,
     }[layout](root, split)
     if max_images is not None:
@@ -239,7 +259,10 @@ def load_samples(
             raise ValueError(f"image file {image_path} is missing")
         if not mask_path.is_file():
             raise ValueError(f"mask file {mask_path} is missing")
-    return [_make_sample(image_path, mask_path, instance) for image_path, mask_path in pairs]
+    samples = [_make_sample(image_path, mask_path, instance) for image_path, mask_path in pairs]
+    if layout == "gbm40":  # partly annotated: only annotated nuclei and their surroundings count
+        samples = [Sample(s.name, s.image, s.mask, annotated_weight(s.mask, GBM40_RING_PX)) for s in samples]
+    return samples
 
 
 class SegmentationDataset(Dataset):
@@ -270,7 +293,8 @@ class SegmentationDataset(Dataset):
         seed: base seed of the per-item generators.
         weights: optional per-sample (H, W) float loss-weight maps (None entries: all 1),
             cropped and augmented with the mask; random crops are then centred on pixels
-            weighing more than 1 (see `random_scale_crop`).
+            weighing more than 1 (see `random_scale_crop`). Default: the samples' own
+            ``weight`` maps when any has one (partly annotated data).
 
     Items:
         dict with ``image`` (3, h, w) float32 in [0, 1], ``mask`` (1, h, w) float32 {0, 1}
@@ -317,6 +341,8 @@ class SegmentationDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.weights = None
+        if weights is None and any(sample.weight is not None for sample in self.samples):
+            weights = [sample.weight for sample in self.samples]  # partly annotated samples
         if weights is not None:
             if len(weights) != len(self.samples):
                 raise ValueError(f"{len(weights)} weight maps for {len(self.samples)} samples")
@@ -388,5 +414,6 @@ def resize_samples(samples: Sequence[Sample], long_side: int) -> list[Sample]:
     resized = []
     for sample in samples:
         size = working_size(*sample.image.shape[:2], long_side)
-        resized.append(Sample(sample.name, resize_image(sample.image, size), resize_labels(sample.mask, size)))
+        weight = None if sample.weight is None else resize_labels(sample.weight, size)
+        resized.append(Sample(sample.name, resize_image(sample.image, size), resize_labels(sample.mask, size), weight))
     return resized

@@ -6,7 +6,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
-__all__ = ["boundary_target", "distance_target", "hover_target", "instance_map_target"]
+__all__ = ["annotated_weight", "boundary_target", "distance_target", "hover_target", "instance_map_target"]
 
 
 def boundary_target(mask: np.ndarray, width: int = 3, instance: bool = False) -> np.ndarray:
@@ -126,3 +126,22 @@ def instance_map_target(labels: np.ndarray, instance_map: str) -> np.ndarray | N
     if instance_map == "boundary":
         return None
     raise ValueError(f"unknown instance_map {instance_map!r}")
+
+
+def annotated_weight(labels: np.ndarray, ring: int) -> np.ndarray:
+    """Loss weight of a partly annotated instance map: 1 on the annotated objects and
+    within `ring` pixels of them, 0 elsewhere (unlabelled pixels far from any annotation
+    may be unannotated objects, not background).
+
+    Args:
+        labels: (H, W) integer instance map (0 = unlabelled).
+        ring: width in pixels of the background ring kept around each object.
+
+    Returns:
+        float32 (H, W) in {0, 1}.
+    """
+    annotated = np.asarray(labels) > 0
+    if not annotated.any():
+        return np.zeros(annotated.shape, np.float32)
+    near = ndimage.distance_transform_edt(~annotated) <= ring  # (H, W)
+    return near.astype(np.float32)
