@@ -11,7 +11,7 @@ seed's value is its mean over the scoring images).
     python benchmarks/ablation.py --dataset ph2 --seeds 0 1 2
     python benchmarks/ablation.py --dataset consep --seeds 0 1 2
     python benchmarks/ablation.py --dataset isic2018 --seeds 0 1 2 --variants sgdc pooling static
-    python benchmarks/ablation.py --dataset consep --seeds 0 --variants sgdc sgdc-distance sgdc-hover
+    python benchmarks/ablation.py --dataset nuclei --seeds 0 --variants sgdc sgdc-distance sgdc-hover
 """
 
 from __future__ import annotations
@@ -35,13 +35,22 @@ VARIANTS = {"sgdc": ["--block", "sgdc"], "pooling": ["--block", "pooling"], "sta
             "sgdc-distance": ["--block", "sgdc", "--instance-map", "distance"],
             "sgdc-hover": ["--block", "sgdc", "--instance-map", "hover"]}
 DATA = ROOT.parent / "shared" / "data"
-LAYOUT = {"ph2": "ph2", "consep": "consep", "isic2018": "ph2"}  # isic2018 has the ph2 folder layout
-LAYOUT_ARGS = {"ph2": ["--val-split", "none"], "consep": ["--val-split", "none"], "isic2018": ["--val-split", "none"]}
-KEYS = {"ph2": ["iou", "dice", "hd95"], "consep": ["iou", "dice", "hd95", "aji", "object_f1", "pq"],
-        "isic2018": ["iou", "dice", "hd95"]}
-# scoring sets: (name, dataset folder, split); None = the --data folder
-SCORING = {"ph2": [("test", None, "test")], "consep": [("test", None, "test")],
-           "isic2018": [("isic-val", None, "val"), ("ph2-test", DATA / "ph2", "test")]}
+# dataset → (layout of --data, default --data folder, extra train arguments)
+DATASETS = {
+    "ph2": ("ph2", DATA / "ph2", ["--val-split", "none"]),
+    "consep": ("consep", DATA / "consep", ["--val-split", "none"]),
+    "isic2018": ("ph2", DATA / "isic2018", ["--val-split", "none"]),  # isic2018 has the ph2 folder layout
+    # issue 10: CoNSeP + GBM40 (partly annotated), checkpoint picked by AJI on CoNSeP parents 19-20;
+    # MoNuSeg (other organs and hospitals) is left out of training and scored as out-of-domain data
+    "nuclei": ("consep", DATA / "consep", ["--val-split", "val", "--also", "gbm40", str(DATA / "gbm40")]),
+}
+NUCLEI_KEYS = ["iou", "dice", "hd95", "aji", "object_f1", "pq"]
+KEYS = {"ph2": ["iou", "dice", "hd95"], "consep": NUCLEI_KEYS, "isic2018": ["iou", "dice", "hd95"],
+        "nuclei": NUCLEI_KEYS}
+# scoring sets: (name, layout, dataset folder, split); None = the --data folder
+SCORING = {"ph2": [("test", "ph2", None, "test")], "consep": [("test", "consep", None, "test")],
+           "isic2018": [("isic-val", "ph2", None, "val"), ("ph2-test", "ph2", DATA / "ph2", "test")],
+           "nuclei": [("consep-test", "consep", None, "test"), ("monuseg-ood", "monuseg", DATA / "monuseg", "train")]}
 
 
 def _score(checkpoint: Path, layout: str, data: Path, split: str, table: Path, keys: list[str]) -> dict:
@@ -64,17 +73,17 @@ def run_one(dataset: str, data: Path, variant: str, seed: int, out: Path) -> dic
     checkpoint = folder / "model.safetensors"
     resume = ["--resume"] if state_path_for(checkpoint).is_file() else []
     start = time.perf_counter()
+    layout, _, train_args = DATASETS[dataset]
     code = cli(["train", "--config", str(ROOT / "configs" / f"ablation_{dataset}.yaml"), "--data", str(data),
-                "--layout", LAYOUT[dataset], "--out", str(checkpoint), "--seed", str(seed), "--device", "cpu",
-                *LAYOUT_ARGS[dataset], *VARIANTS[variant], *resume])
+                "--layout", layout, "--out", str(checkpoint), "--seed", str(seed), "--device", "cpu",
+                *train_args, *VARIANTS[variant], *resume])
     if code != 0:
         raise RuntimeError(f"training {variant} seed {seed} failed ({code})")
     train_s = time.perf_counter() - start
     scores: dict = {"train_s": train_s}
-    for name, folder_data, split in SCORING[dataset]:
-        scores[name] = _score(checkpoint, LAYOUT[dataset] if folder_data is None else "ph2",
-                              data if folder_data is None else folder_data, split, folder / f"{name}.csv",
-                              KEYS[dataset])
+    for name, score_layout, score_data, split in SCORING[dataset]:
+        scores[name] = _score(checkpoint, score_layout, data if score_data is None else score_data, split,
+                              folder / f"{name}.csv", KEYS[dataset])
     scores_path.write_text(json.dumps(scores, indent=1))
     return scores
 
@@ -90,11 +99,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = args.data or DATA / args.dataset
+    data = args.data or DATASETS[args.dataset][1]
     results = {variant: [run_one(args.dataset, data, variant, seed, args.out) for seed in args.seeds]
                for variant in args.variants}
     keys = KEYS[args.dataset]
-    for name, _, _ in SCORING[args.dataset]:
+    for name, *_ in SCORING[args.dataset]:
         print(f"\n{args.dataset} → {name}, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
               f"mean ± std over seeds\n")
         print("| variant | " + " | ".join(keys) + " | train time per run (s) |")
