@@ -320,20 +320,17 @@ def _band(shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray,
 def _hair(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Dark, thin, curved hairs (quadratic Bezier curves 1-3 px wide) drawn over the image."""
     from scipy.ndimage import binary_dilation
-    from skimage.draw import line
 
     height, width = image.shape[:2]
     strands = np.zeros((height, width), bool)
+    t = np.linspace(0.0, 1.0, 4 * (height + width))[:, None]  # samples under 1 px apart along a curve
     for _ in range(int(rng.integers(1, 11))):
         ends = rng.uniform(-0.2, 1.2, size=(3, 2)) * (height, width)  # start, control, end points
         ends[1] = (ends[0] + ends[2]) / 2 + rng.normal(0.0, 0.15, 2) * (height, width)  # a gentle bend
-        t = np.linspace(0.0, 1.0, 2 * (height + width))[:, None]
         curve = (1 - t) ** 2 * ends[0] + 2 * (1 - t) * t * ends[1] + t**2 * ends[2]  # (n, 2) (row, col)
-        points = np.rint(curve).astype(int)
-        for (r0, c0), (r1, c1) in zip(points[:-1], points[1:]):
-            rr, cc = line(r0, c0, r1, c1)
-            keep = (rr >= 0) & (rr < height) & (cc >= 0) & (cc < width)
-            strands[rr[keep], cc[keep]] = True
+        rows, cols = np.rint(curve).astype(int).T
+        keep = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+        strands[rows[keep], cols[keep]] = True
     thickness = int(rng.integers(0, 2))
     if thickness:
         strands = binary_dilation(strands, iterations=thickness)
