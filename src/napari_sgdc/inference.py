@@ -43,8 +43,8 @@ from .locks import model_lock
 from .model import SGDCSegmenter
 from .postprocess import PostprocessOptions, object_confidence, postprocess, separation_map
 
-__all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "check_mpp", "head_maps", "predict_maps", "segment",
-           "tile_origins"]
+__all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "check_mpp", "head_maps",
+           "predict_maps", "segment", "tile_origins"]
 
 SIZE_MULTIPLE = 32
 MIN_TILE = 64
