@@ -8,9 +8,9 @@
         d = block(d, guidance)                           (strides 16, 8 and 4 only)
     mask  = mask_head(d)                                 (B, n_classes, H, W)
     edge  = up(edge_s4) + edge_head(d)                   (B, 1, H, W)
-    instance maps (cfg.instance_map):
-        distance = distance_head(d)                      (B, 1, H, W) logits of the normalised distance
-        hover    = hover_head(d)                         (B, 2, H, W) x and y offsets to the centre
+    instance maps (cfg.instance_map), instance_head = ConvBNReLU + 3×3 conv on d:
+        distance = instance_head(d)                      (B, 1, H, W) logits of the normalised distance
+        hover    = instance_head(d)                      (B, 2, H, W) x and y offsets to the centre
 
 The edge output is the SGE edge map, upsampled and corrected at full resolution by a
 3×3 head on the last decoder features; for instance models it is the boundary that

@@ -358,7 +358,8 @@ def fit(
         cfg: the run's settings (default `TrainConfig()`), checked by `check_train_config`.
         callbacks: called with ``{"kind": "step"|"epoch", "step", "total_steps", "epoch",
             "epochs", "loss", "metrics", "eta_s", "lr"}``; step events carry ``metrics =
-            {"loss_mask", "loss_edge"}``, epoch events ``{"train_loss"}`` plus the validation
+            {"loss_mask", "loss_edge"}`` plus ``loss_distance`` / ``loss_hover`` / ``loss_l2sp``
+            when those terms are on, epoch events ``{"train_loss"}`` plus the validation
             scores when validated.
         cancel: checked before every step; once set the run stops and returns with
             ``cancelled=True``.
