@@ -102,6 +102,33 @@ def test_predict_folder_input_and_instance_labels(tmp_path, checkpoints):
     assert (out / "gray16_labels.tif").exists()
 
 
+def test_predict_defaults_to_the_models_tuned_marker_threshold(tmp_path, checkpoints, capsys):
+    from napari_sgdc.inference import segment
+    from napari_sgdc.io import load_checkpoint
+    from napari_sgdc.postprocess import PostprocessOptions
+
+    model = load_checkpoint(checkpoints["instance"])[0]
+    rgb = (np.random.default_rng(3).random((64, 80, 3)) * 255).astype(np.uint8)
+    first = segment(model, rgb, tile=None)
+    boundary = first.boundary[first.mask]
+    level = float(np.round(np.quantile(boundary, 0.2), 4))  # well below 0.5: fewer seeds, other labels
+    model.config.boundary_threshold = level
+    tuned = save_checkpoint(tmp_path / "tuned.safetensors", model)
+    (tmp_path / "in").mkdir()
+    skio.imsave(str(tmp_path / "in" / "hne.png"), rgb, check_contrast=False)
+
+    def predicted(*flags: str) -> np.ndarray:
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["predict", "--model", str(tuned), "--out", str(out), "--device", "cpu", "--tile", "0",
+                     "--min-size", "1", *flags, str(tmp_path / "in")]) == 0
+        return tifffile.imread(str(out / "hne_labels.tif"))
+
+    default = predicted()
+    expected = segment(model, rgb, PostprocessOptions(boundary_threshold=level, min_size=1), tile=None).labels
+    np.testing.assert_array_equal(default, expected)
+    assert not np.array_equal(default, predicted("--boundary-threshold", "0.5"))  # the flag still wins
+
+
 def test_predict_bad_inputs_one_line_each_and_exit_1(tmp_path, checkpoints, capsys):
     inputs = _write_inputs(tmp_path / "in")
     unreadable = tmp_path / "in" / "broken.png"

@@ -165,3 +165,24 @@ def test_head_maps_name_every_head():
     maps = head_maps(outputs)
     assert set(maps) == {"probability", "boundary", "hover_x", "hover_y"}
     assert float(maps["hover_x"].max()) == 1.0  # clamped to [-1, 1]
+
+
+def test_segment_defaults_to_the_models_tuned_marker_threshold():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(task="instance", instance_map="distance")).eval()
+    with torch.no_grad():
+        [*model.mask_head.modules()][-1].bias.fill_(3.0)  # foreground everywhere: the split is all that varies
+    image = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    result = segment(model, image, tile=None)
+    outcomes = []
+    for level in np.round(np.quantile(result.separation, [0.3, 0.7]), 4):
+        model.config.boundary_threshold = level
+        expected = postprocess(result.probability, result.separation, PostprocessOptions(boundary_threshold=level),
+                               instances=True)[1]
+        assert np.array_equal(segment(model, image, tile=None).labels, expected)
+        outcomes.append(expected)
+    assert not np.array_equal(*outcomes)  # the two levels split differently, so the default is seen
+    # explicit options still win over the model's default
+    chosen = PostprocessOptions(boundary_threshold=0.5)
+    expected = postprocess(result.probability, result.separation, chosen, instances=True)[1]
+    assert np.array_equal(segment(model, image, chosen, tile=None).labels, expected)

@@ -96,3 +96,20 @@ def test_object_confidence_is_one_minus_mean_uncertainty():
     uncertainty = np.array([[0.9, 0.2, 0.4], [0.0, 1.0, 0.9], [0.5, 0.5, 0.25]], np.float32)
     confidence = object_confidence(labels, uncertainty)
     np.testing.assert_allclose(confidence, [0.0, 0.7, 0.5, 0.0, 0.75], atol=1e-6)
+
+
+def test_options_for_a_model_take_its_tuned_marker_threshold_then_the_overrides():
+    from napari_sgdc.config import ModelConfig
+
+    config = ModelConfig(encoder="mini", pretrained=False, task="instance", boundary_threshold=0.3)
+    assert PostprocessOptions.for_model(config) == PostprocessOptions(boundary_threshold=0.3)
+    assert PostprocessOptions.for_model(config, threshold=0.6, boundary_threshold=None, min_size=5) == \
+        PostprocessOptions(threshold=0.6, boundary_threshold=0.3, min_size=5)
+    assert PostprocessOptions.for_model(config, boundary_threshold=0.7).boundary_threshold == 0.7
+    assert PostprocessOptions.for_model(None) == PostprocessOptions()  # no model: the plain defaults
+    # a checkpoint written before the field existed loads with 0.5
+    old = {key: value for key, value in config.to_dict().items() if key != "boundary_threshold"}
+    assert ModelConfig.from_dict(old).boundary_threshold == 0.5
+    for bad in (1.5, -0.1, "0.3", math.nan):
+        with pytest.raises(ValueError, match="boundary_threshold"):
+            ModelConfig(encoder="mini", pretrained=False, boundary_threshold=bad)

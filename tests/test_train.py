@@ -362,6 +362,7 @@ def test_validate_reports_aji_and_instance_models_select_by_it(tmp_path):
     from skimage.measure import label
 
     from napari_sgdc.train import validate
+    from napari_sgdc.train.validate import MARKER_THRESHOLDS
 
     def instance_samples(n, size, seed):
         return [Sample(s.name, s.image, label(s.mask).astype(np.int32)) for s in synthetic_samples(n, size, seed)]
@@ -374,9 +375,19 @@ def test_validate_reports_aji_and_instance_models_select_by_it(tmp_path):
     assert history.select_metric == "aji"
     assert all(0.0 <= m["aji"] <= 1.0 for m in history.val_metrics)
     assert history.best_metric == max(m["aji"] for m in history.val_metrics)
-    assert load_checkpoint(out)[1]["metrics"]["aji"] == pytest.approx(history.best_metric)
+    metadata = load_checkpoint(out)[1]
+    assert metadata["metrics"]["aji"] == pytest.approx(history.best_metric)
+    # the marker level tuned at the best epoch travels in the checkpoint's config
+    best = next(m for m in history.val_metrics if m["epoch"] == history.best_epoch)
+    assert metadata["model_config"]["boundary_threshold"] == best["boundary_threshold"]
     scores = validate(model, val, device="cpu")
-    assert set(scores) == {"iou", "dice", "val_loss", "aji"}
+    assert set(scores) == {"iou", "dice", "val_loss", "aji", "boundary_threshold"}
+    # the reported AJI is the best of the levels, each scored alone
+    single = [validate(model, val, device="cpu", marker_thresholds=(level,))["aji"] for level in MARKER_THRESHOLDS]
+    assert scores["aji"] == pytest.approx(max(single))
+    assert scores["boundary_threshold"] == MARKER_THRESHOLDS[int(np.argmax(single))]
+    with pytest.raises(ValueError, match="marker_thresholds"):
+        validate(model, val, device="cpu", marker_thresholds=())
     semantic = fit(tiny_model(), train_set(), val_set(), run_config(epochs=1, steps_per_epoch=1, select_metric="auto"))
     assert semantic.select_metric == "iou" and "aji" not in semantic.val_metrics[0]
     with pytest.raises(ValueError, match="aji"):

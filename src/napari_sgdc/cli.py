@@ -74,8 +74,10 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
                         help="tile size in pixels for large images (>= 64, rounded up to a multiple of 32), "
                              "0 = whole image at once (default: 512)")
     parser.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default: 0.25)")
-    parser.add_argument("--boundary-threshold", type=float, default=0.5,
-                        help="boundary probability that separates instances (default: 0.5)")
+    parser.add_argument("--boundary-threshold", type=float, default=None,
+                        help="separation level that splits instances: seeds grow where the boundary (or "
+                             "separation map) is below it (default: the model's, tuned on validation; 0.5 "
+                             "for models without one)")
     parser.add_argument("--min-size", type=int, default=20, help="smallest instance kept, in pixels (default: 20)")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the 8 flips and 90-degree rotations (about 8x the time)")
@@ -210,12 +212,13 @@ def _load_model(name: str, device: str):
     return load_model(name, device=device)
 
 
-def _postprocess_options(args):
-    """The one `PostprocessOptions` of a predict or evaluate run (validated)."""
+def _postprocess_options(args, config=None):
+    """The one `PostprocessOptions` of a predict or evaluate run (validated): the flags,
+    and the model's defaults (`config`) where a flag is not given."""
     from .postprocess import PostprocessOptions
 
-    return PostprocessOptions(threshold=args.threshold, boundary_threshold=args.boundary_threshold,
-                              min_size=args.min_size)
+    return PostprocessOptions.for_model(config, threshold=args.threshold, boundary_threshold=args.boundary_threshold,
+                                        min_size=args.min_size)
 
 
 def _expand_inputs(inputs: Sequence[Path], command: str) -> tuple[list[Path], int]:
@@ -289,6 +292,7 @@ def _run_predict(args) -> int:
     slides = [path for path in files if is_slide(path)]
     files = [path for path in files if path not in slides]
     model = _load_model(args.model, args.device)
+    options = _postprocess_options(args, model.config)
     if slides:
         failures += _predict_slides(args, slides, model, options)
         if not files:
@@ -621,9 +625,10 @@ def _run_evaluate(args) -> int:
     from .inference import segment
     from .postprocess import postprocess
 
-    options = _postprocess_options(args)
+    options = _postprocess_options(args)  # bad flags fail before any work
     items = list(_evaluation_items(args))
     model = _load_model(args.model, args.device)
+    options = _postprocess_options(args, model.config)
     rows, failures = [], 0
     pooled = np.zeros(3, np.int64)  # intersection, predicted and reference foreground pixels over all images
     with tqdm(items, desc="evaluate", unit="image", file=sys.stderr) as bar:

@@ -93,6 +93,9 @@ class ModelConfig:
             largest connected region with holes filled.
         mpp: µm per pixel of the training images (0 = unknown); whole-slide inference reads
             slides at this resolution (the nuclei model: 0.25, i.e. 40×).
+        boundary_threshold: the model's default `PostprocessOptions.boundary_threshold` (the
+            separation level below which instance seeds grow). Training sets it, for instance
+            models, to the value with the best validation AJI (`napari_sgdc.train.validate`).
     """
 
     encoder: str = "efficientnet_lite0"
@@ -114,6 +117,7 @@ class ModelConfig:
     resize_long_side: int = 0
     single_object: bool = False
     mpp: float = 0.0
+    boundary_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         """Checks every field's type and range, so a bad config (or checkpoint metadata)
@@ -158,6 +162,9 @@ class ModelConfig:
         if not _is_number(self.mpp) or not (self.mpp == 0 or 0.05 < self.mpp < 50):
             raise ValueError(f"mpp must be 0 (unknown) or µm per pixel in (0.05, 50), got {self.mpp!r}")
         self.mpp = float(self.mpp)
+        if not _is_number(self.boundary_threshold) or not 0.0 <= self.boundary_threshold <= 1.0:
+            raise ValueError(f"boundary_threshold must be in [0, 1], got {self.boundary_threshold!r}")
+        self.boundary_threshold = float(self.boundary_threshold)
 
     @property
     def is_instance(self) -> bool:

@@ -474,7 +474,7 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
         image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array of uint8, uint16 or float, or
             a stack (N, H, W) / (N, H, W, C) of such planes.
         options: thresholds and minimum object size for `napari_sgdc.postprocess.postprocess`
-            (default `PostprocessOptions()`).
+            (default: the model's, `PostprocessOptions.for_model(model.config)`).
         tile: tile size in pixels (>= 64, rounded up to a multiple of 32) at the model's working
             resolution (``config.resize_long_side``, see the module docstring); None or 0
             runs the whole image in one pass.
@@ -557,6 +557,7 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
         maps = {name: value[0] for name, value in maps.items()}  # (H, W)
     probability, boundary = maps["probability"], maps["boundary"]
     separation = separation_map(maps) if config.is_instance else boundary
+    options = options or PostprocessOptions.for_model(config)
     mask, labels = postprocess(probability, separation, options, single_object=config.single_object,
                                instances=config.is_instance)
     uncertainty_map = confidence = None

@@ -22,7 +22,9 @@ Seeds (markers) are the 4-connected components of (mask and s ≤ ``boundary_thr
 a watershed on s floods the raw mask from them; mask components without any seed
 become their own instance; instances smaller than ``min_size`` pixels are removed; ids
 are 1..K, and unique across the planes of a stack (plane i's ids follow plane i − 1's).
-The same threshold slider therefore splits nuclei for every instance map.
+The same threshold slider therefore splits nuclei for every instance map. Each model carries
+its own default level, ``ModelConfig.boundary_threshold``, which training tunes on validation
+AJI (`PostprocessOptions.for_model`).
 """
 
 from __future__ import annotations
@@ -73,6 +75,14 @@ class PostprocessOptions:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
             raise ValueError(f"min_size must be a whole number of pixels >= 0, got {size!r}")
         object.__setattr__(self, "min_size", int(size))
+
+    @classmethod
+    def for_model(cls, config, **overrides) -> "PostprocessOptions":
+        """The defaults for a model: its ``ModelConfig.boundary_threshold`` (tuned on
+        validation by training), then `overrides` (fields; None keeps the default)."""
+        fields = {"boundary_threshold": getattr(config, "boundary_threshold", cls.boundary_threshold)}
+        fields.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**fields)
 
 
 def _is_unit_number(value: object) -> bool:

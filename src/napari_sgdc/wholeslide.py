@@ -584,7 +584,7 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
         tile: core (and chunk) size in working pixels (a multiple of 32, >= 128).
         margin: context added on every side of a core (multiple of 32, <= tile); objects larger
             than the margin are dropped (counted in ``too_large``).
-        options: post-processing thresholds (`PostprocessOptions`).
+        options: post-processing thresholds (default: the model's, `PostprocessOptions.for_model`).
         progress: ``progress(done, total)`` after every tile.
         cancel: a `threading.Event`; when set, the run stops after the current tile and raises
             `napari_sgdc.inference.Cancelled`; ``resume=True`` continues it later.
@@ -607,7 +607,7 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
         slide = open_slide(slide, mpp=mpp)
     try:
         out = Path(out)
-        options = options or PostprocessOptions()
+        options = options or PostprocessOptions.for_model(_resolve_model(model).config)
         plan = _plan(model, slide, out.resolve(), roi, mpp, int(tile), int(margin), options, int(threads))
         if out.exists():
             attrs = _store_attrs(out)

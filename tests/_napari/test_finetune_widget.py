@@ -234,3 +234,26 @@ def test_pairs_of_another_model_are_never_trained_into_the_current_one(corrected
     assert _same_weights(first_weights, _weights(first.model))
     assert sorted(ft.training_list.choices) == sorted([
         f"lesion ← mask ({tiny_checkpoint.name})", "lesion 2 ← mask (other.safetensors)"])
+
+
+def test_finetune_loads_the_picked_model_when_nothing_was_segmented_yet(make_napari_viewer, tiny_checkpoint,
+                                                                        wait_idle, notes):
+    from conftest import lesion_image
+
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    _, ft = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Fine-tune")
+    image, disk = lesion_image()
+    layer = viewer.add_image(image, name="lesion", rgb=True)
+    outline = viewer.add_labels(disk.astype(np.uint8), name="my outline")  # drawn by hand, no Segment run
+    source = str(tiny_checkpoint)
+    seg._session.current_source = source  # picked in the model picker, not loaded yet
+    assert source not in seg._session.models
+    ft.reset_choices()
+    ft.image_layer.value = layer
+    ft.labels_layer.value = outline
+    _short_run(ft, steps=2)
+    ft.start_finetune()
+    wait_idle(seg._session)
+    assert not notes.matching("Could not load model"), notes.messages
+    assert source in seg._session.models

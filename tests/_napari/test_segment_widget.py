@@ -185,6 +185,40 @@ def test_hover_model_sliders_split_on_its_separation_map_without_a_forward_pass(
     assert not np.array_equal(expected, boundary_split)  # it really decoded the HoVer maps
 
 
+def test_each_model_brings_its_tuned_marker_threshold_once_per_switch(
+        make_napari_viewer, tiny_instance_checkpoint, tmp_path, wait_segment):
+    from napari_sgdc.io import load_checkpoint, save_checkpoint
+    from napari_sgdc.postprocess import PostprocessOptions, postprocess
+
+    model = load_checkpoint(tiny_instance_checkpoint)[0]
+    model.config.boundary_threshold = 0.3  # as training would tune it
+    tuned = save_checkpoint(tmp_path / "tuned.safetensors", model)
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    rgb = np.random.default_rng(5).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    image = viewer.add_image(rgb, name="hne", rgb=True)
+    seg.image_layer.value = image
+    seg.gates.value = False
+    assert seg.load_checkpoint(str(tiny_instance_checkpoint))
+    wait_segment(seg.run_segment())
+    assert seg.boundary_threshold.value == 0.5
+    untuned_source = seg.model.value
+    assert seg.load_checkpoint(str(tuned))
+    wait_segment(seg.run_segment())
+    assert seg.boundary_threshold.value == pytest.approx(0.3)
+    cache = seg._session.results[image]
+    split = cache.boundary if cache.separation is None else cache.separation
+    expected = postprocess(cache.probability[0], split[0],
+                           PostprocessOptions(0.5, 0.3, seg.min_size.value), instances=True)[1]
+    np.testing.assert_array_equal(np.asarray(viewer.layers["hne mask"].data), expected)
+    seg.boundary_threshold.value = 0.4  # the user's choice holds while the model stays
+    wait_segment(seg.run_segment())
+    assert seg.boundary_threshold.value == pytest.approx(0.4)
+    seg.model.value = untuned_source  # switching back brings that model's value again
+    wait_segment(seg.run_segment())
+    assert seg.boundary_threshold.value == 0.5
+
+
 def test_event_loop_ticks_while_segmenting_with_progress_per_tile(make_napari_viewer, tiny_checkpoint, qtbot,
                                                                    wait_segment):
     from qtpy.QtCore import QTimer

@@ -113,6 +113,20 @@ def test_field_of_view_segments_only_the_visible_region(slide_viewer, wait_segme
     assert seg._session.busy.idle
 
 
+def test_a_slide_run_uses_the_models_tuned_marker_threshold(slide_viewer, wait_segment, notes):
+    from napari_sgdc._napari import _wholeslide as ws
+
+    viewer, seg, layer, _ = slide_viewer
+    seg._session.models["pixel"].model.config.boundary_threshold = 0.3  # as training would tune it
+    _show(viewer, layer, 300, 300, 500, 500)
+    seg.target.value = ws.TARGET_VIEW
+    job = seg.run_segment()
+    outcome = wait_segment(job)
+    assert outcome.error is None, notes.messages
+    assert job.options.boundary_threshold == 0.3  # what the store was written with
+    assert seg.boundary_threshold.value == pytest.approx(0.3)  # and what the slider now shows
+
+
 def test_rectangle_target_segments_the_first_rectangle(slide_viewer, wait_segment, notes):
     viewer, seg, layer, _ = slide_viewer
     from napari_sgdc._napari import _wholeslide as ws

@@ -576,7 +576,7 @@ class FinetuneWidget(Container):
         if source is None:
             raise InputError("No model: pick one in SGDC Segment (or Load checkpoint…) and segment first.")
         try:
-            return self._session.get_model(source, self._session.options.device)
+            return self._session.get_model(source, self._session.settings.device)
         except Exception as exc:  # noqa: BLE001 - shown to the user
             raise InputError(f"Could not load model: {error_text(exc)}") from exc
 

@@ -276,6 +276,7 @@ def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes: Plan
         if cache.uncertainty is None or not reuse:
             cache.uncertainty = np.zeros((n_total, height, width), np.float32)
         cache.uncertainty[planes.indices] = _as_planes(result.uncertainty, n_new)
+    session.adopt_model_defaults(state)  # a model's tuned marker threshold, once per switch
     cache.written_mask = cache.postprocessed(session.options)
     session.results[image] = cache
 

@@ -121,7 +121,8 @@ class SegmentWidget(Container):
         self.boundary_threshold = FloatSlider(
             name="boundary_threshold", label="boundary thr.", min=0.0, max=1.0, step=0.001,
             value=options.boundary_threshold,
-            tooltip="Boundary probability above which touching nuclei are split (instance models).",
+            tooltip="Instance models: seeds grow where the boundary (or separation map) is below this; lower splits "
+                    "more. Each model sets it to its own tuned value when it first segments.",
         )
         self.min_size = SpinBox(name="min_size", label="min size (px)", min=0, max=1_000_000,
                                 value=options.min_size)
@@ -143,6 +144,7 @@ class SegmentWidget(Container):
         self._visited: "weakref.WeakKeyDictionary[Image, set[tuple[int, ...]]]" = weakref.WeakKeyDictionary()
         self._model_explicit = False
         self._setting_model = False
+        self._syncing_sliders = False
 
         real_sources = [source for source in self._sources() if source != LOAD_CHECKPOINT]
         self.model.value = self._session.current_source if self._session.current_source in real_sources else (
@@ -158,6 +160,7 @@ class SegmentWidget(Container):
             slider.changed.connect(self._on_postprocess_changed)
         self._session.connect("segmented", self._on_segmented)
         self._session.connect("model_changed", self._on_session_event)
+        self._session.connect("options_changed", self._on_options_changed)
         self._sync_settings()
         self._on_model_changed(self.model.value)
         self._model_explicit = False  # the start-up value was not the user's choice
@@ -396,7 +399,21 @@ class SegmentWidget(Container):
         self.cancel_button.enabled = running
 
     # -- live post-processing --------------------------------------------------------------
+    def _on_options_changed(self, **_: Any) -> None:
+        """Shows options set elsewhere (a model's tuned threshold) on the sliders, without
+        re-running the post-processing (the caller did)."""
+        options = self._session.options
+        self._syncing_sliders = True
+        try:
+            self.threshold.value = options.threshold
+            self.boundary_threshold.value = options.boundary_threshold
+            self.min_size.value = options.min_size
+        finally:
+            self._syncing_sliders = False
+
     def _on_postprocess_changed(self, *_: Any) -> None:
+        if self._syncing_sliders:
+            return
         try:
             options = PostprocessOptions(
                 float(self.threshold.value), float(self.boundary_threshold.value), int(self.min_size.value)

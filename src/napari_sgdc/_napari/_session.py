@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
@@ -233,6 +233,8 @@ class SGDCSession:
 
     Attributes:
         options: the post-processing of every mask (the Segment widget's sliders).
+        defaults_source: the model whose tuned defaults `options` last took
+            (`adopt_model_defaults`).
         settings: how the network runs (device, tile, planes, gates).
         models: loaded models by source.
         current_source: the source picked in the model picker, or None.
@@ -242,6 +244,7 @@ class SGDCSession:
 
     def __init__(self) -> None:
         self.options = PostprocessOptions()
+        self.defaults_source: str | None = None
         self.settings = RunSettings()
         self.models: dict[str, ModelState] = {}
         self.current_source: str | None = None
@@ -275,6 +278,23 @@ class SGDCSession:
         if self.current_source is None:
             return None
         return self.models.get(self.current_source)
+
+    def adopt_model_defaults(self, state: ModelState) -> bool:
+        """The first result of a model after a switch sets the options' model-tuned field
+        (``ModelConfig.boundary_threshold``); emits ``options_changed`` when it changed them.
+
+        Returns:
+            Whether `options` changed.
+        """
+        if state.source == self.defaults_source:
+            return False
+        self.defaults_source = state.source
+        value = PostprocessOptions.for_model(state.model.config).boundary_threshold
+        if value == self.options.boundary_threshold:
+            return False
+        self.options = replace(self.options, boundary_threshold=value)
+        self.emit("options_changed")
+        return True
 
     def get_model(self, source: str, device: str = "auto") -> ModelState:
         """Returns the loaded model for `source`, loading it on first use.

@@ -33,7 +33,8 @@ from napari.utils import progress
 from napari.utils.notifications import show_info
 
 from napari_sgdc._napari._runner import Outcome, Relay, _guarded, error_text, notify_error
-from napari_sgdc._napari._session import SGDCSession
+from napari_sgdc._napari._session import ModelState, SGDCSession
+from napari_sgdc.postprocess import PostprocessOptions
 
 SLIDE_KEY = "slide"
 """Image-layer metadata key of the open `Slide` (set by the reader)."""
@@ -252,6 +253,7 @@ class SlideJob:
         self.device = session.settings.device
         self.done = self.total = 0
         self.outcome: Outcome | None = None
+        self.state: ModelState | None = None
         self.relay = Relay()
         self.relay.progressed.connect(self._on_progress)
         self.pbar = progress(total=0, desc=f"SGDC {target} {image.name}")
@@ -265,7 +267,10 @@ class SlideJob:
     def _work(self) -> Any:
         from napari_sgdc.wholeslide import segment_slide
 
-        state = self.session.get_model(self.source, self.device)
+        state = self.state = self.session.get_model(self.source, self.device)
+        if self.session.defaults_source != self.source:  # a model's first run after a switch: its tuned level
+            self.options = PostprocessOptions.for_model(state.model.config, threshold=self.options.threshold,
+                                                        min_size=self.options.min_size)
         self.store.parent.mkdir(parents=True, exist_ok=True)
         if self.overwrite and self.store.exists() and store_state(self.store) != "foreign":
             shutil.rmtree(self.store)  # a cache store of an earlier region run
@@ -281,6 +286,8 @@ class SlideJob:
 
     def _on_returned(self, outcome: Outcome) -> None:
         self.outcome = outcome
+        if self.state is not None:
+            self.session.adopt_model_defaults(self.state)  # the sliders show the level the run used
         if outcome.cancelled:
             show_info(f"Segmentation of '{self.image.name}' ({self.target}) cancelled after {self.done}/{self.total} "
                       "tiles; segment again to resume it.")

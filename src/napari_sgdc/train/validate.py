@@ -17,7 +17,10 @@ from ..inference import head_maps
 from ..postprocess import PostprocessOptions, postprocess, separation_map
 from .losses import total_loss
 
-__all__ = ["validate"]
+__all__ = ["MARKER_THRESHOLDS", "validate"]
+
+MARKER_THRESHOLDS = tuple(round(0.1 * step, 1) for step in range(1, 10))
+"""Separation levels (`PostprocessOptions.boundary_threshold`) tried when scoring AJI."""
 
 
 def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -51,14 +54,16 @@ def validate(
     amp: bool = False,
     edge_weight: float = 0.5,
     threshold: float = 0.5,
+    marker_thresholds: tuple[float, ...] = MARKER_THRESHOLDS,
     cancel: threading.Event | None = None,
 ) -> dict[str, float] | None:
     """Mean IoU, Dice and loss of `model` over `dataset` (plus AJI for instance models).
 
     Each item is padded to a multiple of ``model.size_multiple``, run whole, and cropped
     back. IoU and Dice use ``probability > threshold``; AJI uses the instance labels of
-    `napari_sgdc.postprocess.postprocess` (default options at `threshold`), as `segment`
-    would produce them. Every module's train/eval mode is restored afterwards.
+    `napari_sgdc.postprocess.postprocess`, as `segment` would produce them, at each of
+    `marker_thresholds` (``boundary_threshold``): the best mean AJI is reported, with the
+    level that gave it. Every module's train/eval mode is restored afterwards.
 
     Args:
         model: the segmenter.
@@ -68,18 +73,19 @@ def validate(
         amp: bf16 autocast on CUDA.
         edge_weight: λ_edge of the reported loss.
         threshold: mask probability threshold.
+        marker_thresholds: separation levels tried for AJI (instance models).
         cancel: when set, validation stops and returns None.
 
     Returns:
-        ``{"iou", "dice", "val_loss"}`` plus ``"aji"`` when ``model.config.is_instance``;
-        None when cancelled.
+        ``{"iou", "dice", "val_loss"}`` plus ``"aji"`` and ``"boundary_threshold"`` (its
+        level; the first of ties) when ``model.config.is_instance``; None when cancelled.
     """
     device = resolve_device(device)
     config = model.config
-    options = PostprocessOptions(threshold=threshold)
+    if config.is_instance and not marker_thresholds:
+        raise ValueError("marker_thresholds must hold at least one level")
     scores: dict[str, list[float]] = {"iou": [], "dice": [], "val_loss": []}
-    if config.is_instance:
-        scores["aji"] = []
+    aji = np.zeros((len(dataset), len(marker_thresholds)))  # (images, levels)
     with eval_mode(model):
         for index in range(len(dataset)):
             if cancel is not None and cancel.is_set():
@@ -103,7 +109,17 @@ def validate(
             scores["dice"].append(seg_metrics.dice(prediction, target))
             if config.is_instance:
                 maps = {name: value.cpu().numpy() for name, value in head_maps(outputs).items()}  # (H, W) each
-                _, labels = postprocess(probability, separation_map(maps), options,
-                                        single_object=config.single_object, instances=True)
-                scores["aji"].append(seg_metrics.aji(labels, _instance_target(item)))
-    return {key: float(np.mean(values)) for key, values in scores.items()}
+                separation = separation_map(maps)  # (H, W)
+                reference = _instance_target(item)
+                for level, marker in enumerate(marker_thresholds):
+                    options = PostprocessOptions(threshold=threshold, boundary_threshold=marker)
+                    _, labels = postprocess(probability, separation, options, single_object=config.single_object,
+                                            instances=True)
+                    aji[index, level] = seg_metrics.aji(labels, reference)
+    means = {key: float(np.mean(values)) for key, values in scores.items()}
+    if config.is_instance:
+        per_level = aji.mean(axis=0)  # (levels,)
+        best = int(np.argmax(per_level))
+        means["aji"] = float(per_level[best])
+        means["boundary_threshold"] = float(marker_thresholds[best])
+    return means
