@@ -12,6 +12,10 @@ seed's value is its mean over the scoring images).
     python benchmarks/ablation.py --dataset consep --seeds 0 1 2
     python benchmarks/ablation.py --dataset isic2018 --seeds 0 1 2 --variants sgdc pooling static
     python benchmarks/ablation.py --dataset nuclei --seeds 0 --variants sgdc sgdc-distance sgdc-hover
+    python benchmarks/ablation.py --dataset nuclei --seeds 0 --variants sgdc-hover --tta
+
+``--tta`` also scores every set with test-time augmentation (8 flips and rotations), as
+``<set>-tta``; it is added to finished runs without training them again.
 """
 
 from __future__ import annotations
@@ -53,10 +57,11 @@ SCORING = {"ph2": [("test", "ph2", None, "test")], "consep": [("test", "consep",
            "nuclei": [("consep-test", "consep", None, "test"), ("monuseg-ood", "monuseg", DATA / "monuseg", "train")]}
 
 
-def _score(checkpoint: Path, layout: str, data: Path, split: str, table: Path, keys: list[str]) -> dict:
+def _score(checkpoint: Path, layout: str, data: Path, split: str, table: Path, keys: list[str],
+           tta: bool = False) -> dict:
     """Mean scores of one checkpoint over one split (per-image rows written to `table`)."""
     code = cli(["evaluate", "--model", str(checkpoint), "--layout", layout, "--data", str(data), "--split", split,
-                "--csv", str(table), "--device", "cpu"])
+                "--csv", str(table), "--device", "cpu", *(["--tta"] if tta else [])])
     if code != 0:
         raise RuntimeError(f"evaluating {checkpoint} on {data} {split} failed ({code})")
     with open(table) as stream:
@@ -64,13 +69,17 @@ def _score(checkpoint: Path, layout: str, data: Path, split: str, table: Path, k
     return {**{key: statistics.fmean(float(row[key]) for row in rows) for key in keys}, "n": len(rows)}
 
 
-def run_one(dataset: str, data: Path, variant: str, seed: int, out: Path) -> dict:
+def run_one(dataset: str, data: Path, variant: str, seed: int, out: Path, tta: bool = False) -> dict:
     """Trains and evaluates one variant/seed; returns {scoring set: mean scores} plus ``train_s``."""
     folder = out / dataset / f"{variant}-s{seed}"
     scores_path = folder / "scores.json"
-    if scores_path.is_file():
-        return json.loads(scores_path.read_text())
     checkpoint = folder / "model.safetensors"
+    if scores_path.is_file():
+        scores = json.loads(scores_path.read_text())
+        if tta:
+            _add_tta_scores(dataset, data, checkpoint, folder, scores)
+            scores_path.write_text(json.dumps(scores, indent=1))
+        return scores
     resume = ["--resume"] if state_path_for(checkpoint).is_file() else []
     start = time.perf_counter()
     layout, _, train_args = DATASETS[dataset]
@@ -84,8 +93,18 @@ def run_one(dataset: str, data: Path, variant: str, seed: int, out: Path) -> dic
     for name, score_layout, score_data, split in SCORING[dataset]:
         scores[name] = _score(checkpoint, score_layout, data if score_data is None else score_data, split,
                               folder / f"{name}.csv", KEYS[dataset])
+    if tta:
+        _add_tta_scores(dataset, data, checkpoint, folder, scores)
     scores_path.write_text(json.dumps(scores, indent=1))
     return scores
+
+
+def _add_tta_scores(dataset: str, data: Path, checkpoint: Path, folder: Path, scores: dict) -> None:
+    """Adds ``<set>-tta`` means to `scores` for the scoring sets that lack them."""
+    for name, score_layout, score_data, split in SCORING[dataset]:
+        if f"{name}-tta" not in scores:
+            scores[f"{name}-tta"] = _score(checkpoint, score_layout, data if score_data is None else score_data,
+                                           split, folder / f"{name}-tta.csv", KEYS[dataset], tta=True)
 
 
 def main() -> None:
@@ -97,13 +116,15 @@ def main() -> None:
                         help="default: the four block variants")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tta", action="store_true", help="also score with test-time augmentation (<set>-tta)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = args.data or DATASETS[args.dataset][1]
-    results = {variant: [run_one(args.dataset, data, variant, seed, args.out) for seed in args.seeds]
+    results = {variant: [run_one(args.dataset, data, variant, seed, args.out, args.tta) for seed in args.seeds]
                for variant in args.variants}
     keys = KEYS[args.dataset]
-    for name, *_ in SCORING[args.dataset]:
+    sets = [name for name, *_ in SCORING[args.dataset]]
+    for name in sets + ([f"{name}-tta" for name in sets] if args.tta else []):
         print(f"\n{args.dataset} → {name}, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
               f"mean ± std over seeds\n")
         print("| variant | " + " | ".join(keys) + " | train time per run (s) |")
