@@ -607,7 +607,7 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
         slide = open_slide(slide, mpp=mpp)
     try:
         out = Path(out)
-        options = options or PostprocessOptions.for_model(_resolve_model(model).config)
+        options = options or PostprocessOptions.for_model(getattr(model, "config", None))  # as _plan reads it
         plan = _plan(model, slide, out.resolve(), roi, mpp, int(tile), int(margin), options, int(threads))
         if out.exists():
             attrs = _store_attrs(out)
