@@ -74,6 +74,14 @@ def test_monuseg_instances_where_available_else_masks():
     assert load_samples(DATA / "monuseg", "monuseg", "val") == []
 
 
+def test_monuseg_instances_layout_keeps_only_images_with_instance_maps():
+    pairs = [p for p in (DATA / "monuseg" / "train" / "instances").glob("*.png")]
+    samples = load_samples(DATA / "monuseg", "monuseg-instances", "train", max_images=2)
+    assert len(pairs) == 13 and samples[0].name == "TCGA-21-5784-01Z-00-DX1"  # TCGA-18-5592 has only a mask
+    assert samples[0].mask.max() == 398
+    assert load_samples(DATA / "monuseg", "monuseg-instances", "test") == []
+
+
 def _write_folder(root: Path, n: int = 3, instance: bool = False) -> None:
     (root / "images").mkdir(parents=True)
     (root / ("instances" if instance else "masks")).mkdir()

@@ -454,7 +454,7 @@ def _train_config(args, train_values: dict, layout: str):
         values["lr_encoder"] = args.lr * 0.3
     if args.amp:
         values["amp"] = True
-    values.setdefault("stain_jitter", layout in ("consep", "monuseg"))
+    values.setdefault("stain_jitter", layout in ("consep", "monuseg", "monuseg-instances"))
     values.setdefault("select_metric", "auto")  # AJI for instance models, IoU otherwise
     config = TrainConfig.from_dict(values)
     check_train_config(config)

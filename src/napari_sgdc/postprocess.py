@@ -13,7 +13,7 @@ objects (`separation_map`, by ``ModelConfig.instance_map``):
 
     boundary: s = the boundary probability
     distance: s = 1 − the predicted distance to the border (1 at each object's centre)
-    hover:    s = the HoVer-Net gradient energy: clip(max(−∂x/∂x, −∂y/∂y) / 0.03, 0, 1)
+    hover:    s = the HoVer-Net gradient energy: clip(max(−∂x/∂x, −∂y/∂y) / 0.01, 0, 1)
               of the predicted x and y offset maps (derivative-of-Gaussian, σ = 1 px):
               inside an object each map rises by about 2 / diameter per pixel; where
               two objects touch it falls from +1 to −1 within a few pixels
@@ -38,10 +38,13 @@ import numpy as np
 __all__ = ["PostprocessOptions", "object_confidence", "postprocess", "separation_map"]
 
 HOVER_SMOOTHING = 1.0  # σ in pixels of the derivative-of-Gaussian applied to the HoVer maps
-# A fall of this much per pixel in an x or y map is a full border (s = 1). Predicted maps are smooth: on
-# CoNSeP val parents 19-20 (32 patches), a HoVer model after 500 of 1,500 steps gave AJI 0.154 at 0.5,
-# 0.464 at 0.01, 0.482 at 0.02, 0.485 at 0.03 (threshold 0.5); recalibrate on a fully trained model.
-HOVER_GRADIENT_SCALE = 0.03
+# A fall of this much per pixel in an x or y map is a full border (s = 1). Calibrated with
+# benchmarks/hover_scale.py on CoNSeP val parents 19-20 (32 patches) with the 1,500-step HoVer model of the
+# issue-10 ablation (seed 0): the best AJI is flat in the scale (0.5286 to 0.5298 over 0.01 to 0.09, each at
+# its best level), but the best level moves: 0.05-0.1 at 0.045 and above, 0.4-0.5 at 0.01, where every level
+# from 0.05 to 0.9 stays within 0.006 AJI of the best. So 0.01: the default level 0.5 is near the best and
+# the whole slider range is usable.
+HOVER_GRADIENT_SCALE = 0.01
 
 # scipy and scikit-image are imported where used: `import napari_sgdc` imports this module
 # eagerly (a lazily exported `postprocess` would be shadowed by this submodule's name).
@@ -143,12 +146,14 @@ def _instance_plane(mask: np.ndarray, boundary: np.ndarray, boundary_threshold: 
     return relabel_sequential(labels)[0].astype(np.int32)
 
 
-def separation_map(maps: dict[str, np.ndarray]) -> np.ndarray:
+def separation_map(maps: dict[str, np.ndarray], *, hover_scale: float = HOVER_GRADIENT_SCALE) -> np.ndarray:
     """The separation map of a model's output maps (module docstring), float32 in [0, 1].
 
     Args:
         maps: float (H, W) or (N, H, W) maps by name: ``boundary``, and ``distance`` or
             ``hover_x`` and ``hover_y`` for those instance maps (as `segment` computes them).
+        hover_scale: the fall per pixel of a HoVer map that counts as a full border
+            (calibrated by ``benchmarks/hover_scale.py``).
 
     Returns:
         float32 array of the maps' shape; the ``boundary`` map itself for boundary models.
@@ -162,7 +167,7 @@ def separation_map(maps: dict[str, np.ndarray]) -> np.ndarray:
         lead = (0,) * (hover_x.ndim - 2)  # no smoothing across the planes of a stack
         d_dx = gaussian_filter(hover_x, (*lead, HOVER_SMOOTHING, HOVER_SMOOTHING), order=(*lead, 0, 1))
         d_dy = gaussian_filter(hover_y, (*lead, HOVER_SMOOTHING, HOVER_SMOOTHING), order=(*lead, 1, 0))
-        return np.clip(np.maximum(-d_dx, -d_dy) / HOVER_GRADIENT_SCALE, 0.0, 1.0).astype(np.float32)
+        return np.clip(np.maximum(-d_dx, -d_dy) / hover_scale, 0.0, 1.0).astype(np.float32)
     return np.asarray(maps["boundary"], np.float32)
 
 

@@ -9,6 +9,9 @@ Layouts understood by `load_samples` (see ``shared/data/README.md``):
   split is by parent tile (neighbouring patches share nuclei).
 * ``monuseg``: ``train/images/*.jpg`` + ``train/instances/*.png`` where present, else
   ``train/masks/*.png``. Training set only (``val``/``test`` are empty).
+* ``monuseg-instances``: the MoNuSeg images that have an instance map (13 of 30). For
+  training instance heads: a binary mask's connected components merge touching nuclei,
+  which would teach the boundary, distance and HoVer heads not to split them.
 * ``gbm40``: ``images/*.jpg`` + ``instances/*.png`` (uint16), **partly annotated**: many
   nuclei have no polygon, so unlabelled pixels are not reliable background. Each sample
   carries a loss weight (`napari_sgdc.data.targets.annotated_weight`): 1 on the annotated
@@ -46,11 +49,11 @@ __all__ = [
     "CONSEP_VAL_PARENTS",
 ]
 
-LAYOUTS = ("ph2", "consep", "monuseg", "gbm40", "folders")
+LAYOUTS = ("ph2", "consep", "monuseg", "monuseg-instances", "gbm40", "folders")
 SPLITS = ("train", "val", "test", "all")
 CONSEP_VAL_PARENTS = (19, 20)
 _MASK_STEM_SUFFIXES = ("", "_mask", "_label", "_labels", "_segmentation", "_instances")
-_DEFAULT_TASK = {"ph2": "semantic", "consep": "instance", "monuseg": "instance", "gbm40": "instance", "folders": None}
+_DEFAULT_TASK = {"ph2": "semantic", "consep": "instance", "monuseg": "instance", "monuseg-instances": "instance", "gbm40": "instance", "folders": None}
 GBM40_RING_PX = 6  # background kept in the loss around each annotated GBM40 nucleus
 
 
@@ -165,6 +168,10 @@ def _pairs_monuseg(root: Path, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def _pairs_monuseg_instances(root: Path, split: str) -> list[tuple[Path, Path]]:
+    return [(image, label) for image, label in _pairs_monuseg(root, split) if label.parent.name == "instances"]
+
+
 def _pairs_folders(root: Path, split: str) -> list[tuple[Path, Path]]:
     base = root / split if (root / split / "images").is_dir() else root
     if base is root and split in ("val", "test"):
@@ -212,7 +219,7 @@ def load_samples(
 
     Args:
         root: dataset folder (for example ``shared/data/ph2``).
-        layout: ``ph2``, ``consep``, ``monuseg``, ``gbm40`` or ``folders`` (see the module docstring).
+        layout: one of `LAYOUTS` (see the module docstring).
         split: ``train``, ``val``, ``test`` or ``all``. Layouts without the split
             (monuseg val/test, folders without ``<root>/<split>/images``) return ``[]``.
         max_images: keep only the first N pairs (in sorted order).
@@ -240,6 +247,7 @@ def load_samples(
         "ph2": _pairs_ph2,
         "consep": _pairs_consep,
         "monuseg": _pairs_monuseg,
+        "monuseg-instances": _pairs_monuseg_instances,
         "gbm40": _pairs_gbm40,
         "folders": _pairs_folders,
     }[layout](root, split)
