@@ -4,11 +4,14 @@ Slides are built in /tmp (never committed) from the real MoNuSeg H&E images in
 ../shared/data: a pyramidal, tiled OME-TIFF at 0.25 µm/px whose 2048-px blocks alternate
 between H&E mosaic and blank background (about 50 % tissue).
 
-    python benchmarks/wholeslide.py --sizes 8192 16384 32768 [--workers 1 2] [--no-skip]
+    python benchmarks/wholeslide.py --sizes 8192 16384 32768 [--workers 1 2] [--no-skip] [--amp] [--profile]
 
 Each run happens in a fresh interpreter; it prints one JSON line per run: size, tissue
 Mpx, seconds, Mpx/s of tissue, baseline RSS (interpreter + model) and peak RSS, and
-/proc/loadavg before and after.
+/proc/loadavg before and after. ``--amp`` runs each configuration twice, in float32 and
+with bf16 autocast; ``--profile`` (single process) adds the seconds spent in each stage
+(cProfile cumulative time of the network, post-processing, polygons, reading, the label
+and pyramid phases).
 """
 
 from __future__ import annotations
@@ -84,13 +87,29 @@ client = None
 if {workers} > 1:
     from distributed import Client, LocalCluster
     client = Client(LocalCluster(n_workers={workers}, threads_per_worker=1, processes=True, dashboard_address=None))
+profiler = None
+if {profile} and client is None:
+    import cProfile
+    profiler = cProfile.Profile()
+    profiler.enable()
 start = time.perf_counter()
 result = segment_slide("nuclei" if client else model, "{slide}", "{out}", tissue="{tissue}", tile={tile},
-                       margin={margin}, client=client, threads={threads} if client else 0)
+                       margin={margin}, client=client, threads={threads} if client else 0, amp={amp})
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+stages = {{}}
+if profiler is not None:
+    import pstats
+    profiler.disable()
+    wanted = {{"predict_maps": "network", "postprocess": "postprocess", "_polygons": "polygons",
+              "read_working": "reading", "_label_chunk_task": "label phase", "_pyramid_task": "pyramid phase",
+              "detect_tissue": "tissue detection"}}
+    for (filename, line, name), row in pstats.Stats(profiler).stats.items():
+        if name in wanted and "napari_sgdc" in filename:
+            stages[wanted[name]] = round(stages.get(wanted[name], 0.0) + row[3], 1)
 print(json.dumps(dict(n_objects=result.n_objects, tiles_run=result.tiles_run, tiles_total=result.tiles_total,
-                      seconds=round(seconds, 1), baseline_gb=round(baseline, 3), peak_gb=round(peak, 3))))
+                      seconds=round(seconds, 1), baseline_gb=round(baseline, 3), peak_gb=round(peak, 3),
+                      stages_s=stages)))
 """
 
 
@@ -105,24 +124,26 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--margin", type=int, default=64)
     parser.add_argument("--no-skip", action="store_true", help="also run with tissue detection off")
+    parser.add_argument("--amp", action="store_true", help="also run with bf16 autocast")
+    parser.add_argument("--profile", action="store_true", help="add the seconds per stage (cProfile; 1 worker)")
     args = parser.parse_args()
     for size in args.sizes:
         slide = build_slide(size, Path(f"/tmp/napari_sgdc_bench_{size}.ome.tif"))
         for workers in args.workers:
-            for tissue in (["auto", "none"] if args.no_skip else ["auto"]):
+            for tissue, amp in [(t, a) for t in (["auto", "none"] if args.no_skip else ["auto"])
+                                for a in ([False, True] if args.amp else [False])]:
                 threads = 2 if workers <= 1 else max(1, 2 // workers)
                 code = CHILD.format(threads=threads, out=f"/tmp/napari_sgdc_bench_{size}.ome.zarr", workers=workers,
-                                    slide=slide, tissue=tissue, tile=args.tile, margin=args.margin)
+                                    slide=slide, tissue=tissue, tile=args.tile, margin=args.margin, amp=amp,
+                                    profile=args.profile)
                 before = loadavg()
                 line = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                       cwd=ROOT).stdout.strip().splitlines()[-1]
                 row = json.loads(line)
-                tissue_mpx = row["tiles_run"] * args.tile ** 2 / 1e6 / 2 if tissue == "none" else None
-                row.update(size=size, workers=workers, tissue=tissue, load_before=before, load_after=loadavg(),
+                row.update(size=size, workers=workers, tissue=tissue, amp=amp, load_before=before, load_after=loadavg(),
                            tissue_mpx=size * size / 2e6,
                            mpx_per_s_tissue=round(size * size / 2e6 / row["seconds"], 3),
                            mpx_per_s_processed=round(row["tiles_run"] * args.tile ** 2 / 1e6 / row["seconds"], 3))
-                del tissue_mpx
                 print(json.dumps(row), flush=True)
 
 

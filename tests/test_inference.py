@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_sgdc.config import ModelConfig
-from napari_sgdc.inference import Cancelled, GateMap, OutOfMemoryFallback, SegmentationResult, segment
+from napari_sgdc.inference import (Cancelled, GateMap, OutOfMemoryFallback, SegmentationResult, predict_maps,
+                                   segment)
 from napari_sgdc.postprocess import PostprocessOptions, postprocess
 from napari_sgdc.model import build_model
 
@@ -342,3 +343,25 @@ def test_mpp_resamples_to_the_models_scale_and_back():
     unscaled = build_model(tiny_config()).eval()
     with pytest.raises(ValueError, match="does not record"):
         segment(unscaled, image, mpp=0.5)
+
+
+def test_amp_runs_bf16_where_native_and_is_a_no_op_elsewhere(mini_model, monkeypatch):
+    from napari_sgdc import device as devices
+
+    dtypes = []
+    hook = mini_model.mask_head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    image = _image(70, 90)
+    try:
+        plain = segment(mini_model, image)
+        fast = segment(mini_model, image, amp=True)
+        fast_maps = predict_maps(mini_model, image, amp=True)  # the whole-slide path
+        monkeypatch.setattr(devices, "bf16_supported", lambda device: False)  # a CPU without native bf16
+        fallback = segment(mini_model, image, amp=True)
+    finally:
+        hook.remove()
+    native = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    assert dtypes == [torch.float32, native, native, torch.float32]
+    np.testing.assert_allclose(fast_maps[0], fast.probability, atol=0.02)
+    assert fast.probability.dtype == np.float32 and fast.mask.shape == (70, 90)
+    assert np.abs(fast.probability - plain.probability).mean() < 0.02
+    np.testing.assert_array_equal(fallback.probability, plain.probability)

@@ -116,6 +116,8 @@ def test_resume_after_cancel_equals_uninterrupted(reference, slide_path, tmp_pat
         segment_slide(PixelModel(), slide_path, out, tile=TILE, margin=MARGIN)
     with pytest.raises(ValueError, match="other settings"):
         segment_slide(PixelModel(), slide_path, out, tile=TILE, margin=64, resume=True)
+    with pytest.raises(ValueError, match="other settings"):  # bf16 gives slightly different maps
+        segment_slide(PixelModel(), slide_path, out, tile=TILE, margin=MARGIN, resume=True, amp=True)
     result = segment_slide(PixelModel(), slide_path, out, tile=TILE, margin=MARGIN, resume=True)
     assert result.tiles_resumed == done_before
     _assert_same_store(out, reference[0])
@@ -148,6 +150,31 @@ def test_object_table_and_geojson(reference, tmp_path):
     assert ys.min() - 0.01 <= ring[:, 1].min() and ring[:, 1].max() <= ys.max() + 1.01
     with pytest.raises(FileExistsError):
         export_objects(out, table)
+
+
+def _shoelace(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+
+
+def test_polygon_simplification_keeps_the_shape_exactly():
+    from skimage.draw import disk, polygon as fill_polygon
+    from skimage.measure import find_contours
+
+    from napari_sgdc.wholeslide import _drop_collinear
+
+    mask = np.zeros((60, 80), bool)
+    mask[disk((20, 20), 12)] = True
+    mask[35:55, 40:75] = True  # long straight edges
+    mask[fill_polygon([5, 30, 5], [45, 60, 75])] = True  # diagonal edges
+    for region in (mask[:, :35], mask[:, 35:]):
+        ring = max(find_contours(np.pad(region, 1).astype(np.float32), 0.5), key=len)
+        simple = _drop_collinear(ring)
+        assert np.array_equal(simple[0], simple[-1]) and len(simple) < 0.7 * len(ring)
+        assert _shoelace(simple) == pytest.approx(_shoelace(ring), abs=1e-6)  # the same polygon
+        assert {tuple(p) for p in simple} <= {tuple(p) for p in ring}  # only vertices were dropped
+    square = np.array([[0, 0], [0, 2], [2, 2], [2, 0], [0, 0]], float)
+    np.testing.assert_array_equal(_drop_collinear(square), square)  # nothing to drop
 
 
 def test_roi_keeps_objects_with_centroid_inside(reference, slide_path, tmp_path):

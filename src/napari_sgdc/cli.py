@@ -81,6 +81,9 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, default=20, help="smallest instance kept, in pixels (default: 20)")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the 8 flips and 90-degree rotations (about 8x the time)")
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16 autocast: about 1.5x faster on GPUs and CPUs with native bf16 (AVX512-BF16, AMX), "
+                             "probabilities within about 0.005; ignored elsewhere")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, help="images per step (default: 8)")
     train.add_argument("--steps-per-epoch", type=int, help="fixed epoch length in steps (default: one pass)")
     train.add_argument("--lr", type=float, help="decoder learning rate (the encoder gets 0.3x)")
-    train.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    train.add_argument("--amp", action="store_true",
+                       help="bf16 autocast where the device runs bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX)")
 
     evaluate = commands.add_parser(
         "evaluate", help="score a model against reference masks",
@@ -250,7 +254,7 @@ def _segment_file(model, path: Path, options, args, progress=None):
     image = read_image(path)
     try:
         return segment(model, image, options, tile=args.tile or None, overlap=args.overlap, tta=args.tta,
-                       uncertainty=args.uncertainty, progress=progress, stack=False, mpp=args.mpp)
+                       uncertainty=args.uncertainty, progress=progress, stack=False, mpp=args.mpp, amp=args.amp)
     except ValueError as error:
         raise ValueError(f"unsupported image (shape {image.shape}, dtype {image.dtype}): {error}") from None
 
@@ -381,7 +385,7 @@ def _predict_slides(args, slides: list[Path], model, options) -> int:
                     result = segment_slide(spec, slide, store, roi=args.roi, mpp=args.mpp, tile=args.slide_tile,
                                            margin=args.margin, options=options, progress=on_tile,
                                            resume=args.resume, overwrite=args.overwrite, client=client,
-                                           threads=threads)
+                                           threads=threads, amp=args.amp)
                 count = export_objects(store, table, geojson, overwrite=True)
                 print(f"{path}: {count} objects, {result.tiles_run} of {result.tiles_total} tiles with tissue, "
                       f"{result.seconds:.1f} s -> {store}", file=sys.stderr)
@@ -642,7 +646,7 @@ def _run_evaluate(args) -> int:
                 target = load_mask()
                 target_instances = load_instances() if load_instances is not None else None
                 result = segment(model, image, options, tile=args.tile or None, overlap=args.overlap, tta=args.tta,
-                                 stack=False)
+                                 stack=False, amp=args.amp)
                 if result.mask.shape != target.shape:
                     raise ValueError(f"mask shape {target.shape} differs from image shape {result.mask.shape}")
                 row = {"image": name, **metrics.semantic_scores(result.mask, target, args.tolerance)}

@@ -199,7 +199,7 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up before the cosine decay.
         grad_clip: max gradient norm (0 = off).
-        amp: bf16 autocast on CUDA.
+        amp: bf16 autocast where the device runs bf16 natively (`napari_sgdc.device.autocast`).
         freeze_encoder: keep the encoder's weights (and BatchNorm statistics) fixed.
         freeze_batchnorm: keep every BatchNorm layer's running statistics fixed. Fine-tuning
             on one or a few images otherwise replaces the base model's statistics with those

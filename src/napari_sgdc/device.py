@@ -63,8 +63,23 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             module.training = training
 
 
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether `device` runs bfloat16 natively: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (where oneDNN has bf16 kernels; elsewhere bf16 is emulated and slow)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled, a no-op elsewhere."""
-    if not enabled or device.type != "cuda":
+    """bf16 autocast when enabled and `device` runs bf16 natively (`bf16_supported`); a no-op
+    otherwise, so ``amp`` is a speed option that never makes a run fail or slower."""
+    if not enabled or not bf16_supported(device):
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -129,6 +129,7 @@ class _Plan:
     instances: bool
     roi: tuple[int, int, int, int]  # working px: y0, x0, y1, x1
     threads: int = 0
+    amp: bool = False  # bf16 autocast where the device runs it natively
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -321,7 +322,7 @@ def _tile_task(plan: _Plan, model, i: int, j: int) -> int:
     y0, x0 = i * t, j * t
     wy, wx = y0 - m, x0 - m
     rgb = read_working(slide, plan, wy, wx, plan.window, plan.window)
-    prob, separation = predict_maps(model, rgb, tile=None)
+    prob, separation = predict_maps(model, rgb, tile=None, amp=plan.amp)
     options = plan.options()
     mask, labels = postprocess(prob, separation, options, single_object=False, instances=plan.instances)
     if labels is None:
@@ -378,16 +379,32 @@ def _tile_task(plan: _Plan, model, i: int, j: int) -> int:
     return int(owned_local.size)
 
 
+def _drop_collinear(ring: np.ndarray) -> np.ndarray:
+    """A closed (N, 2) ring (first point = last) without its collinear vertices: the same polygon.
+
+    Marching-squares contours of a pixel mask run in straight steps (axis-parallel and 45°),
+    so this removes about 60 % of the points, vectorised (Douglas-Peucker in
+    `skimage.measure.approximate_polygon` cost 4 ms per nucleus, 5× `find_contours` itself).
+    """
+    points = ring[:-1]
+    if len(points) < 4:
+        return ring
+    before, after = np.roll(points, 1, axis=0), np.roll(points, -1, axis=0)
+    cross = (points[:, 0] - before[:, 0]) * (after[:, 1] - points[:, 1]) \
+        - (points[:, 1] - before[:, 1]) * (after[:, 0] - points[:, 0])
+    kept = points[np.abs(cross) > 1e-9]
+    return np.concatenate([kept, kept[:1]]) if len(kept) >= 3 else ring
+
+
 def _polygons(owned: np.ndarray, boxes, wy: int, wx: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Outer contour of every owned object, in level-0 slide pixels (x, y), concatenated with offsets."""
-    from skimage.measure import approximate_polygon, find_contours
+    from skimage.measure import find_contours
 
     chunks, offsets = [], [0]
     for index, box in enumerate(boxes, start=1):
         crop = np.pad(owned[box] == index, 1).astype(np.float32)
         contours = find_contours(crop, 0.5)
-        ring = max(contours, key=len) if contours else np.zeros((0, 2))
-        ring = approximate_polygon(ring, tolerance=0.5) if len(ring) > 3 else ring
+        ring = _drop_collinear(max(contours, key=len)) if contours else np.zeros((0, 2))
         # contour (row, col) in the padded crop → pixel-corner coordinates: col - 1 + 0.5 (pad, centre)
         xy = np.stack([ring[:, 1] - 0.5 + box[1].start + wx, ring[:, 0] - 0.5 + box[0].start + wy], axis=1) * scale
         chunks.append(xy.astype(np.float32))
@@ -504,7 +521,7 @@ class _DaskExecutor:
 
 
 def _plan(model, slide: Slide, out: Path, roi, mpp, tile: int, margin: int, options: PostprocessOptions,
-          threads: int) -> _Plan:
+          threads: int, amp: bool = False) -> _Plan:
     config = getattr(model, "config", None)
     model_mpp = float(getattr(config, "mpp", 0.0) or 0.0)
     slide_mpp = mpp if mpp is not None else slide.mpp
@@ -544,7 +561,8 @@ def _plan(model, slide: Slide, out: Path, roi, mpp, tile: int, margin: int, opti
                  level_downsample=slide.level_downsamples[level], factor=factor, mpp=model_mpp, height=height,
                  width=width, tile=tile, margin=margin, store=str(out), threshold=options.threshold,
                  boundary_threshold=options.boundary_threshold, min_size=options.min_size,
-                 instances=bool(getattr(config, "is_instance", True)), roi=box, threads=threads)
+                 instances=bool(getattr(config, "is_instance", True)), roi=box, threads=threads,
+                 amp=bool(amp))
 
 
 def _tiles_to_run(plan: _Plan, tissue: TissueMask | None) -> np.ndarray:
@@ -568,7 +586,7 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
                   mpp: float | None = None, tile: int = DEFAULT_TILE, margin: int = DEFAULT_MARGIN,
                   options: PostprocessOptions | None = None, progress: Callable[[int, int], None] | None = None,
                   cancel: threading.Event | None = None, resume: bool = False, overwrite: bool = False,
-                  client=None, threads: int = 0) -> SlideResult:
+                  client=None, threads: int = 0, amp: bool = False) -> SlideResult:
     """Segments a whole slide into an OME-Zarr store (see the module docstring).
 
     Args:
@@ -592,6 +610,8 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
         overwrite: replace an existing store (only one written by this function).
         client: a ``dask.distributed.Client``: tiles run as tasks on its cluster.
         threads: torch threads per task (0 = leave as is).
+        amp: bf16 autocast for the network where the device runs bf16 natively (as in
+            `napari_sgdc.inference.segment`); part of the settings a resume must match.
 
     Returns:
         A `SlideResult`.
@@ -608,7 +628,8 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
     try:
         out = Path(out)
         options = options or PostprocessOptions.for_model(getattr(model, "config", None))  # as _plan reads it
-        plan = _plan(model, slide, out.resolve(), roi, mpp, int(tile), int(margin), options, int(threads))
+        plan = _plan(model, slide, out.resolve(), roi, mpp, int(tile), int(margin), options, int(threads),
+                     bool(amp))
         if out.exists():
             attrs = _store_attrs(out)
             if attrs is None:
@@ -616,9 +637,10 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
             if overwrite:
                 shutil.rmtree(out)
             elif resume:
-                if attrs.get("plan") != json.loads(json.dumps(plan.signature())):
+                stored = {"amp": False, **(attrs.get("plan") or {})}  # stores written before amp existed
+                if stored != json.loads(json.dumps(plan.signature())):
                     raise ValueError(f"{out}: cannot resume: the store was made with other settings "
-                                     "(slide, model µm/px, tile, margin, thresholds or roi); use overwrite")
+                                     "(slide, model µm/px, tile, margin, thresholds, roi or amp); use overwrite")
             else:
                 raise StoreExistsError(f"{out} already exists; not replaced (resume or overwrite it)")
         if isinstance(tissue, TissueMask):

@@ -70,7 +70,7 @@ def validate(
         dataset: items with ``image`` (3, H, W), ``mask`` and ``edge`` (1, H, W) and, for
             AJI, optionally ``instances`` (1, H, W); sizes may vary.
         device: where to run.
-        amp: bf16 autocast on CUDA.
+        amp: bf16 autocast where the device runs bf16 natively (`napari_sgdc.device.autocast`).
         edge_weight: λ_edge of the reported loss.
         threshold: mask probability threshold.
         marker_thresholds: separation levels tried for AJI (instance models).
