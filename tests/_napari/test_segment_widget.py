@@ -365,3 +365,47 @@ def test_a_second_job_is_refused_while_one_runs(make_napari_viewer, tiny_checkpo
     seg.cancel()
     wait_segment(job, timeout=10_000)
     assert session.busy.idle
+
+
+def test_image_scale_and_bf16_settings_reach_segment(make_napari_viewer, tiny_checkpoint, tmp_path, wait_segment,
+                                                     monkeypatch):
+    import napari_sgdc.inference as inference
+    from napari_sgdc.io import load_checkpoint
+
+    nuclei_like = _save_scaled_model(tmp_path)
+    calls = []
+    real_segment = inference.segment
+
+    def spy(*args, **kwargs):
+        calls.append({key: kwargs.get(key) for key in ("mpp", "amp")})
+        return real_segment(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "segment", spy)
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    rgb = np.random.default_rng(6).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    image = viewer.add_image(rgb, name="hne20x", rgb=True)
+    seg.image_layer.value = image
+    seg.gates.value = False
+    assert seg.load_checkpoint(str(nuclei_like))
+    seg.mpp.value = 0.5  # a 20x image for a 40x model
+    seg.amp.value = True
+    wait_segment(seg.run_segment())
+    assert calls[-1] == {"mpp": 0.5, "amp": True}
+    expected = real_segment(load_checkpoint(nuclei_like)[0], rgb, tile=seg.tile.value, mpp=0.5, amp=True)
+    np.testing.assert_allclose(np.asarray(viewer.layers["hne20x probability"].data), expected.probability, atol=1e-5)
+    assert seg.load_checkpoint(str(tiny_checkpoint))  # records no scale: the field is ignored, not an error
+    seg.amp.value = False
+    outcome = wait_segment(seg.run_segment())
+    assert outcome.error is None and calls[-1] == {"mpp": None, "amp": False}
+
+
+def _save_scaled_model(folder):
+    import torch
+
+    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.model import build_model, tiny_config
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(task="instance", mpp=0.25)).eval()
+    return save_checkpoint(folder / "scaled.safetensors", model)

@@ -137,6 +137,8 @@ class SegmentJob:
         state = self.session.get_model(self.source, settings.device)
         planes = self.planes.planes
         image = planes if len(planes) > 1 else planes[0]
+        config = state.model.config
+        mpp = settings.mpp if settings.mpp and config.mpp and not config.resize_long_side else None
         with relay_out_of_memory(self.relay.warned.emit):
             result = inference.segment(
                 state.model,
@@ -149,6 +151,8 @@ class SegmentJob:
                 progress=self.relay.progressed.emit,
                 cancel=self.cancel,
                 stack=len(planes) > 1,
+                mpp=mpp,
+                amp=settings.amp,
             )
         return state, result
 

@@ -34,6 +34,9 @@ class RunSettings:
         gates: compute and show the SGDC gate maps.
         uncertainty: compute the per-pixel uncertainty (free: from the one forward pass) and
             show it as the ``<image> uncertainty`` layer; instance masks get per-object confidence.
+        mpp: the image's µm per pixel, for models that record their own scale (the nuclei
+            model: 0.25); 0 = the image is at the model's scale. Ignored by other models.
+        amp: bf16 autocast where the device runs bf16 natively (`napari_sgdc.inference.segment`).
     """
 
     device: str = "auto"
@@ -41,6 +44,8 @@ class RunSettings:
     planes: str = "all"
     gates: bool = True
     uncertainty: bool = True
+    mpp: float = 0.0
+    amp: bool = False
 
 
 class Job(Enum):

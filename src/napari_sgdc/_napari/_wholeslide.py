@@ -251,6 +251,7 @@ class SlideJob:
         self.cancel = threading.Event()
         self.options = session.options
         self.device = session.settings.device
+        self.amp = session.settings.amp
         self.done = self.total = 0
         self.outcome: Outcome | None = None
         self.state: ModelState | None = None
@@ -276,7 +277,7 @@ class SlideJob:
             shutil.rmtree(self.store)  # a cache store of an earlier region run
         return segment_slide(state.model, self.slide, self.store, roi=self.roi, tile=SLIDE_TILE,
                              margin=SLIDE_MARGIN, options=self.options, progress=self.relay.progressed.emit,
-                             cancel=self.cancel, resume=self.resume)
+                             cancel=self.cancel, resume=self.resume, amp=self.amp)
 
     def _on_progress(self, done: int, total: int) -> None:
         self.done, self.total = done, total
