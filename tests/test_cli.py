@@ -387,6 +387,10 @@ def test_train_and_evaluate_an_instance_map_model(tmp_path, capsys, instance_map
     metadata = read_metadata(ckpt)
     assert metadata["model_config"]["instance_map"] == instance_map
     assert "aji" in metadata["metrics"]  # validated by decoding the new head
+    tuning = metadata["metrics"]["postprocess_tuning"]  # train ends by tuning the defaults on validation
+    assert tuning["n_images"] == 2 and tuning["aji"] >= tuning["aji_default"]
+    assert {name: metadata["model_config"][name] for name in ("threshold", "boundary_threshold", "min_size")} == \
+        {name: tuning[name] for name in ("threshold", "boundary_threshold", "min_size")}
     model = load_checkpoint(ckpt)[0]
     assert model.config.instance_channels == (1 if instance_map == "distance" else 2)
     table = tmp_path / "scores.csv"
@@ -394,3 +398,28 @@ def test_train_and_evaluate_an_instance_map_model(tmp_path, capsys, instance_map
     assert main(["evaluate", "--model", str(ckpt), "--layout", "consep", "--data", str(DATA / "consep"),
                  "--split", "test", "--max-images", "2", "--csv", str(table), "--device", "cpu"]) == 0
     assert "PQ (panoptic quality)" in capsys.readouterr().out
+
+
+def test_tune_writes_a_copy_with_the_best_defaults_and_never_touches_the_input(tmp_path, capsys):
+    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.model import build_model, tiny_config
+
+    torch.manual_seed(0)
+    source = save_checkpoint(tmp_path / "in.safetensors", build_model(tiny_config(task="instance")))
+    before = source.read_bytes()
+    out = tmp_path / "tuned.safetensors"
+    common = ["--data", str(DATA / "consep"), "--layout", "consep", "--max-images", "2", "--device", "cpu"]
+    assert main(["tune", "--model", str(source), "--out", str(out), *common]) == 0
+    assert "validation AJI" in capsys.readouterr().err
+    assert source.read_bytes() == before
+    metadata = read_metadata(out)
+    tuning = metadata["metrics"]["postprocess_tuning"]
+    assert metadata["model_config"]["min_size"] == tuning["min_size"]
+    assert metadata["model_config"]["threshold"] == tuning["threshold"]
+    assert main(["tune", "--model", str(source), "--out", str(out), *common]) == 1  # exists: not replaced
+    assert "exists" in capsys.readouterr().err
+    assert main(["tune", "--model", str(source), "--out", str(source), "--overwrite", *common]) == 1
+    assert "never changed" in capsys.readouterr().err and source.read_bytes() == before
+    semantic = save_checkpoint(tmp_path / "semantic.safetensors", build_model(tiny_config()))
+    assert main(["tune", "--model", str(semantic), "--out", str(tmp_path / "x.safetensors"), *common]) == 1
+    assert "instance model" in capsys.readouterr().err

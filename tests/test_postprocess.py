@@ -113,3 +113,19 @@ def test_options_for_a_model_take_its_tuned_marker_threshold_then_the_overrides(
     for bad in (1.5, -0.1, "0.3", math.nan):
         with pytest.raises(ValueError, match="boundary_threshold"):
             ModelConfig(encoder="mini", pretrained=False, boundary_threshold=bad)
+
+
+def test_options_for_a_model_take_all_its_tuned_defaults():
+    from napari_sgdc.config import ModelConfig
+
+    config = ModelConfig(encoder="mini", pretrained=False, task="instance", threshold=0.6, boundary_threshold=0.3,
+                         min_size=40)
+    assert PostprocessOptions.for_model(config) == PostprocessOptions(0.6, 0.3, 40)
+    assert PostprocessOptions.for_model(config, min_size=5, threshold=None) == PostprocessOptions(0.6, 0.3, 5)
+    assert ModelConfig.from_dict(config.to_dict()) == config  # saved in checkpoints
+    old = {key: value for key, value in config.to_dict().items() if key not in ("threshold", "min_size")}
+    assert (ModelConfig.from_dict(old).threshold, ModelConfig.from_dict(old).min_size) == (0.5, 20)
+    for field, bad in (("threshold", 1.5), ("threshold", "0.5"), ("min_size", -1), ("min_size", 2.5),
+                       ("min_size", True)):
+        with pytest.raises(ValueError, match=field):
+            ModelConfig(encoder="mini", pretrained=False, **{field: bad})

@@ -394,6 +394,46 @@ def test_validate_reports_aji_and_instance_models_select_by_it(tmp_path):
         fit(tiny_model(), train_set(), val_set(), run_config(select_metric="aji"))
 
 
+def test_tune_postprocess_finds_the_best_combination(tmp_path):
+    from skimage.measure import label
+
+    from napari_sgdc import metrics
+    from napari_sgdc.inference import head_maps
+    from napari_sgdc.postprocess import PostprocessOptions, postprocess, separation_map
+    from napari_sgdc.train import tune_postprocess
+
+    samples = [Sample(s.name, s.image, label(s.mask).astype(np.int32)) for s in synthetic_samples(6, 80, 0)]
+    train = SegmentationDataset(samples, crop_size=64, augment=True, boundary_width=2)
+    val = SegmentationDataset([Sample(s.name, s.image, label(s.mask).astype(np.int32))
+                               for s in synthetic_samples(3, 64, 9)], crop_size=None, augment=False)
+    model = tiny_model(task="instance")
+    fit(model, train, None, run_config(epochs=1, steps_per_epoch=3))
+    grid = dict(thresholds=(0.3, 0.6), levels=(0.2, 0.7), min_sizes=(0, 60))
+    found = tune_postprocess(model, val, **grid)
+    expected = {}
+    model.eval()
+    with torch.no_grad():
+        maps = []
+        for index in range(len(val)):
+            item = val[index]
+            outputs = model(item["image"][None])
+            plane = {name: value.numpy() for name, value in head_maps(outputs).items()}
+            maps.append((plane, item["instances"][0].numpy()))
+    for threshold in grid["thresholds"]:
+        for level in grid["levels"]:
+            for size in grid["min_sizes"]:
+                options = PostprocessOptions(threshold, level, size)
+                expected[(threshold, level, size)] = np.mean([
+                    metrics.aji(postprocess(m["probability"], separation_map(m), options, instances=True)[1], ref)
+                    for m, ref in maps])
+    best = max(expected, key=lambda key: expected[key])
+    assert (found["threshold"], found["boundary_threshold"], found["min_size"]) == best
+    assert found["aji"] == pytest.approx(expected[best])
+    assert len(set(np.round(list(expected.values()), 6))) > 1  # the grid matters on this data
+    with pytest.raises(ValueError, match="instance model"):
+        tune_postprocess(tiny_model(), val)
+
+
 def test_param_groups_split_encoder_and_skip_frozen():
     model = tiny_model()
     groups = model.param_groups(1e-4, 1e-3)

@@ -69,7 +69,8 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="where to run (default: auto = CUDA, then MPS, then CPU)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold (default: 0.5)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="mask probability threshold (default: the model's; 0.5 for models without one)")
     parser.add_argument("--tile", type=int, default=512,
                         help="tile size in pixels for large images (>= 64, rounded up to a multiple of 32), "
                              "0 = whole image at once (default: 512)")
@@ -78,7 +79,8 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
                         help="separation level that splits instances: seeds grow where the boundary (or "
                              "separation map) is below it (default: the model's, tuned on validation; 0.5 "
                              "for models without one)")
-    parser.add_argument("--min-size", type=int, default=20, help="smallest instance kept, in pixels (default: 20)")
+    parser.add_argument("--min-size", type=int, default=None,
+                        help="smallest object kept, in pixels (default: the model's; 20 for models without one)")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the 8 flips and 90-degree rotations (about 8x the time)")
     parser.add_argument("--amp", action="store_true",
@@ -194,6 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tolerance", type=_tolerance, default=2.0,
                           help="boundary F1 tolerance in pixels, >= 0 (default: 2)")
     _add_inference_options(evaluate)
+
+    tune = commands.add_parser(
+        "tune", help="tune an instance model's post-processing defaults on validation images",
+        description="Search the mask threshold, separation level and smallest-object size with the best mean "
+                    "AJI on validation images, and write a copy of the checkpoint that carries them as its "
+                    "defaults (segment, predict, the sliders and whole slides use them). The input checkpoint is "
+                    "never changed. `train` does this itself at the end for instance models.",
+    )
+    tune.add_argument("--model", required=True, help="checkpoint path of an instance model")
+    tune.add_argument("--data", required=True, type=Path, help="dataset folder")
+    tune.add_argument("--layout", required=True, choices=LAYOUTS, help="dataset layout")
+    tune.add_argument("--split", default="val", choices=SPLITS, help="split to tune on (default: val)")
+    tune.add_argument("--also-val", nargs=2, action="append", default=[], metavar=("LAYOUT", "DIR"),
+                      help="add the val split of another dataset (repeatable)")
+    tune.add_argument("--max-images", type=_count, help="tune on the first N images only (0 = all)")
+    tune.add_argument("--out", required=True, type=Path, help="where to write the tuned checkpoint (.safetensors)")
+    tune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    tune.add_argument("--device", default="auto", choices=DEVICES, help="where to run (default: auto)")
     return parser
 
 
@@ -561,6 +581,9 @@ def _run_train(args) -> int:
         return 130
     best = "" if history.best_metric is None else f" (best {history.select_metric} {history.best_metric:.4f})"
     print(f"saved {args.out}{best} after {history.steps} step(s) in {history.elapsed_s:.1f} s", file=sys.stderr)
+    if val_data is not None and model.config.is_instance and args.out.is_file():
+        found = _tune_checkpoint(args.out, args.out, val_data, train_cfg.device)
+        print(f"tuned post-processing of {args.out}: {_tuning_line(found)}", file=sys.stderr)
     return 0
 
 
@@ -687,6 +710,65 @@ def _run_evaluate(args) -> int:
     return 1 if failures else 0
 
 
+# --------------------------------------------------------------------------- tune
+
+
+def _validation_data(samples, config):
+    """Whole-image validation items of `samples` for a model of `config` (as training validates)."""
+    from .data import SegmentationDataset, resize_samples
+
+    samples = resize_samples(samples, config.resize_long_side)
+    return SegmentationDataset(samples, crop_size=None, augment=False, task=config.task,
+                               instance_map=config.instance_map)
+
+
+def _tune_checkpoint(source: Path, out: Path, dataset, device: str) -> dict:
+    """Tunes the post-processing defaults of checkpoint `source` on `dataset` and writes the
+    checkpoint with them (metadata kept, the search recorded in its metrics) to `out`."""
+    from .io import load_checkpoint, read_metadata, save_checkpoint
+    from .train import tune_postprocess
+
+    model, _ = load_checkpoint(source, device=device)
+    found = tune_postprocess(model, dataset, device=device)
+    for name in ("threshold", "boundary_threshold", "min_size"):
+        setattr(model.config, name, found[name])
+    metadata = read_metadata(source)
+    metrics = {**(metadata.get("metrics") or {}), "postprocess_tuning": {**found, "n_images": len(dataset)}}
+    save_checkpoint(out, model.to("cpu"), train_config=metadata.get("train_config"), metrics=metrics,
+                    provenance=metadata.get("provenance"))
+    return found
+
+
+def _tuning_line(found: dict) -> str:
+    return (f"threshold {found['threshold']:g}, boundary threshold {found['boundary_threshold']:g}, min size "
+            f"{found['min_size']} px: validation AJI {found['aji']:.4f} (was {found['aji_default']:.4f}), "
+            f"object F1 {found['object_f1']:.4f}, PQ {found['pq']:.4f}")
+
+
+def _run_tune(args) -> int:
+    from .data import load_samples
+    from .io import read_metadata
+
+    config = read_metadata(args.model).get("model_config") or {}
+    if config.get("task") != "instance":
+        raise ValueError(f"{args.model}: tune needs an instance model (this one is {config.get('task')!r})")
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} exists; not replaced (give --overwrite)")
+    if args.out.resolve() == Path(args.model).resolve():
+        raise ValueError("--out must differ from --model: the input checkpoint is never changed")
+    samples = load_samples(args.data, args.layout, args.split, max_images=args.max_images, task="instance")
+    for layout, folder in args.also_val:
+        samples += load_samples(folder, layout, "val", max_images=args.max_images, task="instance")
+    if not samples:
+        raise ValueError(f"no images in split {args.split!r} of {args.data} (layout {args.layout})")
+    from .config import ModelConfig
+
+    found = _tune_checkpoint(Path(args.model), args.out, _validation_data(samples, ModelConfig.from_dict(config)),
+                             args.device)
+    print(f"{args.out}: {_tuning_line(found)}", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -702,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    runners = {"predict": _run_predict, "train": _run_train, "evaluate": _run_evaluate}
+    runners = {"predict": _run_predict, "train": _run_train, "evaluate": _run_evaluate, "tune": _run_tune}
     try:
         return runners[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as error:

@@ -96,6 +96,10 @@ class ModelConfig:
         boundary_threshold: the model's default `PostprocessOptions.boundary_threshold` (the
             separation level below which instance seeds grow). Training sets it, for instance
             models, to the value with the best validation AJI (`napari_sgdc.train.validate`).
+        threshold: the model's default `PostprocessOptions.threshold` (mask probability).
+        min_size: the model's default `PostprocessOptions.min_size`, in pixels at the model's
+            scale. For instance models, `napari_sgdc.train.tune_postprocess` sets both, with
+            ``boundary_threshold``, to the combination with the best validation AJI.
     """
 
     encoder: str = "efficientnet_lite0"
@@ -118,6 +122,8 @@ class ModelConfig:
     single_object: bool = False
     mpp: float = 0.0
     boundary_threshold: float = 0.5
+    threshold: float = 0.5
+    min_size: int = 20
 
     def __post_init__(self) -> None:
         """Checks every field's type and range, so a bad config (or checkpoint metadata)
@@ -162,9 +168,12 @@ class ModelConfig:
         if not _is_number(self.mpp) or not (self.mpp == 0 or 0.05 < self.mpp < 50):
             raise ValueError(f"mpp must be 0 (unknown) or µm per pixel in (0.05, 50), got {self.mpp!r}")
         self.mpp = float(self.mpp)
-        if not _is_number(self.boundary_threshold) or not 0.0 <= self.boundary_threshold <= 1.0:
-            raise ValueError(f"boundary_threshold must be in [0, 1], got {self.boundary_threshold!r}")
-        self.boundary_threshold = float(self.boundary_threshold)
+        for name in ("boundary_threshold", "threshold"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+            setattr(self, name, float(value))
+        _whole("min_size", self.min_size, 0, 10**9)
 
     @property
     def is_instance(self) -> bool:

@@ -81,9 +81,10 @@ class PostprocessOptions:
 
     @classmethod
     def for_model(cls, config, **overrides) -> "PostprocessOptions":
-        """The defaults for a model: its ``ModelConfig.boundary_threshold`` (tuned on
-        validation by training), then `overrides` (fields; None keeps the default)."""
-        fields = {"boundary_threshold": getattr(config, "boundary_threshold", cls.boundary_threshold)}
+        """The defaults for a model: its ``ModelConfig`` fields of the same names (tuned on
+        validation for instance models), then `overrides` (fields; None keeps the default)."""
+        fields = {name: getattr(config, name, getattr(cls, name)) for name in ("threshold", "boundary_threshold",
+                                                                               "min_size")}
         fields.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**fields)
 

@@ -185,13 +185,13 @@ def test_hover_model_sliders_split_on_its_separation_map_without_a_forward_pass(
     assert not np.array_equal(expected, boundary_split)  # it really decoded the HoVer maps
 
 
-def test_each_model_brings_its_tuned_marker_threshold_once_per_switch(
+def test_each_model_brings_its_tuned_defaults_once_per_switch(
         make_napari_viewer, tiny_instance_checkpoint, tmp_path, wait_segment):
     from napari_sgdc.io import load_checkpoint, save_checkpoint
     from napari_sgdc.postprocess import PostprocessOptions, postprocess
 
     model = load_checkpoint(tiny_instance_checkpoint)[0]
-    model.config.boundary_threshold = 0.3  # as training would tune it
+    model.config.boundary_threshold, model.config.threshold, model.config.min_size = 0.3, 0.45, 7  # as tuning would
     tuned = save_checkpoint(tmp_path / "tuned.safetensors", model)
     viewer = make_napari_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
@@ -201,22 +201,22 @@ def test_each_model_brings_its_tuned_marker_threshold_once_per_switch(
     seg.gates.value = False
     assert seg.load_checkpoint(str(tiny_instance_checkpoint))
     wait_segment(seg.run_segment())
-    assert seg.boundary_threshold.value == 0.5
+    assert (seg.threshold.value, seg.boundary_threshold.value, seg.min_size.value) == (0.5, 0.5, 20)
     untuned_source = seg.model.value
     assert seg.load_checkpoint(str(tuned))
     wait_segment(seg.run_segment())
     assert seg.boundary_threshold.value == pytest.approx(0.3)
+    assert seg.threshold.value == pytest.approx(0.45) and seg.min_size.value == 7
     cache = seg._session.results[image]
     split = cache.boundary if cache.separation is None else cache.separation
-    expected = postprocess(cache.probability[0], split[0],
-                           PostprocessOptions(0.5, 0.3, seg.min_size.value), instances=True)[1]
+    expected = postprocess(cache.probability[0], split[0], PostprocessOptions(0.45, 0.3, 7), instances=True)[1]
     np.testing.assert_array_equal(np.asarray(viewer.layers["hne mask"].data), expected)
     seg.boundary_threshold.value = 0.4  # the user's choice holds while the model stays
     wait_segment(seg.run_segment())
     assert seg.boundary_threshold.value == pytest.approx(0.4)
-    seg.model.value = untuned_source  # switching back brings that model's value again
+    seg.model.value = untuned_source  # switching back brings that model's values again
     wait_segment(seg.run_segment())
-    assert seg.boundary_threshold.value == 0.5
+    assert (seg.threshold.value, seg.boundary_threshold.value, seg.min_size.value) == (0.5, 0.5, 20)
 
 
 def test_event_loop_ticks_while_segmenting_with_progress_per_tile(make_napari_viewer, tiny_checkpoint, qtbot,

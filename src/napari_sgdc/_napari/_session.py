@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
@@ -285,8 +285,9 @@ class SGDCSession:
         return self.models.get(self.current_source)
 
     def adopt_model_defaults(self, state: ModelState) -> bool:
-        """The first result of a model after a switch sets the options' model-tuned field
-        (``ModelConfig.boundary_threshold``); emits ``options_changed`` when it changed them.
+        """The first result of a model after a switch sets the options to the model's defaults
+        (``ModelConfig.threshold``, ``boundary_threshold`` and ``min_size``, tuned on
+        validation for instance models); emits ``options_changed`` when they changed.
 
         Returns:
             Whether `options` changed.
@@ -294,10 +295,10 @@ class SGDCSession:
         if state.source == self.defaults_source:
             return False
         self.defaults_source = state.source
-        value = PostprocessOptions.for_model(state.model.config).boundary_threshold
-        if value == self.options.boundary_threshold:
+        defaults = PostprocessOptions.for_model(state.model.config)
+        if defaults == self.options:
             return False
-        self.options = replace(self.options, boundary_threshold=value)
+        self.options = defaults
         self.emit("options_changed")
         return True
 

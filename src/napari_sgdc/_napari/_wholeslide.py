@@ -269,9 +269,8 @@ class SlideJob:
         from napari_sgdc.wholeslide import segment_slide
 
         state = self.state = self.session.get_model(self.source, self.device)
-        if self.session.defaults_source != self.source:  # a model's first run after a switch: its tuned level
-            self.options = PostprocessOptions.for_model(state.model.config, threshold=self.options.threshold,
-                                                        min_size=self.options.min_size)
+        if self.session.defaults_source != self.source:  # a model's first run after a switch: its defaults
+            self.options = PostprocessOptions.for_model(state.model.config)
         self.store.parent.mkdir(parents=True, exist_ok=True)
         if self.overwrite and self.store.exists() and store_state(self.store) != "foreign":
             shutil.rmtree(self.store)  # a cache store of an earlier region run

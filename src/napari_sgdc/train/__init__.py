@@ -5,7 +5,7 @@ from .finetune import finetune
 from .fit import History, check_train_config, fit, seed_everything
 from .losses import edge_loss, mask_loss, total_loss
 from .state import last_checkpoint_path_for, state_path_for
-from .validate import validate
+from .validate import tune_postprocess, validate
 
 __all__ = [
     "EditSummary",
@@ -23,5 +23,6 @@ __all__ = [
     "seed_everything",
     "state_path_for",
     "total_loss",
+    "tune_postprocess",
     "validate",
 ]

@@ -17,10 +17,14 @@ from ..inference import head_maps
 from ..postprocess import PostprocessOptions, postprocess, separation_map
 from .losses import total_loss
 
-__all__ = ["MARKER_THRESHOLDS", "validate"]
+__all__ = ["MARKER_THRESHOLDS", "MASK_THRESHOLDS", "MIN_SIZES", "tune_postprocess", "validate"]
 
 MARKER_THRESHOLDS = tuple(round(0.1 * step, 1) for step in range(1, 10))
 """Separation levels (`PostprocessOptions.boundary_threshold`) tried when scoring AJI."""
+MASK_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
+"""Mask probability thresholds tried by `tune_postprocess`."""
+MIN_SIZES = (10, 20, 30, 40, 60, 80)
+"""Smallest-object sizes (pixels) tried by `tune_postprocess`."""
 
 
 def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -43,6 +47,17 @@ def _instance_target(item: dict) -> np.ndarray:
     if "instances" in item:
         return item["instances"][0].numpy()  # (H, W)
     return ndimage.label(item["mask"][0].numpy() > 0.5)[0]  # (H, W)
+
+
+def _forward(model: SGDCSegmenter, item: dict, device: torch.device, amp: bool) -> dict[str, torch.Tensor]:
+    """The model's float32 outputs for one whole item, padded and cropped back: (1, 1 or 2, H, W) each."""
+    image = item["image"][None].to(device)  # (1, 3, H, W)
+    height, width = image.shape[-2:]
+    padded = _pad_to_multiple(image, model.size_multiple).contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        outputs = model(padded)
+    heads = [key for key in ("mask", "edge", "distance", "hover") if key in outputs]
+    return {key: outputs[key][..., :height, :width].float() for key in heads}
 
 
 @torch.no_grad()
@@ -91,13 +106,8 @@ def validate(
             if cancel is not None and cancel.is_set():
                 return None
             item = dataset[index]
-            image = item["image"][None].to(device)  # (1, 3, H, W)
-            height, width = image.shape[-2:]
-            padded = _pad_to_multiple(image, model.size_multiple).contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp):
-                outputs = model(padded)
-            heads = [key for key in ("mask", "edge", "distance", "hover") if key in outputs]
-            outputs = {key: outputs[key][..., :height, :width].float() for key in heads}  # (1, 1 or 2, H, W)
+            outputs = _forward(model, item, device, amp)
+            heads = list(outputs)
             targets = {key: item[key][None].to(device) for key in heads if key in item}  # (1, 1 or 2, H, W)
             scored = {key: outputs[key] for key in targets}  # heads without a target stay out of the loss
             loss, _ = total_loss(scored, targets, edge_weight, config.edge_supervision)
@@ -123,3 +133,74 @@ def validate(
         means["aji"] = float(per_level[best])
         means["boundary_threshold"] = float(marker_thresholds[best])
     return means
+
+
+@torch.no_grad()
+def tune_postprocess(
+    model: SGDCSegmenter,
+    dataset: Dataset,
+    *,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    thresholds: tuple[float, ...] = MASK_THRESHOLDS,
+    levels: tuple[float, ...] = MARKER_THRESHOLDS,
+    min_sizes: tuple[int, ...] = MIN_SIZES,
+    cancel: threading.Event | None = None,
+) -> dict[str, float] | None:
+    """The post-processing defaults of an instance model with the best mean validation AJI.
+
+    Runs each item through the model once, then `postprocess` at every combination of
+    mask threshold, separation level and smallest-object size (exactly as `segment` would
+    with those `PostprocessOptions`). Per-epoch validation tunes the level alone (cheap);
+    this wider search is for a finished model (`napari-sgdc tune`, and the end of
+    ``napari-sgdc train``). The caller stores the result in the model's config.
+
+    Args:
+        model: an instance segmenter (``model.config.is_instance``).
+        dataset: validation items with ``image`` (3, H, W) and reference ``instances``
+            (or a mask, split into 4-connected components).
+        device, amp: where and how to run the network.
+        thresholds, levels, min_sizes: the values tried.
+        cancel: when set, the search stops and returns None.
+
+    Returns:
+        ``{"aji", "threshold", "boundary_threshold", "min_size", "object_f1", "pq",
+        "aji_default"}``: the best mean AJI and its settings (the first of ties, in grid
+        order), object F1 and PQ at those settings, and the AJI at the model's current
+        defaults; None when cancelled.
+
+    Raises:
+        ValueError: a semantic model, an empty dataset or an empty grid.
+    """
+    if not model.config.is_instance:
+        raise ValueError("tune_postprocess needs an instance model (task 'instance')")
+    if len(dataset) == 0 or not (thresholds and levels and min_sizes):
+        raise ValueError("tune_postprocess needs validation items and at least one value of each setting")
+    device = resolve_device(device)
+    combos = [(t, level, size) for t in thresholds for level in levels for size in min_sizes]
+    current = PostprocessOptions.for_model(model.config)
+    scores = np.zeros((len(dataset), len(combos), 3))  # (images, combinations, [aji, object_f1, pq])
+    default_aji = []
+    with eval_mode(model):
+        for index in range(len(dataset)):
+            if cancel is not None and cancel.is_set():
+                return None
+            item = dataset[index]
+            maps = {name: value.cpu().numpy() for name, value in head_maps(_forward(model, item, device, amp)).items()}
+            separation = separation_map(maps)  # (H, W)
+            reference = _instance_target(item)
+            for combo, (threshold, level, size) in enumerate(combos):
+                options = PostprocessOptions(threshold=threshold, boundary_threshold=level, min_size=size)
+                _, labels = postprocess(maps["probability"], separation, options,
+                                        single_object=model.config.single_object, instances=True)
+                scores[index, combo] = (seg_metrics.aji(labels, reference), seg_metrics.object_f1(labels, reference),
+                                        seg_metrics.panoptic_quality(labels, reference))
+            _, labels = postprocess(maps["probability"], separation, current,
+                                    single_object=model.config.single_object, instances=True)
+            default_aji.append(seg_metrics.aji(labels, reference))
+    means = scores.mean(axis=0)  # (combinations, 3)
+    best = int(np.argmax(means[:, 0]))
+    threshold, level, size = combos[best]
+    return {"aji": float(means[best, 0]), "threshold": float(threshold), "boundary_threshold": float(level),
+            "min_size": int(size), "object_f1": float(means[best, 1]), "pq": float(means[best, 2]),
+            "aji_default": float(np.mean(default_aji))}
