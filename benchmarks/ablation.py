@@ -16,6 +16,12 @@ seed's value is its mean over the scoring images).
 
 ``--tta`` also scores every set with test-time augmentation (8 flips and rotations), as
 ``<set>-tta``; it is added to finished runs without training them again.
+
+Instance models are tuned by ``napari-sgdc train`` itself (threshold, marker level and
+smallest-object size on the validation images). ``--retune`` brings finished instance runs
+trained before that existed up to date: it tunes their checkpoint with ``napari-sgdc tune``
+on the same validation split and scores every set again (the earlier means are kept in
+``scores.json`` under ``before_tuning``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +37,7 @@ from pathlib import Path
 import torch
 
 from napari_sgdc.cli import main as cli
+from napari_sgdc.io import read_metadata
 from napari_sgdc.train import state_path_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,13 +77,37 @@ def _score(checkpoint: Path, layout: str, data: Path, split: str, table: Path, k
     return {**{key: statistics.fmean(float(row[key]) for row in rows) for key in keys}, "n": len(rows)}
 
 
-def run_one(dataset: str, data: Path, variant: str, seed: int, out: Path, tta: bool = False) -> dict:
+def _retune(dataset: str, data: Path, checkpoint: Path, folder: Path, scores: dict) -> bool:
+    """Tunes an instance checkpoint trained before `train` tuned them, and scores it again."""
+    if KEYS[dataset] != NUCLEI_KEYS or "postprocess_tuning" in (read_metadata(checkpoint).get("metrics") or {}):
+        return False
+    layout, _, train_args = DATASETS[dataset]
+    val_split = train_args[train_args.index("--val-split") + 1] if "--val-split" in train_args else "none"
+    if val_split == "none":
+        return False
+    tuned = folder / "model.tuned.safetensors"
+    if cli(["tune", "--model", str(checkpoint), "--data", str(data), "--layout", layout, "--split", val_split,
+            "--out", str(tuned), "--overwrite", "--device", "cpu"]) != 0:
+        raise RuntimeError(f"tuning {checkpoint} failed")
+    os.replace(tuned, checkpoint)
+    before = {name: scores.pop(name) for name in list(scores) if name != "train_s" and name != "before_tuning"}
+    scores["before_tuning"] = before
+    for name, score_layout, score_data, split in SCORING[dataset]:
+        scores[name] = _score(checkpoint, score_layout, data if score_data is None else score_data, split,
+                              folder / f"{name}.csv", KEYS[dataset])
+    return True
+
+
+def run_one(dataset: str, data: Path, variant: str, seed: int, out: Path, tta: bool = False,
+            retune: bool = False) -> dict:
     """Trains and evaluates one variant/seed; returns {scoring set: mean scores} plus ``train_s``."""
     folder = out / dataset / f"{variant}-s{seed}"
     scores_path = folder / "scores.json"
     checkpoint = folder / "model.safetensors"
     if scores_path.is_file():
         scores = json.loads(scores_path.read_text())
+        if retune and _retune(dataset, data, checkpoint, folder, scores):
+            scores_path.write_text(json.dumps(scores, indent=1))
         if tta:
             _add_tta_scores(dataset, data, checkpoint, folder, scores)
             scores_path.write_text(json.dumps(scores, indent=1))
@@ -117,10 +149,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tta", action="store_true", help="also score with test-time augmentation (<set>-tta)")
+    parser.add_argument("--retune", action="store_true",
+                        help="tune finished instance runs that predate tuning, and score them again")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = args.data or DATASETS[args.dataset][1]
-    results = {variant: [run_one(args.dataset, data, variant, seed, args.out, args.tta) for seed in args.seeds]
+    results = {variant: [run_one(args.dataset, data, variant, seed, args.out, args.tta, args.retune)
+                         for seed in args.seeds]
                for variant in args.variants}
     keys = KEYS[args.dataset]
     sets = [name for name, *_ in SCORING[args.dataset]]

@@ -15,7 +15,7 @@ import _slides
 from _slides import PixelModel, same_partition, synthetic_rgb, write_slide
 from napari_sgdc.inference import Cancelled, predict_maps
 from napari_sgdc.postprocess import postprocess
-from napari_sgdc.slide import SlideError, open_slide
+from napari_sgdc.slide import SlideError, detect_tissue, open_slide
 from napari_sgdc.wholeslide import (OBJECT_COLUMNS, StoreExistsError, export_objects, read_store_labels,
                                     segment_slide)
 
@@ -77,9 +77,16 @@ def test_seams_match_one_piece_segmentation(reference, rgb):
     assert crossing > 10
 
 
-def test_tissue_skipping_and_store_layout(reference):
+def test_tissue_skipping_and_store_layout(reference, slide_path):
     out, result = reference
     assert result.tiles_total == 30 and result.tiles_run < result.tiles_total
+    # tiles are run when their core meets tissue; the seams test above shows nothing is lost by
+    # skipping tiles whose margin alone holds tissue (on this slide: 2 of them)
+    tissue = detect_tissue(open_slide(slide_path))
+    grid = [(i * TILE, j * TILE) for i in range(5) for j in range(6)]
+    assert result.tiles_run == sum(tissue.any_in(x, y, x + TILE, y + TILE) for y, x in grid)
+    assert result.tiles_run < sum(tissue.any_in(x - MARGIN, y - MARGIN, x + TILE + MARGIN, y + TILE + MARGIN)
+                                  for y, x in grid)
     root = zarr.open_group(str(out), mode="r")
     assert root.attrs["napari_sgdc"]["complete"] and not (out / "_work").exists()
     assert root["0"].shape == (2, 1280, 1536) and root["labels/nuclei/0"].chunks == (TILE, TILE)
