@@ -4,12 +4,12 @@ Slides are built in /tmp (never committed) from the real MoNuSeg H&E images in
 ../shared/data: a pyramidal, tiled OME-TIFF at 0.25 µm/px whose 2048-px blocks alternate
 between H&E mosaic and blank background (about 50 % tissue).
 
-    python benchmarks/wholeslide.py --sizes 8192 16384 32768 [--workers 1 2] [--no-skip] [--amp] [--profile]
+    python benchmarks/wholeslide.py --sizes 8192 16384 32768 [--workers 1 2] [--no-skip] [--precision fp32 bf16] [--profile]
 
 Each run happens in a fresh interpreter; it prints one JSON line per run: size, tissue
 Mpx, seconds, Mpx/s of tissue, baseline RSS (interpreter + model) and peak RSS, and
-/proc/loadavg before and after. ``--amp`` runs each configuration twice, in float32 and
-with bf16 autocast; ``--profile`` (single process) adds the seconds spent in each stage
+/proc/loadavg before and after. ``--precision fp32 bf16`` runs each configuration in float32
+and with bf16 autocast (``amp``); ``--profile`` (single process) adds the seconds spent in each stage
 (cProfile cumulative time of the network, post-processing, polygons, reading, the label
 and pyramid phases).
 """
@@ -124,14 +124,15 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--margin", type=int, default=64)
     parser.add_argument("--no-skip", action="store_true", help="also run with tissue detection off")
-    parser.add_argument("--amp", action="store_true", help="also run with bf16 autocast")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                        help="network precision(s) to run: float32 and/or bf16 autocast")
     parser.add_argument("--profile", action="store_true", help="add the seconds per stage (cProfile; 1 worker)")
     args = parser.parse_args()
     for size in args.sizes:
         slide = build_slide(size, Path(f"/tmp/napari_sgdc_bench_{size}.ome.tif"))
         for workers in args.workers:
             for tissue, amp in [(t, a) for t in (["auto", "none"] if args.no_skip else ["auto"])
-                                for a in ([False, True] if args.amp else [False])]:
+                                for a in [name == "bf16" for name in args.precision]]:
                 threads = 2 if workers <= 1 else max(1, 2 // workers)
                 code = CHILD.format(threads=threads, out=f"/tmp/napari_sgdc_bench_{size}.ome.zarr", workers=workers,
                                     slide=slide, tissue=tissue, tile=args.tile, margin=args.margin, amp=amp,
