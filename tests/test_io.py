@@ -135,3 +135,13 @@ def test_non_json_metadata_names_the_file(tmp_path):
     save_file({"x": torch.zeros(1)}, str(bad), metadata={"napari_sgdc": "{not json"})
     with pytest.raises(CheckpointError, match="bad.safetensors.*JSON"):
         load_checkpoint(bad)
+
+
+def test_read_model_config_without_loading_weights(tmp_path):
+    from napari_sgdc.io import load_model, model_path, read_model_config
+
+    for name in ("nuclei", "dermoscopy"):
+        assert read_model_config(name) == load_model(name, device="cpu").config
+        assert read_model_config(model_path(name)) == read_model_config(name)
+    with pytest.raises(FileNotFoundError, match="built-in models"):
+        read_model_config(tmp_path / "missing.safetensors")

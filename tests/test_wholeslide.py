@@ -272,3 +272,24 @@ def test_reader_opens_slide_and_store_lazily(reference, slide_path):
     assert meta["multiscale"] and meta["scale"] == (0.25, 0.25) and isinstance(nuclei[0], da.Array)
     np.testing.assert_array_equal(np.asarray(nuclei[0]), read_store_labels(reference[0]))
     assert get_reader("image.png") is None and get_reader(str(slide_path.parent)) is None
+
+
+def test_a_model_given_by_name_or_path_brings_its_scale_and_defaults(tmp_path, slide_path):
+    """Cluster runs pass the model as a path (each worker loads it): the plan must not change."""
+    import torch
+
+    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.model import build_model, tiny_config
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(task="instance", mpp=0.25, threshold=0.6, boundary_threshold=0.2,
+                                    min_size=30)).eval()
+    path = save_checkpoint(tmp_path / "m.safetensors", model)
+    roi = (0, 0, TILE, TILE)
+    by_path = segment_slide(str(path), slide_path, tmp_path / "a.ome.zarr", roi=roi, tile=TILE, margin=MARGIN)
+    by_object = segment_slide(model, slide_path, tmp_path / "b.ome.zarr", roi=roi, tile=TILE, margin=MARGIN)
+    plans = [json.loads((tmp_path / name / ".zattrs").read_text())["napari_sgdc"]["plan"]
+             for name in ("a.ome.zarr", "b.ome.zarr")]
+    assert plans[0] == plans[1]
+    assert (plans[0]["threshold"], plans[0]["boundary_threshold"], plans[0]["min_size"]) == (0.6, 0.2, 30)
+    assert by_path.mpp == by_object.mpp == 0.25 and by_path.n_objects == by_object.n_objects

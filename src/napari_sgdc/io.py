@@ -171,12 +171,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(resolve_device(device)).eval(), metadata
 
 
-def load_model(name_or_path: str | Path, device: str | torch.device = "auto") -> torch.nn.Module:
-    """Loads a built-in model by name (e.g. ``"dermoscopy"``) or a checkpoint path.
+def model_path(name_or_path: str | Path) -> Path:
+    """The checkpoint file of a built-in model name or a checkpoint path.
 
     Raises:
         FileNotFoundError: neither a built-in name nor an existing file (lists the built-ins).
-        CheckpointError: the file cannot be used.
     """
     text = str(name_or_path)
     if text in builtin_models():
@@ -189,5 +188,27 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "auto") ->
         if not path.is_file():
             names = ", ".join(builtin_models()) or "none installed"
             raise FileNotFoundError(f"no built-in model or checkpoint file named {text!r} (built-in models: {names})")
-    model, _ = load_checkpoint(path, device=device)
+    return path
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device = "auto") -> torch.nn.Module:
+    """Loads a built-in model by name (e.g. ``"dermoscopy"``) or a checkpoint path.
+
+    Raises:
+        FileNotFoundError: neither a built-in name nor an existing file (lists the built-ins).
+        CheckpointError: the file cannot be used.
+    """
+    model, _ = load_checkpoint(model_path(name_or_path), device=device)
     return model
+
+
+def read_model_config(name_or_path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a built-in name or checkpoint path, without loading the weights
+    (a ``.safetensors`` file's metadata; other formats are loaded)."""
+    path = model_path(name_or_path)
+    if path.suffix != ".safetensors":
+        return load_checkpoint(path, device="cpu")[0].config
+    data = read_metadata(path).get("model_config")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: the metadata has no model_config")
+    return ModelConfig.from_dict(data)

@@ -202,6 +202,16 @@ def read_working(slide: Slide, plan: _Plan, y0: int, x0: int, height: int, width
 _MODELS: dict[object, object] = {}
 
 
+def _model_config(model):
+    """The config of a model object, or of a built-in name / checkpoint path (read from its
+    metadata: the main process of a cluster run does not load the weights)."""
+    if isinstance(model, (str, Path)):
+        from .io import read_model_config
+
+        return read_model_config(model)
+    return getattr(model, "config", None)
+
+
 def _resolve_model(model):
     """A model object from a model, a built-in name or a checkpoint path (loaded once per process)."""
     if isinstance(model, (str, Path)):
@@ -520,9 +530,8 @@ class _DaskExecutor:
 # --------------------------------------------------------------------------- the public entry point
 
 
-def _plan(model, slide: Slide, out: Path, roi, mpp, tile: int, margin: int, options: PostprocessOptions,
+def _plan(config, slide: Slide, out: Path, roi, mpp, tile: int, margin: int, options: PostprocessOptions,
           threads: int, amp: bool = False) -> _Plan:
-    config = getattr(model, "config", None)
     model_mpp = float(getattr(config, "mpp", 0.0) or 0.0)
     slide_mpp = mpp if mpp is not None else slide.mpp
     if slide_mpp is None:
@@ -631,8 +640,9 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
         slide = open_slide(slide, mpp=mpp)
     try:
         out = Path(out)
-        options = options or PostprocessOptions.for_model(getattr(model, "config", None))  # as _plan reads it
-        plan = _plan(model, slide, out.resolve(), roi, mpp, int(tile), int(margin), options, int(threads),
+        config = _model_config(model)
+        options = options or PostprocessOptions.for_model(config)
+        plan = _plan(config, slide, out.resolve(), roi, mpp, int(tile), int(margin), options, int(threads),
                      bool(amp))
         if out.exists():
             attrs = _store_attrs(out)
