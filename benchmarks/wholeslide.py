@@ -53,12 +53,16 @@ def build_slide(size: int, path: Path, mpp: float = 0.25) -> Path:
         return out[:: 2 ** level, :: 2 ** level]
 
     def tiles(level: int, tile: int = 512):
-        s = BLOCK >> level
-        n = size // BLOCK
+        s = BLOCK >> level  # block side at this level; coarse levels fit several blocks in one tile
+        step = min(s, tile)
         for ty in range(0, size >> level, tile):
             for tx in range(0, size >> level, tile):
-                b = block(ty // s, tx // s, level)
-                yield b[ty % s: ty % s + tile, tx % s: tx % s + tile]
+                out = np.empty((tile, tile, 3), np.uint8)
+                for y in range(ty, ty + tile, step):
+                    for x in range(tx, tx + tile, step):
+                        b = block(y // s, x // s, level)
+                        out[y - ty:y - ty + step, x - tx:x - tx + step] = b[y % s:y % s + step, x % s:x % s + step]
+                yield out
 
     levels = 4
     tmp = path.with_suffix(".part")
