@@ -193,8 +193,8 @@ def tune_postprocess(
                 options = PostprocessOptions(threshold=threshold, boundary_threshold=level, min_size=size)
                 _, labels = postprocess(maps["probability"], separation, options,
                                         single_object=model.config.single_object, instances=True)
-                scores[index, combo] = (seg_metrics.aji(labels, reference), seg_metrics.object_f1(labels, reference),
-                                        seg_metrics.panoptic_quality(labels, reference))
+                found = seg_metrics.instance_scores(labels, reference)  # one matching for F1 and PQ
+                scores[index, combo] = (found["aji"], found["object_f1"], found["pq"])
             _, labels = postprocess(maps["probability"], separation, current,
                                     single_object=model.config.single_object, instances=True)
             default_aji.append(seg_metrics.aji(labels, reference))
