@@ -82,6 +82,14 @@ def test_monuseg_instances_layout_keeps_only_images_with_instance_maps():
     assert load_samples(DATA / "monuseg", "monuseg-instances", "test") == []
 
 
+def test_monuseg_masks_layout_is_the_complement_of_monuseg_instances():
+    masks = {s.name for s in load_samples(DATA / "monuseg", "monuseg-masks", "train")}
+    instances = {s.name for s in load_samples(DATA / "monuseg", "monuseg-instances", "train")}
+    everything = {s.name for s in load_samples(DATA / "monuseg", "monuseg", "train")}
+    assert len(masks) == 17 and "TCGA-18-5592-01Z-00-DX1" in masks  # the images without an instance map
+    assert not masks & instances and masks | instances == everything
+
+
 def _write_folder(root: Path, n: int = 3, instance: bool = False) -> None:
     (root / "images").mkdir(parents=True)
     (root / ("instances" if instance else "masks")).mkdir()

@@ -12,6 +12,9 @@ Layouts understood by `load_samples` (see ``shared/data/README.md``):
 * ``monuseg-instances``: the MoNuSeg images that have an instance map (13 of 30). For
   training instance heads: a binary mask's connected components merge touching nuclei,
   which would teach the boundary, distance and HoVer heads not to split them.
+* ``monuseg-masks``: the other 17, with binary masks only: the shipped ``nuclei`` model's
+  out-of-domain check (pixel scores are exact; instance scores count touching nuclei
+  merged in the mask's connected components as one).
 * ``gbm40``: ``images/*.jpg`` + ``instances/*.png`` (uint16), **partly annotated**: many
   nuclei have no polygon, so unlabelled pixels are not reliable background. Each sample
   carries a loss weight (`napari_sgdc.data.targets.annotated_weight`): 1 on the annotated
@@ -49,11 +52,11 @@ __all__ = [
     "CONSEP_VAL_PARENTS",
 ]
 
-LAYOUTS = ("ph2", "consep", "monuseg", "monuseg-instances", "gbm40", "folders")
+LAYOUTS = ("ph2", "consep", "monuseg", "monuseg-instances", "monuseg-masks", "gbm40", "folders")
 SPLITS = ("train", "val", "test", "all")
 CONSEP_VAL_PARENTS = (19, 20)
 _MASK_STEM_SUFFIXES = ("", "_mask", "_label", "_labels", "_segmentation", "_instances")
-_DEFAULT_TASK = {"ph2": "semantic", "consep": "instance", "monuseg": "instance", "monuseg-instances": "instance", "gbm40": "instance", "folders": None}
+_DEFAULT_TASK = {"ph2": "semantic", "consep": "instance", "monuseg": "instance", "monuseg-instances": "instance", "monuseg-masks": "instance", "gbm40": "instance", "folders": None}
 GBM40_RING_PX = 6  # background kept in the loss around each annotated GBM40 nucleus
 
 
@@ -172,6 +175,10 @@ def _pairs_monuseg_instances(root: Path, split: str) -> list[tuple[Path, Path]]:
     return [(image, label) for image, label in _pairs_monuseg(root, split) if label.parent.name == "instances"]
 
 
+def _pairs_monuseg_masks(root: Path, split: str) -> list[tuple[Path, Path]]:
+    return [(image, label) for image, label in _pairs_monuseg(root, split) if label.parent.name == "masks"]
+
+
 def _pairs_folders(root: Path, split: str) -> list[tuple[Path, Path]]:
     base = root / split if (root / split / "images").is_dir() else root
     if base is root and split in ("val", "test"):
@@ -248,6 +255,7 @@ def load_samples(
         "consep": _pairs_consep,
         "monuseg": _pairs_monuseg,
         "monuseg-instances": _pairs_monuseg_instances,
+        "monuseg-masks": _pairs_monuseg_masks,
         "gbm40": _pairs_gbm40,
         "folders": _pairs_folders,
     }[layout](root, split)
