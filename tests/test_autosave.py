@@ -30,14 +30,16 @@ def _pairs(seed: int = 0) -> list[TrainingPair]:
     instances = rng.integers(0, 300, (2, 24, 32)).astype(np.int32)
     return [
         TrainingPair("lesion", "lesion mask", [rgb], [labels], SOURCE, [prediction]),
-        TrainingPair("nuclei stack", "painted", list(stack), list(instances), "/models/my model.safetensors"),
+        TrainingPair("nuclei stack", "painted", list(stack), list(instances), "/models/my model.safetensors",
+                     mpp=0.5),
     ]
 
 
 def _assert_same(a: list[TrainingPair], b: list[TrainingPair]) -> None:
     assert len(a) == len(b)
     for x, y in zip(sorted(a, key=lambda p: p.key), sorted(b, key=lambda p: p.key)):
-        assert (x.image_name, x.labels_name, x.model_source) == (y.image_name, y.labels_name, y.model_source)
+        assert (x.image_name, x.labels_name, x.model_source, x.mpp) == (y.image_name, y.labels_name,
+                                                                         y.model_source, y.mpp)
         for field in ("images", "labels", "predictions"):
             xs, ys = getattr(x, field), getattr(y, field)
             assert (xs is None) == (ys is None), field
@@ -118,6 +120,17 @@ def test_index_names_image_labels_model_and_time(tmp_path):
     assert entry["image_name"] == "lesion" and entry["labels_name"] == "lesion mask"
     assert entry["model_source"] == SOURCE and entry["planes"] == 1 and entry["session"] == "s"
     assert time.strptime(entry["saved"], "%Y-%m-%dT%H:%M:%S")
+
+
+def test_an_index_written_before_pairs_kept_their_scale_still_loads(tmp_path):
+    Autosave(tmp_path, session="s").save(_pairs())
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert sorted(str(entry["mpp"]) for entry in index["pairs"]) == ["0.5", "None"]
+    for entry in index["pairs"]:
+        del entry["mpp"]
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    pairs, problems = Autosave(tmp_path, session="o").load()
+    assert problems == [] and [pair.mpp for pair in pairs] == [None, None]
 
 
 def test_autosave_imports_neither_napari_nor_qt():

@@ -324,13 +324,13 @@ def test_uncertainty_for_stacks_working_resolution_and_instances():
 
 
 def test_mpp_resamples_to_the_models_scale_and_back():
-    from napari_sgdc.inference import _working_shape
+    from napari_sgdc.inference import working_shape
     from napari_sgdc.model import tiny_config
 
     torch.manual_seed(0)
     model = build_model(tiny_config(task="instance", mpp=0.25)).eval()
-    assert _working_shape(60, 80, model.config, 0.5) == (120, 160)  # 20x → 40x: twice the pixels
-    assert _working_shape(60, 80, model.config, None) == (60, 80)
+    assert working_shape(60, 80, model.config, 0.5) == (120, 160)  # 20x → 40x: twice the pixels
+    assert working_shape(60, 80, model.config, None) == (60, 80)
     image = _image(60, 80)
     seen = []
     result = segment(model, image, tile=64, mpp=0.5, progress=lambda done, total: seen.append(total))

@@ -244,7 +244,7 @@ def test_finetune_errors_are_clear():
         finetune(model, [image, image], [labels + 1])
 
 
-def test_finetune_trains_at_the_models_working_resolution(monkeypatch):
+def test_finetune_trains_on_the_grid_segment_uses(monkeypatch):
     import importlib
 
     from napari_sgdc.config import TrainConfig
@@ -263,9 +263,20 @@ def test_finetune_trains_at_the_models_working_resolution(monkeypatch):
     image = np.zeros((120, 160, 3), np.uint8)
     labels = np.zeros((120, 160), np.uint8)
     labels[30:90, 40:120] = 1
-    finetune_module.finetune(model, [image], [labels], TrainConfig(max_steps=1, epochs=1, batch_size=2,
-                                                                    crop_size=32, val_every=0))
+    cfg = TrainConfig(max_steps=1, epochs=1, batch_size=2, crop_size=32, val_every=0)
+    finetune_module.finetune(model, [image], [labels], cfg)
     assert seen["shapes"] == [(48, 64, 3)]
+
+    # A model with a scale: each image is resampled from its µm/px, as segment(mpp=...) does.
+    scaled = build_model(tiny_config(mpp=0.25))
+    finetune_module.finetune(scaled, [image, image], [labels, labels], cfg, mpp=[0.5, None])
+    assert seen["shapes"] == [(240, 320, 3), (120, 160, 3)]  # 20x → 40x doubles; None: as given
+    finetune_module.finetune(scaled, [image], [labels], cfg, mpp=0.125)
+    assert seen["shapes"] == [(60, 80, 3)]
+    with pytest.raises(ValueError, match="2 mpp values for 1 images"):
+        finetune_module.finetune(scaled, [image], [labels], cfg, mpp=[0.5, 0.5])
+    with pytest.raises(ValueError, match="does not record the µm/px"):
+        finetune_module.finetune(build_model(tiny_config()), [image], [labels], cfg, mpp=0.5)
 
 
 def test_freeze_batchnorm_keeps_running_statistics_of_the_base_model():

@@ -67,6 +67,7 @@ class SavedPair:
         planes: number of planes.
         saved: when it was saved (local time, ISO 8601).
         session: the `SESSION_ID` of the process that saved it.
+        mpp: as `TrainingPair.mpp` (absent in indexes written before it: None).
     """
 
     file: str
@@ -76,6 +77,7 @@ class SavedPair:
     planes: int
     saved: str
     session: str
+    mpp: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -147,7 +149,7 @@ class Autosave:
                 problems.append(f"{entry.image_name} ({entry.file}): {error}")
                 continue
             pairs.append(TrainingPair(entry.image_name, entry.labels_name, images, labels, entry.model_source,
-                                      predictions))
+                                      predictions, entry.mpp))
         return pairs, problems
 
     # -- writing -----------------------------------------------------------------------
@@ -179,7 +181,7 @@ class Autosave:
 
             atomic_write(path, write)
         return SavedPair(name, pair.image_name, pair.labels_name, pair.model_source, len(pair.images),
-                         time.strftime("%Y-%m-%dT%H:%M:%S"), self.session)
+                         time.strftime("%Y-%m-%dT%H:%M:%S"), self.session, pair.mpp)
 
     def remove(self, keys: Iterable[tuple[str, str]]) -> None:
         """Forgets the saved pairs with these keys (image name, model source)."""

@@ -43,7 +43,7 @@ from .locks import model_lock
 from .model import SGDCSegmenter
 from .postprocess import PostprocessOptions, object_confidence, postprocess, separation_map
 
-__all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "check_mpp", "head_maps",
+__all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "check_mpp", "working_shape", "head_maps",
            "predict_maps", "segment", "tile_origins"]
 
 SIZE_MULTIPLE = 32
@@ -441,7 +441,7 @@ def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = 
     return maps["probability"], separation_map(maps)
 
 
-def _working_shape(height: int, width: int, config, mpp: float | None) -> tuple[int, int]:
+def working_shape(height: int, width: int, config, mpp: float | None) -> tuple[int, int]:
     """The (h, w) the network sees: the image resampled from `mpp` to the model's µm/px
     when both are known, else resized to ``config.resize_long_side`` (0: unchanged)."""
     if mpp:
@@ -535,7 +535,7 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
     tta = bool(tta) or method == "tta"
     config = model.config
     check_mpp(mpp, config)
-    working = _working_shape(*planes.shape[1:3], config, mpp)
+    working = working_shape(*planes.shape[1:3], config, mpp)
     with model_lock(model), eval_mode(model):  # waits for a fine-tune of this model to end
         home = model_device(model)
         target_device = home if device is None else resolve_device(device)

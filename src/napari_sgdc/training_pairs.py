@@ -39,6 +39,8 @@ class TrainingPair:
         predictions: per plane, what the model wrote before the user corrected it (the
             ``predictions`` of `napari_sgdc.train.finetune`), or None when the labels did
             not start from the model's mask.
+        mpp: the image's µm per pixel to fine-tune at (`finetune(mpp=...)`): what the
+            model ran with when it segmented the image; None: as the image is.
     """
 
     image_name: str
@@ -47,6 +49,7 @@ class TrainingPair:
     labels: list[np.ndarray]
     model_source: str
     predictions: list[np.ndarray] | None = None
+    mpp: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -68,7 +71,8 @@ class TrainingPair:
 
 
 def collect_pair(planes: np.ndarray, labels: np.ndarray, *, image_shape: Sequence[int], image_name: str,
-                 labels_name: str, model_source: str, predicted: np.ndarray | None = None) -> TrainingPair:
+                 labels_name: str, model_source: str, predicted: np.ndarray | None = None,
+                 mpp: float | None = None) -> TrainingPair:
     """Validates an image/corrections pair and copies its corrected planes.
 
     Args:
@@ -81,6 +85,7 @@ def collect_pair(planes: np.ndarray, labels: np.ndarray, *, image_shape: Sequenc
         predicted: (N, H, W) what the model wrote into `labels`, when `labels` is the
             model's own mask: only planes that differ from it are kept (a plane the user
             erased completely is a correction too), each with its prediction.
+        mpp: the image's µm per pixel, kept with the pair (`TrainingPair.mpp`).
 
     Returns:
         A `TrainingPair` of copies of the corrected planes (without `predicted`: the
@@ -119,6 +124,7 @@ def collect_pair(planes: np.ndarray, labels: np.ndarray, *, image_shape: Sequenc
         labels=[np.array(label_planes[i]) for i in indices],
         model_source=model_source,
         predictions=None if predicted is None else [np.array(predicted[i]) for i in indices],
+        mpp=mpp,
     )
 
 

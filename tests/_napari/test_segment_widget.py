@@ -409,3 +409,40 @@ def _save_scaled_model(folder):
     torch.manual_seed(0)
     model = build_model(tiny_config(task="instance", mpp=0.25)).eval()
     return save_checkpoint(folder / "scaled.safetensors", model)
+
+
+def test_corrections_fine_tune_at_the_scale_the_image_was_segmented_at(make_napari_viewer, tmp_path,
+                                                                       wait_segment, wait_idle, monkeypatch):
+    import napari_sgdc.train as train
+
+    scaled = _save_scaled_model(tmp_path)
+    seen = []
+    real_finetune = train.finetune
+
+    def spy(model, images, labels, *args, **kwargs):
+        seen.append((kwargs.get("mpp"), [image.shape[:2] for image in images]))
+        return real_finetune(model, images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(train, "finetune", spy)
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    _, ft = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Fine-tune")
+    rgb = np.random.default_rng(7).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    image = viewer.add_image(rgb, name="hne20x", rgb=True)
+    seg.image_layer.value = image
+    seg.gates.value = False
+    assert seg.load_checkpoint(str(scaled))
+    seg.mpp.value = 0.5  # a 20x image for the 40x model
+    assert wait_segment(seg.run_segment()).error is None
+    assert seg._session.results[image].mpp == 0.5
+    mask = viewer.layers["hne20x mask"]
+    mask.data_setitem(np.nonzero(np.pad(np.ones((10, 10), bool), ((10, 28), (20, 34)))), 9)  # a painted nucleus
+    seg.mpp.value = 0.0  # changed afterwards: the pair keeps the scale its image was segmented at
+    ft.reset_choices()
+    ft.image_layer.value = image
+    ft.labels_layer.value = mask
+    ft.advanced.value = True
+    ft.steps.value = 1
+    assert ft.start_finetune() is not None
+    wait_idle(seg._session)
+    assert seen == [([0.5], [(48, 64)])] and ft.pairs[0].mpp == 0.5

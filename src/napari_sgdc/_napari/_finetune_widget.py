@@ -38,7 +38,8 @@ from napari_sgdc._napari._layers import (
     spatial_shape_of,
 )
 from napari_sgdc._napari._runner import Outcome, Relay, SegmentJob, _guarded, error_text, notify_error
-from napari_sgdc._napari._session import Job, ModelState, SGDCSession, display_name, get_session, real_viewer
+from napari_sgdc._napari._session import (Job, ModelState, SGDCSession, display_name, get_session, real_viewer,
+                                          usable_mpp)
 from napari_sgdc._napari._shared import ImagePicker, claim, wrap_status, ensure_idle
 from napari_sgdc._napari import _wholeslide as ws
 from napari_sgdc.training_pairs import InputError, TrainingPair, collect_pair, split_by_model
@@ -54,8 +55,9 @@ EDITS_DELAY_MS = 150
 def read_pair(viewer: Any, session: SGDCSession, image: Any, labels: Any) -> TrainingPair:
     """Reads an image layer and its corrections layer into a `TrainingPair`.
 
-    The pair is made for the model that segmented `image` (else the picked model). When
-    `labels` is the image's own mask layer, only the planes the user changed are kept.
+    The pair is made for the model that segmented `image` (else the picked model), at the
+    µm/px that segmentation used (else the Segment widget's). When `labels` is the image's
+    own mask layer, only the planes the user changed are kept.
 
     Raises:
         InputError: wrong layer types, no model, or what `collect_pair` rejects.
@@ -81,6 +83,7 @@ def read_pair(viewer: Any, session: SGDCSession, image: Any, labels: Any) -> Tra
     return collect_pair(
         planes.planes, np.asarray(labels.data), image_shape=spatial_shape_of(image), image_name=image.name,
         labels_name=labels.name, model_source=source, predicted=cache.written_mask if own_mask else None,
+        mpp=cache.mpp if cache is not None else (session.settings.mpp or None),
     )
 
 
@@ -605,6 +608,7 @@ class FinetuneWidget(Container):
             None if prediction is None else (prediction.astype(np.int32) if instances else prediction > 0)
             for pair in pairs for prediction in (pair.predictions or [None] * len(pair.labels))
         ]
+        mpps = [usable_mpp(pair.mpp, state.model.config) for pair in pairs for _ in pair.labels]
         self._autosave(pairs)  # before training: a crash from here on loses no correction
         snapshot = state.snapshot()
         self._cancel = threading.Event()
@@ -624,7 +628,7 @@ class FinetuneWidget(Container):
         def job() -> Any:
             from napari_sgdc.train import finetune
 
-            return finetune(state.model, images, labels, preset=config, predictions=predictions,
+            return finetune(state.model, images, labels, preset=config, predictions=predictions, mpp=mpps,
                             callbacks=[self._relay.event.emit], cancel=self._cancel)
 
         self.worker = create_worker(_guarded(job), _start_thread=False)

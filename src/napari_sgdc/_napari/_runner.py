@@ -138,7 +138,7 @@ class SegmentJob:
         planes = self.planes.planes
         image = planes if len(planes) > 1 else planes[0]
         config = state.model.config
-        mpp = settings.mpp if settings.mpp and config.mpp and not config.resize_long_side else None
+        mpp = settings.mpp_for(config)
         with relay_out_of_memory(self.relay.warned.emit):
             result = inference.segment(
                 state.model,
@@ -176,7 +176,8 @@ class SegmentJob:
             show_info(f"'{self.image.name}' was closed during segmentation; result dropped.")
         else:
             state, result = outcome.value
-            store_and_show(self.viewer, self.session, self.image, self.planes, state, result)
+            cache = store_and_show(self.viewer, self.session, self.image, self.planes, state, result)
+            cache.mpp = self.settings.mpp_for(state.model.config)
         if self.on_done is not None:
             self.on_done(self, outcome)
 

@@ -47,6 +47,16 @@ class RunSettings:
     mpp: float = 0.0
     amp: bool = False
 
+    def mpp_for(self, config: Any) -> float | None:
+        """The `mpp` to pass `segment` for a model of `config` (`usable_mpp`)."""
+        return usable_mpp(self.mpp, config)
+
+
+def usable_mpp(mpp: float | None, config: Any) -> float | None:
+    """The `mpp` to pass `segment` and `finetune` for a model of `config`: the image µm/px
+    for models that record their own scale, else None (the image as it is)."""
+    return mpp if mpp and config.mpp and not config.resize_long_side else None
+
 
 class Job(Enum):
     """The kinds of work that use the shared model (one at a time)."""
@@ -120,6 +130,8 @@ class CachedResult:
         separation: (N, H, W) float32 map the instance split thresholds, for models whose
             ``instance_map`` is ``distance`` or ``hover`` (`SegmentationResult.separation`);
             None when it is the boundary.
+        mpp: the image's µm per pixel the model was run with (`segment(mpp=...)`), so
+            fine-tuning on corrections of this image resamples it alike; None: as given.
     """
 
     probability: np.ndarray
@@ -132,6 +144,7 @@ class CachedResult:
     single_object: bool = False
     uncertainty: np.ndarray | None = None
     separation: np.ndarray | None = None  # (N, H, W) for distance and HoVer models; None: the boundary
+    mpp: float | None = None  # the image µm/px the network ran at (`RunSettings.mpp_for`); None: as given
 
     def has_uncertainty(self, plane: int) -> bool:
         """Whether plane `plane` was segmented with its uncertainty computed."""

@@ -12,8 +12,9 @@ import torch
 
 from ..config import PRESETS, TrainConfig
 from ..data.datasets import Sample, SegmentationDataset
-from ..data.transforms import resize_image, resize_labels, to_uint8_rgb, working_size
+from ..data.transforms import resize_image, resize_labels, to_uint8_rgb
 from ..device import model_device
+from ..inference import check_mpp, working_shape
 from ..locks import model_lock
 from ..model import SGDCSegmenter
 from .corrections import EDIT_BAND, EDIT_MARGIN, EDIT_WEIGHT, crop_to_edits, edited_pixels, loss_weight_map
@@ -78,14 +79,25 @@ def _prepare_pairs(
     return samples
 
 
-def _to_working_size(sample: Sample, prediction: np.ndarray | None,
-                     long_side: int) -> tuple[Sample, np.ndarray | None]:
-    """The sample (and prediction) at the model's working resolution, as `segment` sees them."""
-    size = working_size(*sample.image.shape[:2], long_side)
+def _to_working_size(sample: Sample, prediction: np.ndarray | None, config,
+                     mpp: float | None) -> tuple[Sample, np.ndarray | None]:
+    """The sample (and prediction) on the grid the network sees, as `segment(mpp=mpp)` makes it:
+    resampled from `mpp` to the model's µm/px, or resized to its working resolution."""
+    size = working_shape(*sample.image.shape[:2], config, mpp)
     if size == sample.image.shape[:2]:
         return sample, prediction
     resized = Sample(sample.name, resize_image(sample.image, size), resize_labels(sample.mask, size))
     return resized, None if prediction is None else resize_labels(prediction, size)
+
+
+def _check_mpps(mpp: float | Sequence[float | None] | None, count: int, config) -> list[float | None]:
+    """One µm/px (or None) per image; one line for a wrong count or a value `segment` rejects."""
+    mpps = list(mpp) if isinstance(mpp, (list, tuple)) else [mpp] * count
+    if len(mpps) != count:
+        raise ValueError(f"finetune got {len(mpps)} mpp values for {count} images")
+    for value in mpps:
+        check_mpp(value, config)
+    return mpps
 
 
 def _focus_on_edits(
@@ -169,6 +181,7 @@ def finetune(
     preset: str | TrainConfig = "quick",
     *,
     predictions: Sequence[np.ndarray | None] | None = None,
+    mpp: float | Sequence[float | None] | None = None,
     callbacks: Sequence[Callable[[dict], Any]] | None = None,
     cancel=None,
 ) -> History:
@@ -178,8 +191,9 @@ def finetune(
     quarter-window jitter, so object borders and nearby background are included) with
     probability `FOCUS_PROBABILITY`, and placed anywhere otherwise; they get flips,
     rotations, mild scale and colour jitter (plus stain jitter when
-    ``cfg.stain_jitter``). Pairs are first resized to the model's working resolution
-    (``ModelConfig.resize_long_side``), as `segment` does. Images smaller than the crop
+    ``cfg.stain_jitter``). Pairs are first brought to the grid `segment` runs the network
+    on: resampled from `mpp` to the model's µm/px (``ModelConfig.mpp``), or resized to its
+    working resolution (``ModelConfig.resize_long_side``). Images smaller than the crop
     are reflect-padded. For instance models (``model.config.is_instance``) integer labels
     are used as instances, so boundaries between touching objects are learnt; otherwise
     ``labels > 0`` is the mask.
@@ -208,6 +222,9 @@ def finetune(
             model's own boundary width: `finetune_config`) or a `TrainConfig`.
         predictions: optional, per image, the (H, W) labels or mask the corrections
             started from (None entries: no prediction known, the whole image counts).
+        mpp: the images' µm per pixel (one value, or one per image; None: the model's own
+            scale), as `segment(mpp=...)` takes it, so a correction made on a 20× image
+            teaches a 40× model nuclei at the size it sees them.
         callbacks: forwarded to `fit` (step and epoch events).
         cancel: `threading.Event`; honoured within one step.
 
@@ -217,16 +234,17 @@ def finetune(
 
     Raises:
         ValueError: one clear line for no pairs, a count or shape mismatch, labels that are
-            all background (without a prediction) or equal to their prediction, or an
-            unknown preset.
+            all background (without a prediction) or equal to their prediction, an `mpp`
+            the model cannot use (see `napari_sgdc.inference.check_mpp`), or an unknown preset.
         Exception: whatever stopped `fit` (e.g. `TrainingDiverged`), after the model was restored.
     """
     cfg = finetune_config(model, preset)
     instance = model.config.is_instance
     predictions = _check_predictions(predictions, labels)
     samples = _prepare_pairs(images, labels, instance, predictions)
-    resized = [_to_working_size(sample, prediction, model.config.resize_long_side)
-               for sample, prediction in zip(samples, predictions)]
+    mpps = _check_mpps(mpp, len(samples), model.config)
+    resized = [_to_working_size(sample, prediction, model.config, image_mpp)
+               for sample, prediction, image_mpp in zip(samples, predictions, mpps)]
     samples, predictions = [pair[0] for pair in resized], [pair[1] for pair in resized]
     samples, weights = _focus_on_edits(samples, predictions, instance, cfg.crop_size)
     dataset = SegmentationDataset(
