@@ -26,6 +26,7 @@ def test_collect_pair_copies_the_planes_and_names_the_model():
     assert isinstance(pair, TrainingPair) and pair.model_source == SOURCE
     assert pair.title == "img ← mask (built-in: dermoscopy)"
     assert _pair(image, labels, labels_name="painted").title == "img ← painted (built-in: dermoscopy)"
+    assert _pair(image, labels, mpp=0.5).title == "img ← mask (built-in: dermoscopy, 0.5 µm/px)"
     np.testing.assert_array_equal(pair.labels[0], labels)
     labels[:] = 0  # later edits do not leak into the pair
     assert pair.labels[0].any() and pair.images[0].shape == (8, 10, 3)

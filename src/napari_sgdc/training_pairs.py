@@ -64,10 +64,12 @@ class TrainingPair:
     @property
     def title(self) -> str:
         """Text in the training list: ``lesion ← mask (built-in: dermoscopy)`` for the image's own
-        ``"<image> mask"``, else ``lesion ← <labels name> (<model>)``."""
+        ``"<image> mask"``, else ``lesion ← <labels name> (<model>)``; a pair with a scale adds
+        it: ``hne ← mask (built-in: nuclei, 0.5 µm/px)``."""
         planes = f", {len(self.images)} planes" if len(self.images) > 1 else ""
         labels = "mask" if self.labels_name == f"{self.image_name} mask" else self.labels_name
-        return f"{self.image_name} ← {labels}{planes} ({self.model_name})"
+        scale = f", {self.mpp:g} µm/px" if self.mpp else ""
+        return f"{self.image_name} ← {labels}{planes} ({self.model_name}{scale})"
 
 
 def collect_pair(planes: np.ndarray, labels: np.ndarray, *, image_shape: Sequence[int], image_name: str,
