@@ -381,13 +381,8 @@ def test_image_scale_and_bf16_settings_reach_segment(make_napari_viewer, tiny_ch
         return real_segment(*args, **kwargs)
 
     monkeypatch.setattr(inference, "segment", spy)
-    viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
-    rgb = np.random.default_rng(6).integers(0, 255, (64, 96, 3), dtype=np.uint8)
-    image = viewer.add_image(rgb, name="hne20x", rgb=True)
-    seg.image_layer.value = image
-    seg.gates.value = False
-    assert seg.load_checkpoint(str(nuclei_like))
+    viewer, seg, image = _scaled_model_on_an_image(make_napari_viewer, nuclei_like, (64, 96), seed=6)
+    rgb = image.data
     seg.mpp.value = 0.5  # a 20x image for a 40x model
     seg.amp.value = True
     wait_segment(seg.run_segment())
@@ -398,6 +393,18 @@ def test_image_scale_and_bf16_settings_reach_segment(make_napari_viewer, tiny_ch
     seg.amp.value = False
     outcome = wait_segment(seg.run_segment())
     assert outcome.error is None and calls[-1] == {"mpp": None, "amp": False}
+
+
+def _scaled_model_on_an_image(make_napari_viewer, checkpoint, shape, seed):
+    """A viewer with SGDC Segment holding `checkpoint` and a random RGB image 'hne20x' of `shape`."""
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    rgb = np.random.default_rng(seed).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    image = viewer.add_image(rgb, name="hne20x", rgb=True)
+    seg.image_layer.value = image
+    seg.gates.value = False
+    assert seg.load_checkpoint(str(checkpoint))
+    return viewer, seg, image
 
 
 def _save_scaled_model(folder):
@@ -424,14 +431,8 @@ def test_corrections_fine_tune_at_the_scale_the_image_was_segmented_at(make_napa
         return real_finetune(model, images, labels, *args, **kwargs)
 
     monkeypatch.setattr(train, "finetune", spy)
-    viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    viewer, seg, image = _scaled_model_on_an_image(make_napari_viewer, scaled, (48, 64), seed=7)
     _, ft = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Fine-tune")
-    rgb = np.random.default_rng(7).integers(0, 255, (48, 64, 3), dtype=np.uint8)
-    image = viewer.add_image(rgb, name="hne20x", rgb=True)
-    seg.image_layer.value = image
-    seg.gates.value = False
-    assert seg.load_checkpoint(str(scaled))
     seg.mpp.value = 0.5  # a 20x image for the 40x model
     assert wait_segment(seg.run_segment()).error is None
     assert seg._session.results[image].mpp == 0.5
