@@ -389,8 +389,22 @@ def test_image_scale_and_bf16_settings_reach_segment(make_napari_viewer, tiny_ch
     assert calls[-1] == {"mpp": 0.5, "amp": True}
     expected = real_segment(load_checkpoint(nuclei_like)[0], rgb, tile=seg.tile.value, mpp=0.5, amp=True)
     np.testing.assert_allclose(np.asarray(viewer.layers["hne20x probability"].data), expected.probability, atol=1e-5)
+    assert seg.status.value.endswith("at 0.5 µm/px")
+    seg.mpp.value = 0.0  # 0: the layer's own scale, when it is a length
+    image.units = ("µm", "µm")
+    image.scale = (0.5, 0.5)
+    wait_segment(seg.run_segment())
+    assert calls[-1]["mpp"] == pytest.approx(0.5)
+    image.units = ("pixel", "pixel")  # in pixels: the image is at the model's scale
+    wait_segment(seg.run_segment())
+    assert calls[-1]["mpp"] is None and seg.status.value.endswith(" s")
+    image.units = ("µm", "µm")
+    seg.mpp.value = 0.25  # the field wins over the layer's scale
+    wait_segment(seg.run_segment())
+    assert calls[-1]["mpp"] == 0.25
     assert seg.load_checkpoint(str(tiny_checkpoint))  # records no scale: the field is ignored, not an error
     seg.amp.value = False
+    seg.mpp.value = 0.5
     outcome = wait_segment(seg.run_segment())
     assert outcome.error is None and calls[-1] == {"mpp": None, "amp": False}
 

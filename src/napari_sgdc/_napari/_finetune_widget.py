@@ -34,6 +34,7 @@ from napari_sgdc._napari._layers import (
     _transform_kwargs,
     image_of_result,
     image_planes,
+    layer_mpp,
     mask_layer_of,
     spatial_shape_of,
 )
@@ -83,7 +84,7 @@ def read_pair(viewer: Any, session: SGDCSession, image: Any, labels: Any) -> Tra
     return collect_pair(
         planes.planes, np.asarray(labels.data), image_shape=spatial_shape_of(image), image_name=image.name,
         labels_name=labels.name, model_source=source, predicted=cache.written_mask if own_mask else None,
-        mpp=cache.mpp if cache is not None else (session.settings.mpp or None),
+        mpp=cache.mpp if cache is not None else (session.settings.mpp or layer_mpp(image)),
     )
 
 

@@ -28,6 +28,7 @@ from napari_sgdc._napari._layers import (
     PlaneInput,
     gate_layer_of,
     image_planes,
+    layer_mpp,
     set_confidence_features,
     show_result_layers,
 )
@@ -118,6 +119,8 @@ class SegmentJob:
         self.on_done = on_done
         self.cancel = threading.Event()
         self.settings = replace(session.settings)
+        if not self.settings.mpp:  # 0: the layer's own µm/px when its scale has a length unit
+            self.settings.mpp = layer_mpp(image) or 0.0
         self.planes = image_planes(image, self.settings.planes, viewer.dims.point)
         self.relay = Relay()
         self.pbar = progress(total=0, desc=f"SGDC segment {image.name}")

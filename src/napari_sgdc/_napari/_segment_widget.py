@@ -101,7 +101,8 @@ class SegmentWidget(Container):
             name="mpp", label="image µm/px", min=0.0, max=50.0, step=0.01, value=0.0,
             tooltip="The image's µm per pixel, for models that record their scale (nuclei: 0.25 µm/px, 40×): the "
                     "image is resampled to the model's scale, so a 20× image (0.5) gives correctly sized nuclei. "
-                    "0: the image is at the model's scale. Other models ignore it; slides use their metadata.",
+                    "0: the image layer's own scale when it is in µm (or mm, nm), else the model's scale. Other "
+                    "models ignore it; slides use their metadata.",
         )
         self.amp = CheckBox(
             name="amp", text="fast bf16 inference", value=False,
@@ -402,7 +403,9 @@ class SegmentWidget(Container):
         self._session.busy.release(Job.SEGMENT)
         self._set_running(False)
         if outcome.value is not None:
-            self.status.value = f"{job.image.name}: segmented in {outcome.seconds:.1f} s"
+            cache = self._session.results.get(job.image)
+            scale = f" at {cache.mpp:g} µm/px" if cache is not None and cache.mpp else ""
+            self.status.value = f"{job.image.name}: segmented in {outcome.seconds:.1f} s{scale}"
         elif outcome.cancelled:
             self.status.value = "cancelled"
         else:

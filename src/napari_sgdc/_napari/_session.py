@@ -35,7 +35,8 @@ class RunSettings:
         uncertainty: compute the per-pixel uncertainty (free: from the one forward pass) and
             show it as the ``<image> uncertainty`` layer; instance masks get per-object confidence.
         mpp: the image's µm per pixel, for models that record their own scale (the nuclei
-            model: 0.25); 0 = the image is at the model's scale. Ignored by other models.
+            model: 0.25); 0 = the image layer's scale when it has a length unit
+            (`napari_sgdc._napari._layers.layer_mpp`), else the model's. Ignored by other models.
         amp: bf16 autocast where the device runs bf16 natively (`napari_sgdc.inference.segment`).
     """
 
