@@ -172,6 +172,21 @@ def main() -> None:
                 cells.append(f"{statistics.fmean(values):.4f} ± {spread:.4f}")
             train_s = statistics.fmean(run["train_s"] for run in runs)
             print(f"| {variant} | " + " | ".join(cells) + f" | {train_s:.0f} |")
+    if keys == NUCLEI_KEYS:
+        _print_tuning(args.out / args.dataset, args.variants, args.seeds)
+
+
+def _print_tuning(folder: Path, variants: list[str], seeds: list[int]) -> None:
+    """Per run: the post-processing `train` tuned on validation, and the validation AJI."""
+    print("\nper run: tuned threshold / marker level / min size, validation AJI (tuned), epoch kept\n")
+    print("| variant | seed | threshold | level | min size | val AJI | epoch |")
+    print("|---|---|---|---|---|---|---|")
+    for variant in variants:
+        for seed in seeds:
+            metrics = read_metadata(folder / f"{variant}-s{seed}" / "model.safetensors").get("metrics") or {}
+            tuning = metrics.get("postprocess_tuning") or {}
+            print(f"| {variant} | {seed} | {tuning.get('threshold')} | {tuning.get('boundary_threshold')} | "
+                  f"{tuning.get('min_size')} | {tuning.get('aji', float('nan')):.4f} | {metrics.get('epoch')} |")
 
 
 def _scores_of(run: dict, name: str) -> dict:
