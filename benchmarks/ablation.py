@@ -15,7 +15,8 @@ seed's value is its mean over the scoring images).
     python benchmarks/ablation.py --dataset nuclei --seeds 0 --variants sgdc-hover --tta
 
 ``--tta`` also scores every set with test-time augmentation (8 flips and rotations), as
-``<set>-tta``; it is added to finished runs without training them again.
+``<set>-tta``; it is added to finished runs without training them again. ``--tta consep-test``
+does so for the named sets only.
 
 Instance models are tuned by ``napari-sgdc train`` itself (threshold, marker level and
 smallest-object size on the validation images). ``--retune`` brings finished instance runs
@@ -98,9 +99,12 @@ def _retune(dataset: str, data: Path, checkpoint: Path, folder: Path, scores: di
     return True
 
 
-def run_one(dataset: str, data: Path, variant: str, seed: int, out: Path, tta: bool = False,
+def run_one(dataset: str, data: Path, variant: str, seed: int, out: Path, tta: list[str] | None = None,
             retune: bool = False) -> dict:
-    """Trains and evaluates one variant/seed; returns {scoring set: mean scores} plus ``train_s``."""
+    """Trains and evaluates one variant/seed; returns {scoring set: mean scores} plus ``train_s``.
+
+    `tta`: the scoring sets to score with test-time augmentation too (None: none).
+    """
     folder = out / dataset / f"{variant}-s{seed}"
     scores_path = folder / "scores.json"
     checkpoint = folder / "model.safetensors"
@@ -108,8 +112,8 @@ def run_one(dataset: str, data: Path, variant: str, seed: int, out: Path, tta: b
         scores = json.loads(scores_path.read_text())
         if retune and _retune(dataset, data, checkpoint, folder, scores):
             scores_path.write_text(json.dumps(scores, indent=1))
-        if tta:
-            _add_tta_scores(dataset, data, checkpoint, folder, scores)
+        if tta is not None:
+            _add_tta_scores(dataset, data, checkpoint, folder, scores, tta)
             scores_path.write_text(json.dumps(scores, indent=1))
         return scores
     resume = ["--resume"] if state_path_for(checkpoint).is_file() else []
@@ -125,16 +129,17 @@ def run_one(dataset: str, data: Path, variant: str, seed: int, out: Path, tta: b
     for name, score_layout, score_data, split in SCORING[dataset]:
         scores[name] = _score(checkpoint, score_layout, data if score_data is None else score_data, split,
                               folder / f"{name}.csv", KEYS[dataset])
-    if tta:
-        _add_tta_scores(dataset, data, checkpoint, folder, scores)
+    if tta is not None:
+        _add_tta_scores(dataset, data, checkpoint, folder, scores, tta)
     scores_path.write_text(json.dumps(scores, indent=1))
     return scores
 
 
-def _add_tta_scores(dataset: str, data: Path, checkpoint: Path, folder: Path, scores: dict) -> None:
-    """Adds ``<set>-tta`` means to `scores` for the scoring sets that lack them."""
+def _add_tta_scores(dataset: str, data: Path, checkpoint: Path, folder: Path, scores: dict,
+                    names: list[str]) -> None:
+    """Adds ``<set>-tta`` means to `scores` for the scoring sets in `names` (all when empty) that lack them."""
     for name, score_layout, score_data, split in SCORING[dataset]:
-        if f"{name}-tta" not in scores:
+        if f"{name}-tta" not in scores and (not names or name in names):
             scores[f"{name}-tta"] = _score(checkpoint, score_layout, data if score_data is None else score_data,
                                            split, folder / f"{name}-tta.csv", KEYS[dataset], tta=True)
 
@@ -148,18 +153,23 @@ def main() -> None:
                         help="default: the four block variants")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tta", action="store_true", help="also score with test-time augmentation (<set>-tta)")
+    parser.add_argument("--tta", nargs="*", metavar="SET",
+                        help="also score with test-time augmentation (<set>-tta): the named scoring sets, all without names")
     parser.add_argument("--retune", action="store_true",
                         help="tune finished instance runs that predate tuning, and score them again")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = args.data or DATASETS[args.dataset][1]
+    keys = KEYS[args.dataset]
+    sets = [name for name, *_ in SCORING[args.dataset]]
+    unknown = sorted(set(args.tta or []) - set(sets))
+    if unknown:
+        parser.error(f"--tta: no scoring set {unknown} for {args.dataset} (sets: {', '.join(sets)})")
     results = {variant: [run_one(args.dataset, data, variant, seed, args.out, args.tta, args.retune)
                          for seed in args.seeds]
                for variant in args.variants}
-    keys = KEYS[args.dataset]
-    sets = [name for name, *_ in SCORING[args.dataset]]
-    for name in sets + ([f"{name}-tta" for name in sets] if args.tta else []):
+    tta_sets = [] if args.tta is None else [name for name in sets if not args.tta or name in args.tta]
+    for name in sets + [f"{name}-tta" for name in tta_sets]:
         print(f"\n{args.dataset} → {name}, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
               f"mean ± std over seeds\n")
         print("| variant | " + " | ".join(keys) + " | train time per run (s) |")
