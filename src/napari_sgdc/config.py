@@ -13,6 +13,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 TASKS = ("semantic", "instance")
+ENCODER_NAMES = ("efficientnet_lite0", "resnet50", "mini")
+"""The encoders a config may name; `napari_sgdc.model.registry` maps each to its class."""
+BLOCK_NAMES = ("sgdc", "pooling", "static")
+"""The guided decoder blocks a config may name; `napari_sgdc.model.registry` maps each to its class."""
 INSTANCE_MAPS = ("boundary", "distance", "hover")
 MAX_CHANNELS = 4096
 MAX_CLASSES = 256
@@ -128,10 +132,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         """Checks every field's type and range, so a bad config (or checkpoint metadata)
         fails with one line naming the field before anything is allocated."""
-        from .model.registry import BLOCK_TYPES, ENCODERS
-
-        _choice("encoder", self.encoder, tuple(ENCODERS))
-        _choice("block", self.block, tuple(BLOCK_TYPES))
+        _choice("encoder", self.encoder, ENCODER_NAMES)
+        _choice("block", self.block, BLOCK_NAMES)
         _choice("task", self.task, TASKS)
         _choice("instance_map", self.instance_map, INSTANCE_MAPS)
         if self.instance_map != "boundary" and self.task != "instance":

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .encoders import ENCODERS, EfficientNetLite0, MiniEncoder, ResNet50, build_encoder
+from .encoders import EfficientNetLite0, MiniEncoder, ResNet50, build_encoder
+from .registry import BLOCK_TYPES, ENCODERS
 from .segmenter import SGDCSegmenter
 from .sge import SGE
-from .sgdc import BLOCK_TYPES, SGDC, PoolingDynamicConv, StaticBlock, dynamic_aggregate
+from .sgdc import SGDC, PoolingDynamicConv, StaticBlock, dynamic_aggregate
 
 __all__ = ["ModelConfig", "build_model", "SGDCSegmenter", "SGE", "SGDC", "PoolingDynamicConv",
            "StaticBlock", "dynamic_aggregate", "EfficientNetLite0", "ResNet50", "MiniEncoder",
