@@ -176,13 +176,13 @@ def test_segment_defaults_to_the_models_tuned_marker_threshold():
     result = segment(model, image, tile=None)
     outcomes = []
     for level in np.round(np.quantile(result.separation, [0.3, 0.7]), 4):
-        model.config.boundary_threshold = level
-        expected = postprocess(result.probability, result.separation, PostprocessOptions(boundary_threshold=level),
+        model.config.split_level = level
+        expected = postprocess(result.probability, result.separation, PostprocessOptions(split_level=level),
                                instances=True)[1]
         assert np.array_equal(segment(model, image, tile=None).labels, expected)
         outcomes.append(expected)
     assert not np.array_equal(*outcomes)  # the two levels split differently, so the default is seen
     # explicit options still win over the model's default
-    chosen = PostprocessOptions(boundary_threshold=0.5)
+    chosen = PostprocessOptions(split_level=0.5)
     expected = postprocess(result.probability, result.separation, chosen, instances=True)[1]
     assert np.array_equal(segment(model, image, chosen, tile=None).labels, expected)

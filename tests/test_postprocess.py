@@ -66,7 +66,7 @@ def test_postprocess_stack_ids_unique_and_unseeded_components():
 
 @pytest.mark.parametrize("field, value", [
     ("threshold", 1.5), ("threshold", -1), ("threshold", math.nan), ("threshold", "0.5"),
-    ("boundary_threshold", math.inf), ("min_size", -1), ("min_size", 2.5), ("min_size", True),
+    ("split_level", math.inf), ("min_size", -1), ("min_size", 2.5), ("min_size", True),
 ])
 def test_options_out_of_range_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
@@ -101,24 +101,24 @@ def test_object_confidence_is_one_minus_mean_uncertainty():
 def test_options_for_a_model_take_its_tuned_marker_threshold_then_the_overrides():
     from napari_sgdc.config import ModelConfig
 
-    config = ModelConfig(encoder="mini", pretrained=False, task="instance", boundary_threshold=0.3)
-    assert PostprocessOptions.for_model(config) == PostprocessOptions(boundary_threshold=0.3)
-    assert PostprocessOptions.for_model(config, threshold=0.6, boundary_threshold=None, min_size=5) == \
-        PostprocessOptions(threshold=0.6, boundary_threshold=0.3, min_size=5)
-    assert PostprocessOptions.for_model(config, boundary_threshold=0.7).boundary_threshold == 0.7
+    config = ModelConfig(encoder="mini", pretrained=False, task="instance", split_level=0.3)
+    assert PostprocessOptions.for_model(config) == PostprocessOptions(split_level=0.3)
+    assert PostprocessOptions.for_model(config, threshold=0.6, split_level=None, min_size=5) == \
+        PostprocessOptions(threshold=0.6, split_level=0.3, min_size=5)
+    assert PostprocessOptions.for_model(config, split_level=0.7).split_level == 0.7
     assert PostprocessOptions.for_model(None) == PostprocessOptions()  # no model: the plain defaults
     # a checkpoint written before the field existed loads with 0.5
-    old = {key: value for key, value in config.to_dict().items() if key != "boundary_threshold"}
-    assert ModelConfig.from_dict(old).boundary_threshold == 0.5
+    old = {key: value for key, value in config.to_dict().items() if key != "split_level"}
+    assert ModelConfig.from_dict(old).split_level == 0.5
     for bad in (1.5, -0.1, "0.3", math.nan):
-        with pytest.raises(ValueError, match="boundary_threshold"):
-            ModelConfig(encoder="mini", pretrained=False, boundary_threshold=bad)
+        with pytest.raises(ValueError, match="split_level"):
+            ModelConfig(encoder="mini", pretrained=False, split_level=bad)
 
 
 def test_options_for_a_model_take_all_its_tuned_defaults():
     from napari_sgdc.config import ModelConfig
 
-    config = ModelConfig(encoder="mini", pretrained=False, task="instance", threshold=0.6, boundary_threshold=0.3,
+    config = ModelConfig(encoder="mini", pretrained=False, task="instance", threshold=0.6, split_level=0.3,
                          min_size=40)
     assert PostprocessOptions.for_model(config) == PostprocessOptions(0.6, 0.3, 40)
     assert PostprocessOptions.for_model(config, min_size=5, threshold=None) == PostprocessOptions(0.6, 0.3, 5)
@@ -129,3 +129,24 @@ def test_options_for_a_model_take_all_its_tuned_defaults():
                        ("min_size", True)):
         with pytest.raises(ValueError, match=field):
             ModelConfig(encoder="mini", pretrained=False, **{field: bad})
+
+
+def test_old_name_of_the_split_level_still_works_with_a_warning():
+    from napari_sgdc.config import ModelConfig
+
+    with pytest.warns(DeprecationWarning, match="split_level"):
+        options = PostprocessOptions(boundary_threshold=0.3)
+    assert options.split_level == 0.3
+    with pytest.warns(DeprecationWarning):
+        assert options.boundary_threshold == 0.3
+    with pytest.warns(DeprecationWarning):
+        config = ModelConfig(encoder="mini", pretrained=False, task="instance", boundary_threshold=0.2)
+    assert config.split_level == 0.2
+    assert PostprocessOptions.for_model(config, boundary_threshold=0.7).split_level == 0.7
+    # checkpoints written before the rename carry the old key: read without a warning
+    assert ModelConfig.from_dict({**config.to_dict(), "split_level": 0.4}).split_level == 0.4
+    old = config.to_dict()
+    old["boundary_threshold"] = old.pop("split_level")
+    assert ModelConfig.from_dict(old).split_level == 0.2
+    with pytest.raises(TypeError, match="both"):
+        PostprocessOptions(boundary_threshold=0.3, split_level=0.4)

@@ -271,7 +271,7 @@ any_numbers = st.one_of(
     st.floats(-2, 2).map(np.float32),
     st.integers(-3, 40).map(np.int64),
 )
-valid_options = st.builds(PostprocessOptions, threshold=unit_floats, boundary_threshold=unit_floats,
+valid_options = st.builds(PostprocessOptions, threshold=unit_floats, split_level=unit_floats,
                           min_size=st.integers(0, 60))
 options_or_none = st.one_of(st.none(), valid_options)
 
@@ -368,14 +368,14 @@ def test_segment(kind, image, options, tile, overlap, stack, return_gates, devic
 
 
 @LIGHT
-@given(threshold=any_numbers, boundary_threshold=any_numbers, min_size=any_numbers)
-def test_postprocess_options(threshold, boundary_threshold, min_size):
+@given(threshold=any_numbers, split_level=any_numbers, min_size=any_numbers)
+def test_postprocess_options(threshold, split_level, min_size):
     try:
-        options = PostprocessOptions(threshold=threshold, boundary_threshold=boundary_threshold, min_size=min_size)
+        options = PostprocessOptions(threshold=threshold, split_level=split_level, min_size=min_size)
     except Exception as error:  # noqa: BLE001
-        check_error(error, "threshold", "boundary_threshold", "min_size")
+        check_error(error, "threshold", "split_level", "min_size")
         return
-    for value in (options.threshold, options.boundary_threshold):
+    for value in (options.threshold, options.split_level):
         assert type(value) is float and 0.0 <= value <= 1.0
     assert type(options.min_size) is int and options.min_size >= 0
 
@@ -707,7 +707,7 @@ def option_value(draw, valid: st.SearchStrategy, junk=("nan", "inf", "-inf", "ab
 
 INFERENCE_OPTIONS = {  # flag: (valid values, names an error may use)
     "--threshold": (unit_floats, ("threshold",)),
-    "--boundary-threshold": (unit_floats, ("boundary_threshold", "boundary-threshold")),
+    "--boundary-threshold": (unit_floats, ("split_level", "boundary-threshold")),
     "--min-size": (st.integers(0, 30), ("min_size", "min-size")),
     "--tile": (st.sampled_from((0, 64, 96, 512)), ("tile",)),
     "--overlap": (st.floats(0, 0.9), ("overlap",)),
@@ -1164,7 +1164,7 @@ KNOWN_FAILING_EXAMPLES = [  # minimal inputs on which a property failed because 
     # inference.segment: int(tile) of an infinite tile -> OverflowError
     pytest.param(test_segment, dict(_SEGMENT, tile=math.inf), id="segment-tile-inf"),
     # PostprocessOptions: math.isfinite(10**400) -> OverflowError "int too large to convert to float"
-    pytest.param(test_postprocess_options, dict(threshold=10**400, boundary_threshold=0.5, min_size=20),
+    pytest.param(test_postprocess_options, dict(threshold=10**400, split_level=0.5, min_size=20),
                  id="options-huge-int"),
     # postprocess: object array holding None -> TypeError from `probability > threshold`
     pytest.param(test_postprocess, dict(pair=(np.array([[None]], dtype=object), None), options=None,

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .deprecation import rename_keys, renamed_field
+
 TASKS = ("semantic", "instance")
 ENCODER_NAMES = ("efficientnet_lite0", "resnet50", "mini")
 """The encoders a config may name; `napari_sgdc.model.registry` maps each to its class."""
@@ -62,6 +64,7 @@ def _from_dict(cls, data: dict[str, Any]):
     return cls(**kwargs)
 
 
+@renamed_field("boundary_threshold", "split_level")
 @dataclass
 class ModelConfig:
     """Everything needed to build an `SGDCSegmenter`.
@@ -97,13 +100,14 @@ class ModelConfig:
             largest connected region with holes filled.
         mpp: µm per pixel of the training images (0 = unknown); whole-slide inference reads
             slides at this resolution (the nuclei model: 0.25, i.e. 40×).
-        boundary_threshold: the model's default `PostprocessOptions.boundary_threshold` (the
-            separation level below which instance seeds grow). Training sets it, for instance
+        split_level: the model's default `PostprocessOptions.split_level` (the instance split
+            level: the separation value below which instance seeds grow; ``boundary_threshold``
+            before 0.2, still read from checkpoints and accepted, deprecated). Training sets it, for instance
             models, to the value with the best validation AJI (`napari_sgdc.train.validate`).
         threshold: the model's default `PostprocessOptions.threshold` (mask probability).
         min_size: the model's default `PostprocessOptions.min_size`, in pixels at the model's
             scale. For instance models, `napari_sgdc.train.tune_postprocess` sets both, with
-            ``boundary_threshold``, to the combination with the best validation AJI.
+            ``split_level``, to the combination with the best validation AJI.
     """
 
     encoder: str = "efficientnet_lite0"
@@ -125,7 +129,7 @@ class ModelConfig:
     resize_long_side: int = 0
     single_object: bool = False
     mpp: float = 0.0
-    boundary_threshold: float = 0.5
+    split_level: float = 0.5
     threshold: float = 0.5
     min_size: int = 20
 
@@ -170,7 +174,7 @@ class ModelConfig:
         if not _is_number(self.mpp) or not (self.mpp == 0 or 0.05 < self.mpp < 50):
             raise ValueError(f"mpp must be 0 (unknown) or µm per pixel in (0.05, 50), got {self.mpp!r}")
         self.mpp = float(self.mpp)
-        for name in ("boundary_threshold", "threshold"):
+        for name in ("split_level", "threshold"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
@@ -192,7 +196,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, data)
+        return _from_dict(cls, rename_keys(cls, data))  # checkpoints before 0.2 say boundary_threshold
 
 
 @dataclass

@@ -18,12 +18,12 @@ objects (`separation_map`, by ``ModelConfig.instance_map``):
               inside an object each map rises by about 2 / diameter per pixel; where
               two objects touch it falls from +1 to −1 within a few pixels
 
-Seeds (markers) are the 4-connected components of (mask and s ≤ ``boundary_threshold``);
+Seeds (markers) are the 4-connected components of (mask and s ≤ ``split_level``, the *split level*);
 a watershed on s floods the raw mask from them; mask components without any seed
 become their own instance; instances smaller than ``min_size`` pixels are removed; ids
 are 1..K, and unique across the planes of a stack (plane i's ids follow plane i − 1's).
 The same threshold slider therefore splits nuclei for every instance map. Each model carries
-its own default level, ``ModelConfig.boundary_threshold``, which training tunes on validation
+its own default split level, ``ModelConfig.split_level``, which training tunes on validation
 AJI (`PostprocessOptions.for_model`).
 """
 
@@ -34,6 +34,8 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+from .deprecation import rename_keys, renamed_field
 
 __all__ = ["PostprocessOptions", "object_confidence", "postprocess", "separation_map"]
 
@@ -52,24 +54,26 @@ _CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)  # 4-connectivity
 _SQUARE = np.ones((3, 3), bool)  # 8-connectivity
 
 
+@renamed_field("boundary_threshold", "split_level")
 @dataclass(frozen=True)
 class PostprocessOptions:
     """How probabilities become a mask and instances (validated on construction).
 
     Attributes:
         threshold: mask probability threshold in [0, 1] (mask = probability > threshold).
-        boundary_threshold: separation value in [0, 1] above which pixels do not seed
-            instances (splits touching nuclei): the boundary probability, or, for
-            distance and HoVer models, their separation map (see the module docstring).
+        split_level: the instance split level: separation value in [0, 1] above which pixels
+            do not seed instances (splits touching nuclei): the boundary probability, or,
+            for distance and HoVer models, their separation map (see the module docstring).
+            Called ``boundary_threshold`` before 0.2 (still accepted, deprecated).
         min_size: objects smaller than this many pixels are removed (>= 0).
     """
 
     threshold: float = 0.5
-    boundary_threshold: float = 0.5
+    split_level: float = 0.5
     min_size: int = 20
 
     def __post_init__(self) -> None:
-        for name in ("threshold", "boundary_threshold"):
+        for name in ("threshold", "split_level"):
             value = getattr(self, name)
             if not _is_unit_number(value):
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -83,9 +87,8 @@ class PostprocessOptions:
     def for_model(cls, config, **overrides) -> "PostprocessOptions":
         """The defaults for a model: its ``ModelConfig`` fields of the same names (tuned on
         validation for instance models), then `overrides` (fields; None keeps the default)."""
-        fields = {name: getattr(config, name, getattr(cls, name)) for name in ("threshold", "boundary_threshold",
-                                                                               "min_size")}
-        fields.update({name: value for name, value in overrides.items() if value is not None})
+        fields = {name: getattr(config, name, getattr(cls, name)) for name in ("threshold", "split_level", "min_size")}
+        fields.update({name: value for name, value in rename_keys(cls, overrides).items() if value is not None})
         return cls(**fields)
 
 
@@ -131,12 +134,12 @@ def _semantic_plane(mask: np.ndarray, min_size: int, single_object: bool) -> np.
     return ndimage.binary_fill_holes(regions == int(areas.argmax()))
 
 
-def _instance_plane(mask: np.ndarray, boundary: np.ndarray, boundary_threshold: float, min_size: int) -> np.ndarray:
+def _instance_plane(mask: np.ndarray, boundary: np.ndarray, split_level: float, min_size: int) -> np.ndarray:
     """Seeded watershed of one plane; int32 labels 1..K."""
     from scipy import ndimage
     from skimage.segmentation import relabel_sequential, watershed
 
-    seeds = mask & ~(boundary > boundary_threshold)
+    seeds = mask & ~(boundary > split_level)
     markers, n_seeds = ndimage.label(seeds, structure=_CROSS)
     labels = watershed(boundary, markers, mask=mask, connectivity=1) if n_seeds else np.zeros(mask.shape, np.int32)
     unseeded = mask & (labels == 0)  # components that are boundary throughout
@@ -210,7 +213,7 @@ def postprocess(probability: np.ndarray, separation: np.ndarray | None, options:
     labels = np.zeros(planes.shape, np.int32)
     offset = 0
     for index, (plane_mask, plane_boundary) in enumerate(zip(planes, boundaries)):
-        plane = _instance_plane(plane_mask, plane_boundary, options.boundary_threshold, options.min_size)
+        plane = _instance_plane(plane_mask, plane_boundary, options.split_level, options.min_size)
         labels[index] = np.where(plane > 0, plane + offset, 0)
         offset += int(plane.max())
     return mask, labels.reshape(raw_mask.shape)
