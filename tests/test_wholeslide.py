@@ -168,7 +168,7 @@ def test_polygon_simplification_keeps_the_shape_exactly():
     from skimage.draw import disk, polygon as fill_polygon
     from skimage.measure import find_contours
 
-    from napari_sgdc.wholeslide import _drop_collinear
+    from napari_sgdc.wholeslide.tiles import drop_collinear
 
     mask = np.zeros((60, 80), bool)
     mask[disk((20, 20), 12)] = True
@@ -176,12 +176,12 @@ def test_polygon_simplification_keeps_the_shape_exactly():
     mask[fill_polygon([5, 30, 5], [45, 60, 75])] = True  # diagonal edges
     for region in (mask[:, :35], mask[:, 35:]):
         ring = max(find_contours(np.pad(region, 1).astype(np.float32), 0.5), key=len)
-        simple = _drop_collinear(ring)
+        simple = drop_collinear(ring)
         assert np.array_equal(simple[0], simple[-1]) and len(simple) < 0.7 * len(ring)
         assert _shoelace(simple) == pytest.approx(_shoelace(ring), abs=1e-6)  # the same polygon
         assert {tuple(p) for p in simple} <= {tuple(p) for p in ring}  # only vertices were dropped
     square = np.array([[0, 0], [0, 2], [2, 2], [2, 0], [0, 0]], float)
-    np.testing.assert_array_equal(_drop_collinear(square), square)  # nothing to drop
+    np.testing.assert_array_equal(drop_collinear(square), square)  # nothing to drop
 
 
 def test_roi_keeps_objects_with_centroid_inside(reference, slide_path, tmp_path):
