@@ -16,7 +16,8 @@ from ..grid import DEFAULT_MARGIN, DEFAULT_TILE
 from ..postprocess import PostprocessOptions
 from ..slide import Slide, TissueMask, detect_tissue, open_slide
 from .plan import SlidePlan, plan_slide
-from .store import SCRATCH, check_outputs, create_store, mark_complete, n_levels, record_path, slide_stem
+from .store import (SCRATCH, check_outputs, create_store, mark_complete, n_levels, read_store_attrs, record_path,
+                    slide_stem)
 from .tiles import label_chunk_task, pyramid_task, tile_task
 from .workers import DaskExecutor, LocalExecutor, model_config
 
@@ -186,9 +187,13 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
         tiles = [(int(i), int(j)) for i, j in zip(*np.nonzero(run))]
         resumed = sum(record_path(plan, i, j).exists() for i, j in tiles)
         executor = DaskExecutor(client, model) if client is not None else LocalExecutor(model)
-        total, too_large = _run_phases(plan, executor, tiles, resumed, progress, cancel)
-        shutil.rmtree(out / SCRATCH, ignore_errors=True)  # the scratch labels are no longer needed
-        mark_complete(plan, total, too_large)
+        done = read_store_attrs(out) if action == "resume" else None
+        if done and done.get("complete"):  # resuming a finished run: nothing left to do
+            total, too_large = int(done["n_objects"]), int(done["too_large"])
+        else:
+            total, too_large = _run_phases(plan, executor, tiles, resumed, progress, cancel)
+            shutil.rmtree(out / SCRATCH, ignore_errors=True)  # the scratch labels are no longer needed
+            mark_complete(plan, total, too_large)
         ny, nx = plan.grid
         return SlideResult(store=out, n_objects=total, tiles_total=ny * nx, tiles_run=len(tiles),
                            tiles_resumed=resumed, too_large=too_large, mpp=plan.mpp, shape=(plan.height, plan.width),
