@@ -104,7 +104,7 @@ def check_image_mpp(mpp: object, config) -> None:
     (None: the image is taken to be at the model's scale, always fine)."""
     if mpp is None:
         return
-    check_mpp(mpp, "mpp (the image's µm per pixel)")
+    check_mpp(mpp, "mpp")
     if not config.mpp:
         raise ValueError("this model does not record the µm/px it was trained at (ModelConfig.mpp = 0), "
                          "so mpp cannot be used with it")
