@@ -21,33 +21,35 @@ here, and `napari_sgdc.inference.segment`, `napari_sgdc.train.finetune.finetune`
 * **The slide level** read for a target µm/px (`choose_level`, `LEVEL_TOLERANCE`) and the
   default whole-slide tile and margin (`DEFAULT_TILE`, `DEFAULT_MARGIN`).
 
-Resampling benchmark (``python benchmarks/resample.py``, 1000² inputs, AMD EPYC with avx2,
-avx512f, avx512_bf16, one torch thread; RMSE against the exact area-sampled pixels of a
-continuous pattern on the target grid: uint8 levels for the RGB image, ×1e-3 for the float map)::
+Resampling benchmark (``python benchmarks/resample.py --repeat 3``, 1000² inputs, AMD EPYC with
+avx2, avx512f, avx512_bf16, one thread; RMSE against the exact area-sampled pixels of a continuous
+pattern on the target grid: uint8 levels for the RGB image, ×1e-3 for the float map (3, 1000, 1000);
+factor = output / input size)::
 
     factor  method    RGB s    RGB RMSE   map s    map RMSE
-    0.5     skimage   0.073    2.88       0.081    11.2      Gaussian + bilinear
-            scipy     0.040    2.88       0.066    11.2      the same filter at explicit coordinates
-            torch     0.014    0.35       0.006    0.35      bilinear = the exact 2×2 mean here
-            torch-aa  0.011    6.36       0.006    24.9
-    2       skimage   0.708    6.80       0.586    26.6      (all four are plain bilinear when enlarging)
-            scipy     0.364    6.80       0.421    26.6
-            torch     0.114    6.80       0.075    26.6
-            torch-aa  0.067    6.80       0.073    26.6
-    1.03    skimage   0.203    4.80       0.154    18.8
-            torch     0.016    4.80       0.016    18.8
-    0.97    skimage   0.047    4.52       0.046    17.7      (600² inputs)
-            torch     0.006    4.52       0.005    17.7
-            torch-aa  0.005    4.63       0.004    18.1
-    0.3     skimage   0.028    3.34       0.013    13.0      (600² inputs)
-            torch     0.002   10.69       0.001    41.9      aliasing: no pre-filter
-            torch-aa  0.002    5.16       0.002    20.2
+    0.5     skimage   0.074    2.88       0.054    11.2      Gaussian + bilinear
+            scipy     0.045    2.88       0.043    11.2      the same filter at explicit coordinates
+            torch     0.009    0.35       0.005    0.35      bilinear: the exact 2×2 mean at 0.5
+            torch-aa  0.007    6.36       0.006    24.9
+    2       skimage   0.865    6.80       0.712    26.6      all four are plain bilinear when enlarging
+            scipy     0.455    6.80       0.639    26.6
+            torch     0.118    6.80       0.139    26.6
+            torch-aa  0.073    6.80       0.103    26.6
+    1.03    skimage   0.201    4.80       0.156    18.8
+            torch     0.033    4.80       0.016    18.8
+    0.97    skimage   0.209    4.52       0.169    17.7
+            torch     0.013    4.52       0.014    17.7
+            torch-aa  0.013    4.63       0.012    18.1
+    0.3     skimage   0.054    3.34       0.045    13.0
+            scipy     0.073    3.34       0.051    13.0
+            torch     0.006   10.69       0.008    41.9      aliasing: no pre-filter
+            torch-aa  0.013    5.16       0.008    20.2
 
 Choice. Images: the Gaussian pre-filter (sigma = (f − 1) / 2 source pixels when shrinking by
 f) + bilinear at pixel centres (scikit-image's ``resize``, which is exactly that): the most
 accurate when shrinking by any factor but exactly 2 (3.3 levels at 0.3 against 10.7 and 5.2),
-the same as every other when enlarging; its time (under a second for 1000² → 2000²) is small
-next to the network's, and it keeps the built-in models' reference outputs (their working
+the same as every other when enlarging; its time (0.05-0.9 s per 1000² image) is small next
+to the network's on that image, and it keeps the built-in models' reference outputs (their working
 resolution uses it). Maps: torch bilinear, 5–8× faster at equal accuracy when enlarging and
 exact when halving, but aliasing beyond 2× (41.9 against 13.0 at 0.3), so maps shrunk by more
 than 2× go through the image filter.
