@@ -107,8 +107,8 @@ stages = {{}}
 if profiler is not None:
     import pstats
     profiler.disable()
-    wanted = {{"predict_maps": "network", "postprocess": "postprocess", "_polygons": "polygons",
-              "read_working": "reading", "_label_chunk_task": "label phase", "_pyramid_task": "pyramid phase",
+    wanted = {{"predict_maps": "network", "postprocess": "postprocess", "polygons": "polygons",
+              "read_working": "reading", "label_chunk_task": "label phase", "pyramid_task": "pyramid phase",
               "detect_tissue": "tissue detection"}}
     for (filename, line, name), row in pstats.Stats(profiler).stats.items():
         if name in wanted and "napari_sgdc" in filename:

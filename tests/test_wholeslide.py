@@ -168,7 +168,7 @@ def test_polygon_simplification_keeps_the_shape_exactly():
     from skimage.draw import disk, polygon as fill_polygon
     from skimage.measure import find_contours
 
-    from napari_sgdc.wholeslide import _drop_collinear
+    from napari_sgdc.wholeslide.tiles import drop_collinear
 
     mask = np.zeros((60, 80), bool)
     mask[disk((20, 20), 12)] = True
@@ -176,12 +176,12 @@ def test_polygon_simplification_keeps_the_shape_exactly():
     mask[fill_polygon([5, 30, 5], [45, 60, 75])] = True  # diagonal edges
     for region in (mask[:, :35], mask[:, 35:]):
         ring = max(find_contours(np.pad(region, 1).astype(np.float32), 0.5), key=len)
-        simple = _drop_collinear(ring)
+        simple = drop_collinear(ring)
         assert np.array_equal(simple[0], simple[-1]) and len(simple) < 0.7 * len(ring)
         assert _shoelace(simple) == pytest.approx(_shoelace(ring), abs=1e-6)  # the same polygon
         assert {tuple(p) for p in simple} <= {tuple(p) for p in ring}  # only vertices were dropped
     square = np.array([[0, 0], [0, 2], [2, 2], [2, 0], [0, 0]], float)
-    np.testing.assert_array_equal(_drop_collinear(square), square)  # nothing to drop
+    np.testing.assert_array_equal(drop_collinear(square), square)  # nothing to drop
 
 
 def test_roi_keeps_objects_with_centroid_inside(reference, slide_path, tmp_path):
@@ -293,3 +293,128 @@ def test_a_model_given_by_name_or_path_brings_its_scale_and_defaults(tmp_path, s
     assert plans[0] == plans[1]
     assert (plans[0]["threshold"], plans[0]["boundary_threshold"], plans[0]["min_size"]) == (0.6, 0.2, 30)
     assert by_path.mpp == by_object.mpp == 0.25 and by_path.n_objects == by_object.n_objects
+
+
+class CountingModel(PixelModel):
+    """PixelModel that counts its forward passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, return_gates=False):
+        self.calls += 1
+        return super().forward(x, return_gates)
+
+
+def test_tta_is_honoured_on_slides_and_part_of_the_resume_settings(slide_path, tmp_path):
+    from napari_sgdc.wholeslide import open_store
+
+    one_tile = dict(roi=(0, 0, TILE, TILE), tissue="none", tile=TILE, margin=MARGIN)
+    plain, augmented = CountingModel(), CountingModel()
+    segment_slide(plain, slide_path, tmp_path / "plain.ome.zarr", **one_tile)
+    segment_slide(augmented, slide_path, tmp_path / "tta.ome.zarr", tta=True, **one_tile)
+    assert plain.calls == 1 and augmented.calls == 8  # the 8 flips and rotations of the one tile
+    assert open_store(tmp_path / "tta.ome.zarr").plan.tta and not open_store(tmp_path / "plain.ome.zarr").plan.tta
+    with pytest.raises(ValueError, match="other settings"):
+        segment_slide(PixelModel(), slide_path, tmp_path / "tta.ome.zarr", resume=True, **one_tile)
+    assert segment_slide(PixelModel(), slide_path, tmp_path / "tta.ome.zarr", resume=True, tta=True,
+                         **one_tile).tiles_resumed == 1
+
+
+def test_a_store_written_before_tta_existed_resumes_as_tta_off(slide_path, tmp_path):
+    from napari_sgdc.wholeslide import open_store
+
+    out = tmp_path / "old.ome.zarr"
+    one_tile = dict(roi=(0, 0, TILE, TILE), tissue="none", tile=TILE, margin=MARGIN)
+    segment_slide(PixelModel(), slide_path, out, **one_tile)
+    attrs = json.loads((out / ".zattrs").read_text())
+    del attrs["napari_sgdc"]["plan"]["tta"], attrs["napari_sgdc"]["plan"]["amp"]
+    (out / ".zattrs").write_text(json.dumps(attrs))
+    assert not open_store(out).plan.tta
+    assert segment_slide(PixelModel(), slide_path, out, resume=True, **one_tile).tiles_resumed == 1
+    with pytest.raises(ValueError, match="other settings"):
+        segment_slide(PixelModel(), slide_path, out, resume=True, tta=True, **one_tile)
+
+
+def test_uncertainty_is_refused_on_slides_in_one_line(slide_path, tmp_path):
+    with pytest.raises(ValueError, match="not available for whole slides") as error:
+        segment_slide(PixelModel(), slide_path, tmp_path / "u.ome.zarr", uncertainty=True)
+    assert "\n" not in str(error.value) and not (tmp_path / "u.ome.zarr").exists()
+
+
+@pytest.mark.parametrize("name, stem", [("case.01.svs", "case.01"), ("case.01.ome.tif", "case.01"),
+                                        ("case.01.ome.tiff", "case.01"), ("a.b.c.ndpi", "a.b.c"),
+                                        ("syn.ome.zarr", "syn"), ("slide.tif", "slide"), ("S.OME.TIF", "S")])
+def test_one_stem_rule(name, stem):
+    from napari_sgdc.wholeslide import slide_stem, store_paths
+
+    assert slide_stem(name) == slide_stem(f"/some/folder/{name}") == stem
+    paths = store_paths("out", name)
+    assert [p.name for p in paths] == [f"{stem}.ome.zarr", f"{stem}_objects.csv", f"{stem}_objects.geojson"]
+
+
+def test_multi_dot_slide_names_give_distinct_stores(rgb, tmp_path):
+    from napari_sgdc.wholeslide import open_store, store_paths
+
+    stores = []
+    for name in ("case.01.ome.tif", "case.02.ome.tif"):
+        path = write_slide(tmp_path / name, rgb[:512, :512])
+        store = store_paths(tmp_path / "out", path).store
+        segment_slide(PixelModel(), path, store, tile=TILE, margin=MARGIN)
+        stores.append(open_store(store))
+    assert [s.path.name for s in stores] == ["case.01.ome.zarr", "case.02.ome.zarr"]
+    assert [s.stem for s in stores] == ["case.01", "case.02"]
+    root = zarr.open_group(str(stores[0].path), mode="r")
+    assert root.attrs["multiscales"][0]["name"] == "case.01"
+
+
+def test_the_callers_slide_is_untouched(rgb, tmp_path):
+    path = write_slide(tmp_path / "nompp.tif", rgb[:512, :512], mpp=None, ome=False)
+    with open_slide(path) as slide:
+        result = segment_slide(PixelModel(), slide, tmp_path / "a.ome.zarr", mpp=0.25, tile=TILE, margin=MARGIN)
+        assert slide.mpp is None and result.n_objects > 0
+    with open_slide(write_slide(tmp_path / "x20.ome.tif", rgb[:512, :512], mpp=0.5)) as slide:
+        before = dict(vars(slide))
+        result = segment_slide(PixelModel(), slide, tmp_path / "b.ome.zarr", mpp=0.25, tile=TILE, margin=MARGIN)
+        assert slide.mpp == 0.5 and vars(slide) == before and result.shape == (512, 512)  # read at 0.25 as asked
+
+
+def test_one_policy_for_existing_outputs(reference, tmp_path):
+    from napari_sgdc.wholeslide import check_outputs, open_store, store_state
+
+    store = reference[0]
+    plan = open_store(store).plan
+    assert check_outputs(tmp_path / "none.ome.zarr", plan) == "create"
+    assert check_outputs(store, plan, resume=True) == "resume" and check_outputs(store, overwrite=True) == "replace"
+    with pytest.raises(StoreExistsError, match="already exists"):
+        check_outputs(store, plan)
+    table = tmp_path / "t.csv"
+    table.write_text("x")
+    with pytest.raises(StoreExistsError, match="t.csv already exists"):
+        check_outputs(tmp_path / "none.ome.zarr", others=(table,))
+    assert check_outputs(tmp_path / "none.ome.zarr", others=(table,), overwrite=True) == "create"
+    foreign = tmp_path / "foreign.ome.zarr"
+    foreign.mkdir()
+    assert store_state(foreign) == "foreign" and store_state(store) == "complete"
+    with pytest.raises(StoreExistsError, match="not a napari-sgdc slide store"):
+        check_outputs(foreign, overwrite=True)
+
+
+def test_result_store_api(reference, slide_path):
+    from napari_sgdc.wholeslide import open_store
+
+    out, result = reference
+    store = open_store(out)
+    assert store.complete and store.state == "complete" and store.stem == "syn" and store.mpp == 0.25
+    assert store.n_objects == result.n_objects and store.levels >= 3 and store.roi == (0, 0, 1280, 1536)
+    plan = store.plan
+    assert (plan.tile, plan.margin, plan.height, plan.width, plan.tta, plan.amp) == (TILE, MARGIN, 1280, 1536,
+                                                                                    False, False)
+    np.testing.assert_array_equal(store.labels(1), read_store_labels(out, 1))
+    assert store.crop_box((100, 200, 300, 50)) == (200, 100, 50, 300)
+    assert store.crop_box((0, 0, 1536, 1280), max_side=512) == (384, 512, 512, 512)
+    with open_slide(slide_path) as slide:
+        np.testing.assert_array_equal(store.read_pixels(200, 100, 50, 300), slide.read_region(100, 200, 300, 50))
+    with pytest.raises(ValueError, match="not a napari-sgdc slide store"):
+        open_store(slide_path.parent)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .deprecation import rename_keys, renamed_field
+from .grid import check_mpp
 
 TASKS = ("semantic", "instance")
 ENCODER_NAMES = ("efficientnet_lite0", "resnet50", "mini")
@@ -171,8 +172,8 @@ class ModelConfig:
         for name, values, low in (("norm_mean", self.norm_mean, -math.inf), ("norm_std", self.norm_std, 0.0)):
             if not all(_is_number(v) and math.isfinite(v) and v > low for v in values):
                 raise ValueError(f"{name} must be 3 finite numbers{' > 0' if low == 0 else ''}, got {values!r}")
-        if not _is_number(self.mpp) or not (self.mpp == 0 or 0.05 < self.mpp < 50):
-            raise ValueError(f"mpp must be 0 (unknown) or µm per pixel in (0.05, 50), got {self.mpp!r}")
+        if not (_is_number(self.mpp) and self.mpp == 0):
+            check_mpp(self.mpp, "mpp (0: unknown)")
         self.mpp = float(self.mpp)
         for name in ("split_level", "threshold"):
             value = getattr(self, name)

@@ -17,10 +17,11 @@ Pipeline for one plane:
     5. `napari_sgdc.postprocess.postprocess` thresholds the probability into the mask
        and, for instance models, splits it into labelled instances with a seeded watershed.
 
-Working resolution: when the model's ``config.resize_long_side`` is > 0, each plane
-is first resized (bilinear, anti-aliased when shrinking) so that its longer side has
-that many pixels, and the probability, boundary and gate maps are resized back
-(bilinear) before thresholding, so every output has the input's pixel size.
+Working grid (`napari_sgdc.grid`): when the image's µm/px is given (``mpp``) each plane
+is resampled to the model's, or, when the model's ``config.resize_long_side`` is > 0,
+resized so that its longer side has that many pixels (`napari_sgdc.grid.resample_image`);
+the probability, boundary and gate maps are resampled back (`napari_sgdc.grid.resample_maps`)
+before thresholding, so every output has the input's pixel size.
 
 Stacks (Z or T, H, W [, C]) are processed plane by plane and every output gains a
 leading plane axis.
@@ -37,8 +38,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data.transforms import check_image, resize_image, to_float_rgb, working_size
+from .data.transforms import check_image, to_float_rgb
 from .device import autocast, eval_mode, model_device, resolve_device
+from .grid import check_image_mpp as check_mpp
+from .grid import resample_image, resample_maps, working_shape
 from .locks import model_lock
 from .model import SGDCSegmenter
 from .postprocess import PostprocessOptions, object_confidence, postprocess, separation_map
@@ -295,13 +298,13 @@ class _PlaneSegmenter:
         working = self.working_shape
         if working == (height, width):
             return self._run_native(plane)
-        rgb = resize_image(to_float_rgb(plane), working)  # (h, w, 3)
+        rgb = resample_image(to_float_rgb(plane), working)  # (h, w, 3)
         maps, gates = self._run_native(rgb.astype(np.float32))  # (h, w) maps at working size
         names = list(maps)
-        resized = _resize_maps(np.stack([maps[name] for name in names]), (height, width))  # (M, H, W)
+        resized = resample_maps(np.stack([maps[name] for name in names]), (height, width))  # (M, H, W)
         maps = dict(zip(names, resized))
         if gates is not None:
-            gates = [GateMap(g.name, g.stride, _resize_maps(g.data.astype(np.float32),
+            gates = [GateMap(g.name, g.stride, resample_maps(g.data.astype(np.float32),
                                                             (math.ceil(height / g.stride), math.ceil(width / g.stride)))
                              .astype(np.float16)) for g in gates]
         return maps, gates
@@ -386,13 +389,6 @@ class _PlaneSegmenter:
             entry["weight"][gy:gy + rows, gx:gx + cols] += weight
 
 
-def _resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of float maps (C, h, w) to (C, *size), float32."""
-    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None]  # (1, C, h, w)
-    resized = torch.nn.functional.interpolate(tensor, size=size, mode="bilinear", align_corners=False)  # (1, C, H, W)
-    return resized[0].numpy()
-
-
 def _tile_layout(height: int, width: int, tile: int | None, overlap: float):
     """Tile size and origins for an image of (height, width).
 
@@ -431,7 +427,7 @@ def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = 
     """
     array = np.asarray(image)
     check_image(array.shape, array.dtype)
-    working = working_size(*array.shape[:2], model.config.resize_long_side)
+    working = working_shape(*array.shape[:2], model.config, None)
     with model_lock(model), eval_mode(model):
         target = model_device(model) if device is None else resolve_device(device)
         runner = _PlaneSegmenter(model.to(target), target, tile, overlap, False, None, cancel, 1, working, tta=tta,
@@ -439,28 +435,6 @@ def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = 
         runner.gaussian = bool(tile)  # one pass: no blending, so every pixel is exactly the model's output
         maps, _ = runner.run(array)
     return maps["probability"], separation_map(maps)
-
-
-def working_shape(height: int, width: int, config, mpp: float | None) -> tuple[int, int]:
-    """The (h, w) the network sees: the image resampled from `mpp` to the model's µm/px
-    when both are known, else resized to ``config.resize_long_side`` (0: unchanged)."""
-    if mpp:
-        scale = float(mpp) / config.mpp
-        return max(1, round(height * scale)), max(1, round(width * scale))
-    return working_size(height, width, config.resize_long_side)
-
-
-def check_mpp(mpp: object, config) -> None:
-    """Raises a one-line ValueError unless `segment(mpp=mpp)` can run a model of `config`."""
-    if mpp is None:
-        return
-    if isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.number)) or not 0.05 < float(mpp) < 50:
-        raise ValueError(f"mpp must be the image's µm per pixel in (0.05, 50), got {mpp!r}")
-    if not config.mpp:
-        raise ValueError("this model does not record the µm/px it was trained at (ModelConfig.mpp = 0), "
-                         "so mpp cannot be used with it")
-    if config.resize_long_side:
-        raise ValueError("mpp cannot be combined with a model that has a working resolution (resize_long_side)")
 
 
 def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions | None = None, *,

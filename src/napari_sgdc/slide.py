@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .grid import choose_level, mpp_in_range, mpp_problem
+
 __all__ = ["SLIDE_SUFFIXES", "OPENSLIDE_SUFFIXES", "Slide", "SlideError", "TissueMask", "detect_tissue",
            "is_slide", "open_slide"]
 
@@ -72,7 +74,7 @@ def _tiff_mpp(tiff) -> float | None:
         microns = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimetre
         if microns and per_unit > 0:
             mpp = microns / per_unit
-            if 0.01 < mpp < 100:
+            if mpp_in_range(mpp):
                 return mpp
     return None
 
@@ -144,14 +146,9 @@ class Slide:
         return None if self.mpp is None else self.mpp * self.level_downsamples[level]
 
     def best_level(self, mpp: float) -> int:
-        """The coarsest level whose pixels are no larger than `mpp` µm (2 % tolerance); 0 without slide mpp."""
-        if self.mpp is None or mpp <= 0:
-            return 0
-        best = 0
-        for level in range(self.level_count):
-            if self.level_mpp(level) <= mpp * 1.02:
-                best = level
-        return best
+        """The coarsest level whose pixels are no larger than `mpp` µm (`napari_sgdc.grid.choose_level`);
+        0 without slide mpp."""
+        return choose_level([self.level_mpp(level) for level in range(self.level_count)], mpp)
 
     def _zarr_level(self, level: int):
         if level not in self._arrays:
@@ -293,8 +290,8 @@ def open_slide(path: str | Path, *, backend: str = "auto", mpp: float | None = N
     path = Path(path)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if mpp is not None and not (isinstance(mpp, (int, float)) and 0.01 < mpp < 100):
-        raise SlideError(f"{path}: mpp must be a number of µm per pixel in (0.01, 100), got {mpp!r}")
+    if mpp is not None and mpp_problem(mpp):
+        raise SlideError(f"{path}: {mpp_problem(mpp)}")
     if not path.exists():
         raise SlideError(f"{path}: no such slide file")
     suffix = _suffix(path)
@@ -374,13 +371,13 @@ def _open_tifffile(path: Path) -> Slide:
 
 
 def detect_tissue(slide: Slide, *, max_side: int = 2048, min_saturation: float = 0.04,
-                  closing_um: float = 50.0, min_area_um2: float = 5000.0) -> TissueMask:
+                  closing_um: float = 50.0, min_area_um2: float = 5000.0, mpp: float | None = None) -> TissueMask:
     """Tissue on a low-resolution level: Otsu on the HSV saturation, small holes closed.
 
     The level read is the finest with a longer side of at most `max_side` pixels (a
     thumbnail-sized image). Saturation above max(Otsu, `min_saturation`) is tissue; it
     is closed with a disk of `closing_um` µm; holes (not reaching the slide's edge) and specks
-    smaller than `min_area_um2` µm² are filled and removed (without slide mpp, 0.25 µm/px is assumed for these sizes).
+    smaller than `min_area_um2` µm² are filled and removed (µm/px: `mpp`, else the slide's, else 0.25).
 
     Returns:
         A `TissueMask` covering the whole slide.
@@ -406,7 +403,7 @@ def detect_tissue(slide: Slide, *, max_side: int = 2048, min_saturation: float =
     if saturation.max() - saturation.min() > 1e-3:
         threshold = max(float(threshold_otsu(saturation)), min_saturation)
     mask = saturation > threshold
-    px_um = (slide.mpp or 0.25) * downsample
+    px_um = (mpp or slide.mpp or 0.25) * downsample
     radius = max(1, int(round(closing_um / px_um / 2)))
     # closing with a disk of `radius` via distance transforms (linear time, any radius)
     padded = np.pad(mask, radius + 1)

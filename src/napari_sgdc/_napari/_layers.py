@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 from napari.layers import Image, Labels, Layer, Shapes
 
+from napari_sgdc.grid import mpp_in_range
+
 KIND_PROBABILITY = "probability"
 KIND_MASK = "mask"
 KIND_BOUNDARY = "SGE boundary"
@@ -81,13 +83,13 @@ def spatial_shape_of(layer: Layer) -> tuple[int, ...]:
 
 def layer_mpp(layer: Layer) -> float | None:
     """The layer's pixel size in µm, from its scale and units, when its last two axes are in a
-    length unit with the same pixel size (within 1 %) in 0.05–50 µm; else None (e.g. pixels)."""
+    length unit with the same pixel size (within 1 %) in `napari_sgdc.grid.MPP_RANGE`; else None (e.g. pixels)."""
     try:
         sizes = [float((float(scale) * unit).to("micrometer").magnitude)
                  for scale, unit in zip(layer.scale[-2:], layer.units[-2:])]
     except Exception:  # noqa: BLE001 - a unit that is not a length (pixel), or no units at all
         return None
-    if len(sizes) != 2 or not 0.05 < sizes[0] < 50 or abs(sizes[0] - sizes[1]) > 0.01 * sizes[0]:
+    if len(sizes) != 2 or not mpp_in_range(sizes[0]) or abs(sizes[0] - sizes[1]) > 0.01 * sizes[0]:
         return None
     return sizes[0]
 

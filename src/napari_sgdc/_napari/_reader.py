@@ -9,7 +9,6 @@ generic tiled pyramidal .tif opens with ``viewer.open(path, plugin="napari-sgdc"
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 __all__ = ["get_reader", "read_slide", "read_result_store"]
@@ -23,19 +22,12 @@ def get_reader(path):
         path = path[0]
     path = Path(path)
     if path.is_dir():
-        return read_result_store if _is_result_store(path) else None
+        from napari_sgdc.wholeslide import store_state
+
+        return read_result_store if store_state(path) in ("partial", "complete") else None
     from napari_sgdc.slide import is_slide
 
     return read_slide if is_slide(path) else None
-
-
-def _is_result_store(path: Path) -> bool:
-    try:
-        with open(path / ".zattrs") as stream:
-            attributes = json.load(stream)
-    except (OSError, ValueError):
-        return False
-    return isinstance(attributes, dict) and "napari_sgdc" in attributes
 
 
 def read_slide(path):
@@ -74,11 +66,13 @@ def _store_layers(path: Path) -> list:
     import dask.array as da
     import zarr
 
+    from napari_sgdc.wholeslide import open_store
+
+    stem = open_store(path).stem
     root = zarr.open_group(str(path), mode="r")
     multiscales = root.attrs["multiscales"][0]
     scale = _scale(multiscales)
     images = [da.from_zarr(root[d["path"]]) for d in multiscales["datasets"]]
-    stem = path.name.split(".")[0]
     layers = []
     for channel, (name, colormap) in enumerate((("probability", "magenta"), ("boundary", "cyan"))):
         layers.append(([level[channel] for level in images],

@@ -12,9 +12,9 @@ import torch
 
 from ..config import PRESETS, TrainConfig
 from ..data.datasets import Sample, SegmentationDataset
-from ..data.transforms import resize_image, resize_labels, to_uint8_rgb
+from ..data.transforms import resize_labels, to_uint8_rgb
 from ..device import model_device
-from ..inference import check_mpp, working_shape
+from ..grid import check_image_mpp, resample_image, working_shape
 from ..locks import model_lock
 from ..model import SGDCSegmenter
 from .corrections import EDIT_BAND, EDIT_MARGIN, EDIT_WEIGHT, crop_to_edits, edited_pixels, loss_weight_map
@@ -86,7 +86,7 @@ def _to_working_size(sample: Sample, prediction: np.ndarray | None, config,
     size = working_shape(*sample.image.shape[:2], config, mpp)
     if size == sample.image.shape[:2]:
         return sample, prediction
-    resized = Sample(sample.name, resize_image(sample.image, size), resize_labels(sample.mask, size))
+    resized = Sample(sample.name, resample_image(sample.image, size), resize_labels(sample.mask, size))
     return resized, None if prediction is None else resize_labels(prediction, size)
 
 
@@ -96,7 +96,7 @@ def _check_mpps(mpp: float | Sequence[float | None] | None, count: int, config) 
     if len(mpps) != count:
         raise ValueError(f"finetune got {len(mpps)} mpp values for {count} images")
     for value in mpps:
-        check_mpp(value, config)
+        check_image_mpp(value, config)
     return mpps
 
 
@@ -235,7 +235,7 @@ def finetune(
     Raises:
         ValueError: one clear line for no pairs, a count or shape mismatch, labels that are
             all background (without a prediction) or equal to their prediction, an `mpp`
-            the model cannot use (see `napari_sgdc.inference.check_mpp`), or an unknown preset.
+            the model cannot use (see `napari_sgdc.grid.check_image_mpp`), or an unknown preset.
         Exception: whatever stopped `fit` (e.g. `TrainingDiverged`), after the model was restored.
     """
     cfg = finetune_config(model, preset)

@@ -1,0 +1,204 @@
+"""`segment_slide`: the whole-slide run, from the plan through the three phases of tasks to a
+complete store (see the package docstring for the geometry, the ownership rule and resume)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..grid import DEFAULT_MARGIN, DEFAULT_TILE
+from ..postprocess import PostprocessOptions
+from ..slide import Slide, TissueMask, detect_tissue, open_slide
+from .plan import SlidePlan, plan_slide
+from .store import (SCRATCH, check_outputs, create_store, mark_complete, n_levels, read_store_attrs, record_path,
+                    slide_stem)
+from .tiles import label_chunk_task, pyramid_task, tile_task
+from .workers import DaskExecutor, LocalExecutor, model_config
+
+__all__ = ["SlideResult", "segment_slide", "tiles_to_run"]
+
+
+@dataclass
+class SlideResult:
+    """Summary of a `segment_slide` run.
+
+    Attributes:
+        store: the OME-Zarr store.
+        n_objects: objects (instances) found.
+        tiles_total: tiles of the grid; tiles_run: tiles with tissue (run or resumed);
+        tiles_resumed: tiles already done by an earlier run.
+        too_large: objects dropped because they reached a window's edge (larger than the margin).
+        mpp: µm per pixel of the outputs (the working grid); shape: its (height, width).
+        level: slide level read; tissue_fraction: of the grid's tiles, the share run.
+        seconds: wall time.
+    """
+
+    store: Path
+    n_objects: int
+    tiles_total: int
+    tiles_run: int
+    tiles_resumed: int
+    too_large: int
+    mpp: float
+    shape: tuple[int, int]
+    level: int
+    tissue_fraction: float
+    seconds: float
+
+
+def tiles_to_run(plan: SlidePlan, tissue: TissueMask | None) -> np.ndarray:
+    """bool (ny, nx): tiles whose core meets the roi and the tissue.
+
+    A tile owns the objects whose centroid lies in its core, and a centroid lies on the
+    object, so on tissue: a core without tissue owns nothing, even when its margin (read
+    by the neighbours that own the objects there) holds tissue. So only the core is
+    tested; testing core + margin ran most blank tiles next to tissue.
+    """
+    ny, nx = plan.grid
+    run = np.zeros((ny, nx), bool)
+    ry0, rx0, ry1, rx1 = plan.roi
+    s = plan.to_level0
+    for i in range(ny):
+        for j in range(nx):
+            y0, x0 = i * plan.tile, j * plan.tile
+            if y0 >= ry1 or y0 + plan.tile <= ry0 or x0 >= rx1 or x0 + plan.tile <= rx0:
+                continue
+            run[i, j] = tissue is None or tissue.any_in(x0 * s, y0 * s, (x0 + plan.tile) * s, (y0 + plan.tile) * s)
+    return run
+
+
+def _tissue_mask(tissue, slide: Slide, mpp: float) -> TissueMask:
+    if isinstance(tissue, TissueMask):
+        return tissue
+    if tissue == "auto":
+        return detect_tissue(slide, mpp=mpp)
+    if tissue in ("none", None):
+        level = slide.thumbnail_level()
+        return TissueMask(np.ones(slide.level_shapes[level], bool), slide.level_downsamples[level])
+    raise ValueError(f"tissue must be 'auto', 'none' or a TissueMask, got {tissue!r}")
+
+
+def _near(offsets: dict, i: int, j: int) -> dict:
+    """The id offsets of tile (i, j) and its 8 neighbours (all a label chunk needs)."""
+    return {(a, b): offsets[(a, b)] for a in range(i - 1, i + 2) for b in range(j - 1, j + 2) if (a, b) in offsets}
+
+
+def _tile_count(plan: SlidePlan, i: int, j: int) -> int:
+    return int(np.load(record_path(plan, i, j))["ids"].size)
+
+
+def _run_phases(plan: SlidePlan, executor, tiles: list, resumed: int, progress, cancel) -> tuple[int, int]:
+    """Phases 1-3 over the `tiles` to run; returns (objects, too large)."""
+    pending = [(plan, i, j) for i, j in tiles if not record_path(plan, i, j).exists()]
+
+    def tile_done(done: int) -> None:
+        if progress is not None:
+            progress(resumed + done, len(tiles))
+
+    counts = dict(zip([(i, j) for _, i, j in pending],
+                      executor.run(tile_task, pending, tile_done, cancel, with_model=True)))
+    for i, j in tiles:
+        if (i, j) not in counts:
+            counts[(i, j)] = _tile_count(plan, i, j)
+    offsets, total = {}, 0
+    for key in sorted(counts):
+        offsets[key] = (total, counts[key])
+        total += counts[key]
+    ny, nx = plan.grid
+    chunks = sorted({(a, b) for i, j in tiles for a in range(i - 1, i + 2) for b in range(j - 1, j + 2)
+                     if 0 <= a < ny and 0 <= b < nx})
+    executor.run(label_chunk_task, [(plan, a, b, _near(offsets, a, b)) for a, b in chunks], cancel=cancel)
+    active = set(chunks)
+    for level in range(1, n_levels(plan)):
+        active = sorted({(a // 2, b // 2) for a, b in active})
+        executor.run(pyramid_task, [(plan, level, a, b) for a, b in active], cancel=cancel)
+    too_large = sum(int(np.load(record_path(plan, i, j))["too_large"]) for i, j in tiles)
+    return total, too_large
+
+
+def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None, tissue="auto",
+                  mpp: float | None = None, tile: int = DEFAULT_TILE, margin: int = DEFAULT_MARGIN,
+                  options: PostprocessOptions | None = None, progress: Callable[[int, int], None] | None = None,
+                  cancel: threading.Event | None = None, resume: bool = False, overwrite: bool = False,
+                  client=None, threads: int = 0, amp: bool = False, tta: bool = False,
+                  uncertainty: bool | str = False) -> SlideResult:
+    """Segments a whole slide into an OME-Zarr store (see the package docstring).
+
+    Args:
+        model: an `SGDCSegmenter` (or any module with ``.config`` and the same outputs), or a
+            built-in model name / checkpoint path (then each Dask worker loads it itself).
+        slide: a `Slide` or a slide path (opened with `open_slide`). A `Slide` is not modified.
+        out: the store directory to create, conventionally ``<stem>.ome.zarr`` (`store_paths`).
+        roi: ``(x, y, width, height)`` in level-0 slide pixels; None = the whole slide. Objects
+            whose centroid lies in the roi are kept whole.
+        tissue: ``"auto"`` (`detect_tissue`, background tiles skipped), ``"none"`` (every tile),
+            or a precomputed `TissueMask`.
+        mpp: the slide's µm per level-0 pixel, overriding or supplying its metadata.
+        tile: core (and chunk) size in working pixels (a multiple of 32, >= 128).
+        margin: context added on every side of a core (multiple of 32, <= tile); objects larger
+            than the margin are dropped (counted in ``too_large``).
+        options: post-processing thresholds (default: the model's, `PostprocessOptions.for_model`).
+        progress: ``progress(done, total)`` after every tile.
+        cancel: a `threading.Event`; when set, the run stops after the current tile and raises
+            `napari_sgdc.inference.Cancelled`; ``resume=True`` continues it later.
+        resume: continue an interrupted run into an existing store made with the same settings.
+        overwrite: replace an existing store (only one written by this function).
+        client: a ``dask.distributed.Client``: tiles run as tasks on its cluster.
+        threads: torch threads per task (0 = leave as is).
+        amp: bf16 autocast for the network where the device runs bf16 natively (as in
+            `napari_sgdc.inference.segment`); part of the settings a resume must match.
+        tta: test-time augmentation, as in `segment`: each tile's maps are the mean over the 8
+            flips and 90° rotations (8× the network time); part of the settings a resume must match.
+        uncertainty: not available for whole slides (the store holds no uncertainty map):
+            anything but False is refused with a ValueError before any work.
+
+    Returns:
+        A `SlideResult`.
+
+    Raises:
+        SlideError: a slide that cannot be read, or no µm/px; nothing is written.
+        StoreExistsError: `out` exists and neither `resume` nor `overwrite` is set (`check_outputs`).
+        ValueError: resume with other settings, bad tile/margin/roi, or `uncertainty`.
+        Cancelled: `cancel` was set.
+    """
+    if uncertainty:
+        raise ValueError("uncertainty maps are not available for whole slides; segment a region as an image for them")
+    start = time.perf_counter()
+    owned_slide = not isinstance(slide, Slide)
+    if owned_slide:
+        slide = open_slide(slide, mpp=mpp)
+    try:
+        out = Path(out)
+        plan = plan_slide(model_config(model), slide, out, roi=roi, mpp=mpp, tile=int(tile), margin=int(margin),
+                          options=options, threads=int(threads), amp=amp, tta=tta)
+        action = check_outputs(out, plan, resume=resume, overwrite=overwrite)
+        if action == "replace":
+            shutil.rmtree(out)
+        tissue_mask = _tissue_mask(tissue, slide, plan.slide_mpp)
+        run = tiles_to_run(plan, tissue_mask)
+        if action != "resume":
+            create_store(plan, tissue_mask, run, slide_stem(out))
+        tiles = [(int(i), int(j)) for i, j in zip(*np.nonzero(run))]
+        resumed = sum(record_path(plan, i, j).exists() for i, j in tiles)
+        executor = DaskExecutor(client, model) if client is not None else LocalExecutor(model)
+        done = read_store_attrs(out) if action == "resume" else None
+        if done and done.get("complete"):  # resuming a finished run: nothing left to do
+            total, too_large = int(done["n_objects"]), int(done["too_large"])
+        else:
+            total, too_large = _run_phases(plan, executor, tiles, resumed, progress, cancel)
+            shutil.rmtree(out / SCRATCH, ignore_errors=True)  # the scratch labels are no longer needed
+            mark_complete(plan, total, too_large)
+        ny, nx = plan.grid
+        return SlideResult(store=out, n_objects=total, tiles_total=ny * nx, tiles_run=len(tiles),
+                           tiles_resumed=resumed, too_large=too_large, mpp=plan.mpp, shape=(plan.height, plan.width),
+                           level=plan.level, tissue_fraction=len(tiles) / max(1, ny * nx),
+                           seconds=time.perf_counter() - start)
+    finally:
+        if owned_slide:
+            slide.close()

@@ -1,0 +1,313 @@
+"""The result store of a whole-slide run: its layout, its names, and the public API to read
+it (`open_store`, `ResultStore`, `store_state`) and to decide what happens to an existing one
+(`check_outputs`, the one exists / resume / overwrite policy).
+
+Layout (zarr v2, OME-NGFF 0.4)::
+
+    S.ome.zarr/            multiscale image, axes (c, y, x): c = probability, boundary (uint8, p·255;
+                           the separation map for distance and HoVer models)
+    S.ome.zarr/labels/nuclei   multiscale int32 instance labels (0 = background)
+    S.ome.zarr/labels/tissue   uint8 tissue mask (1 = tissue, 2 = tissue and processed) at thumbnail scale
+    S.ome.zarr/tiles/i_j.npz   per-tile object records (`napari_sgdc.wholeslide.export_objects` reads them)
+
+The root's ``napari_sgdc`` attributes hold the format, ``complete``, the plan's signature
+(`SlidePlan.signature`) and, once complete, ``n_objects`` and ``too_large``. Only this module
+reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..slide import TissueMask
+from .plan import SIGNATURE_DEFAULTS, SlidePlan
+
+__all__ = ["FORMAT", "StoreExistsError", "ResultStore", "StorePaths", "check_outputs", "open_store", "read_store_attrs",
+           "read_store_labels", "slide_stem", "store_paths", "store_state"]
+
+FORMAT = "napari-sgdc-wholeslide/1"
+SCRATCH = "_work"
+TWO_PART_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr")
+STATES = ("absent", "foreign", "partial", "complete")
+
+
+class StoreExistsError(FileExistsError):
+    """The output store exists and neither ``resume`` nor ``overwrite`` was asked for."""
+
+
+def slide_stem(path: str | Path) -> str:
+    """The name of a slide (or store) without its format suffix: a known two-part suffix
+    (``.ome.tif``, ``.ome.tiff``, ``.ome.zarr``) or else exactly one extension.
+
+    ``case.01.svs`` → ``case.01``; ``case.01.ome.tif`` → ``case.01``; ``a.b.c.ndpi`` → ``a.b.c``.
+    """
+    name = Path(path).name
+    for suffix in TWO_PART_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+class StorePaths(NamedTuple):
+    """The outputs of one slide: the store, the object table and the QuPath GeoJSON."""
+
+    store: Path
+    table: Path
+    geojson: Path
+
+
+def store_paths(out_dir: str | Path, slide_path: str | Path) -> StorePaths:
+    """``S.ome.zarr``, ``S_objects.csv`` and ``S_objects.geojson`` in `out_dir`, S = `slide_stem`."""
+    out_dir, stem = Path(out_dir), slide_stem(slide_path)
+    return StorePaths(out_dir / f"{stem}.ome.zarr", out_dir / f"{stem}_objects.csv", out_dir / f"{stem}_objects.geojson")
+
+
+def read_store_attrs(path: str | Path) -> dict | None:
+    """The ``napari_sgdc`` attributes of a store, or None when `path` holds none (absent or foreign)."""
+    try:
+        with open(Path(path) / ".zattrs") as stream:
+            attrs = json.load(stream)
+    except (OSError, ValueError):
+        return None
+    value = attrs.get("napari_sgdc") if isinstance(attrs, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def store_state(path: str | Path) -> str:
+    """``"absent"``, ``"foreign"`` (something else is there), ``"partial"`` (a run that stopped) or ``"complete"``."""
+    if not Path(path).exists():
+        return "absent"
+    attrs = read_store_attrs(path)
+    if attrs is None:
+        return "foreign"
+    return "complete" if attrs.get("complete") else "partial"
+
+
+def check_outputs(store: str | Path, plan: SlidePlan | None = None, *, resume: bool = False, overwrite: bool = False,
+                  others: tuple[str | Path, ...] = ()) -> str:
+    """The one policy for existing outputs; decides, deletes nothing.
+
+    Args:
+        store: the store path. plan: the run's plan; a resume must match the store's (None: not checked).
+        resume, overwrite: what the user asked for. others: further outputs (the object table and
+            GeoJSON) that must not exist unless `resume` or `overwrite`.
+
+    Returns:
+        ``"create"`` (nothing there), ``"resume"`` (continue the store) or ``"replace"`` (delete it first).
+
+    Raises:
+        StoreExistsError: something exists and neither `resume` nor `overwrite` is set, or the store
+            is not a napari-sgdc store (never replaced). ValueError: resume with other settings.
+    """
+    state = store_state(store)
+    if state == "foreign":
+        raise StoreExistsError(f"{store} exists and is not a napari-sgdc slide store; not replaced")
+    if not (resume or overwrite):
+        for path in (store, *others):
+            if Path(path).exists():
+                raise StoreExistsError(f"{path} already exists; not replaced (resume or overwrite it)")
+    if state == "absent":
+        return "create"
+    if overwrite:
+        return "replace"
+    if plan is not None:
+        stored = {**SIGNATURE_DEFAULTS, **(read_store_attrs(store).get("plan") or {})}
+        if stored != json.loads(json.dumps(plan.signature())):
+            raise ValueError(f"{store}: cannot resume: the store was made with other settings "
+                             "(slide, model µm/px, tile, margin, thresholds, roi, amp or tta); use overwrite")
+    return "resume"
+
+
+@dataclass(frozen=True)
+class ResultStore:
+    """A napari-sgdc slide store, opened for reading (`open_store`).
+
+    Attributes:
+        path: the store folder. attrs: its ``napari_sgdc`` attributes.
+    """
+
+    path: Path
+    attrs: dict
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def state(self) -> str:
+        return "complete" if self.complete else "partial"
+
+    @property
+    def stem(self) -> str:
+        return slide_stem(self.path)
+
+    @property
+    def plan(self) -> SlidePlan:
+        """The plan (and so the options: thresholds, amp, tta, roi) the store was made with."""
+        return SlidePlan.from_signature(self.attrs["plan"], self.path)
+
+    @property
+    def mpp(self) -> float:
+        """µm per pixel of level 0 (the working grid)."""
+        return float(self.attrs["plan"]["mpp"])
+
+    @property
+    def n_objects(self) -> int | None:
+        return self.attrs.get("n_objects")
+
+    @property
+    def levels(self) -> int:
+        """Pyramid levels."""
+        return len(open_group(self.path, mode="r").attrs["multiscales"][0]["datasets"])
+
+    @property
+    def roi(self) -> tuple[int, int, int, int]:
+        """The working-grid box (y0, x0, y1, x1) the run kept objects in."""
+        return self.plan.roi
+
+    def crop_box(self, roi: tuple[float, float, float, float], max_side: int = 2048) -> tuple[int, int, int, int]:
+        """(y0, x0, h, w) on the working grid of the level-0 slide box `roi` (x, y, w, h),
+        centred and at most `max_side` on a side."""
+        plan = self.plan
+        x, y, w, h = roi
+        s = plan.to_level0
+        y0, x0 = int(y // s), int(x // s)
+        y1, x1 = min(plan.height, int(math.ceil((y + h) / s))), min(plan.width, int(math.ceil((x + w) / s)))
+        if y1 - y0 > max_side:
+            y0 = (y0 + y1 - max_side) // 2
+            y1 = y0 + max_side
+        if x1 - x0 > max_side:
+            x0 = (x0 + x1 - max_side) // 2
+            x1 = x0 + max_side
+        return y0, x0, y1 - y0, x1 - x0
+
+    def labels(self, level: int = 0) -> np.ndarray:
+        """The instance labels at pyramid `level`, in memory (a small store or level)."""
+        return read_store_labels(self.path, level)
+
+    def read_pixels(self, y0: int, x0: int, height: int, width: int) -> np.ndarray:
+        """(height, width, 3) uint8 slide pixels on the working grid (the pixels the model saw)."""
+        from ..slide import open_slide
+        from .plan import read_working
+
+        plan = self.plan
+        with open_slide(plan.slide_path, backend=plan.backend, mpp=plan.slide_mpp) as slide:
+            return read_working(slide, plan, y0, x0, height, width)
+
+
+def open_store(path: str | Path) -> ResultStore:
+    """The napari-sgdc store at `path`; a one-line ValueError when there is none."""
+    attrs = read_store_attrs(path)
+    if attrs is None:
+        raise ValueError(f"{path}: not a napari-sgdc slide store")
+    return ResultStore(Path(path), attrs)
+
+
+def read_store_labels(store: str | Path, level: int = 0) -> np.ndarray:
+    """The instance labels of a (small) store at pyramid `level`, in memory."""
+    return np.asarray(open_group(store, mode="r")[f"labels/nuclei/{level}"][...])
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def open_group(store: str | Path, mode: str = "r+"):
+    import zarr
+
+    return zarr.open_group(str(store), mode=mode, zarr_format=2)
+
+
+def _compressor():
+    from numcodecs import Blosc
+
+    return Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE)
+
+
+def n_levels(plan: SlidePlan) -> int:
+    """Pyramid levels: halved until the longer side fits one tile (at most 12)."""
+    levels, side = 1, max(plan.height, plan.width)
+    while side > plan.tile and levels < 12:
+        side = math.ceil(side / 2)
+        levels += 1
+    return levels
+
+
+def level_shape(plan: SlidePlan, level: int) -> tuple[int, int]:
+    return math.ceil(plan.height / 2 ** level), math.ceil(plan.width / 2 ** level)
+
+
+def record_path(plan: SlidePlan, i: int, j: int) -> Path:
+    """The object record of tile (i, j) (its existence marks the tile done)."""
+    return Path(plan.store) / "tiles" / f"{i}_{j}.npz"
+
+
+def _array(group, name: str, shape, chunks, dtype: str, chunk_keys: bool = True):
+    extra = {"chunk_key_encoding": {"name": "v2", "separator": "/"}} if chunk_keys else {}
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+                              compressors=_compressor(), **extra)
+
+
+def _multiscale(name: str, axes: list, scales: list, kind: str) -> dict:
+    datasets = [{"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+                for level, scale in enumerate(scales)]
+    return {"version": "0.4", "name": name, "axes": axes, "datasets": datasets, "type": kind}
+
+
+def create_store(plan: SlidePlan, tissue: TissueMask, processed: np.ndarray, name: str) -> None:
+    """Creates the empty store of `plan` with its tissue mask (2 where `processed` tiles lie) and metadata."""
+    root = open_group(plan.store, mode="w")
+    levels = n_levels(plan)
+    labels = root.create_group("labels")
+    nuclei = labels.create_group("nuclei")
+    for level in range(levels):
+        h, w = level_shape(plan, level)
+        _array(root, str(level), (2, h, w), (1, plan.tile, plan.tile), "uint8")
+        _array(nuclei, str(level), (h, w), (plan.tile, plan.tile), "int32")
+    tissue_group = labels.create_group("tissue")
+    tissue_map = tissue.mask.astype(np.uint8)
+    _array(tissue_group, "0", tissue_map.shape, tissue_map.shape, "uint8", chunk_keys=False)[...] = \
+        tissue_map + processed_on(tissue, processed, plan)
+    ny, nx = plan.grid
+    _array(root.create_group(SCRATCH), "owned", (ny, nx, plan.window, plan.window), (1, 1, plan.window, plan.window),
+           "int32")
+    (Path(plan.store) / "tiles").mkdir(exist_ok=True)
+    um, tissue_um = plan.mpp, plan.slide_mpp * tissue.downsample
+    axes_yx = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
+    scales = [[um * 2 ** level] * 2 for level in range(levels)]
+    channel = {"window": {"start": 0, "end": 255, "min": 0, "max": 255}}
+    root.attrs.update({
+        "multiscales": [_multiscale(name, [{"name": "c", "type": "channel"}] + axes_yx,
+                                    [[1.0, *scale] for scale in scales], "mean")],
+        "omero": {"channels": [{"label": "probability", "color": "FF00FF", **channel},
+                               {"label": "boundary", "color": "00FFFF", **channel}]},
+        "napari_sgdc": {"format": FORMAT, "complete": False, "plan": plan.signature(),
+                        "probability_scale": "uint8 = round(255 * p)"},
+    })
+    labels.attrs["labels"] = ["nuclei", "tissue"]
+    source = {"version": "0.4", "source": {"image": "../../"}}
+    nuclei.attrs.update({"multiscales": [_multiscale("nuclei", axes_yx, scales, "nearest")], "image-label": source})
+    tissue_group.attrs.update({"multiscales": [_multiscale("tissue", axes_yx, [[tissue_um, tissue_um]], "nearest")],
+                               "image-label": {**source, "colors": [{"label-value": 1, "rgba": [0, 160, 0, 96]},
+                                                                    {"label-value": 2, "rgba": [0, 255, 0, 96]}]}})
+
+
+def processed_on(tissue: TissueMask, processed: np.ndarray, plan: SlidePlan) -> np.ndarray:
+    """1 on the tissue-mask pixels whose tile was run (so the saved mask shows what was skipped)."""
+    rows = ((np.arange(tissue.mask.shape[0]) + 0.5) * tissue.downsample / plan.to_level0 // plan.tile).astype(int)
+    cols = ((np.arange(tissue.mask.shape[1]) + 0.5) * tissue.downsample / plan.to_level0 // plan.tile).astype(int)
+    rows, cols = np.clip(rows, 0, processed.shape[0] - 1), np.clip(cols, 0, processed.shape[1] - 1)
+    return (processed[rows[:, None], cols[None, :]] & tissue.mask).astype(np.uint8)
+
+
+def mark_complete(plan: SlidePlan, n_objects: int, too_large: int) -> None:
+    """Records a finished run in the store's attributes."""
+    root = open_group(plan.store)
+    meta = dict(root.attrs["napari_sgdc"])
+    meta.update({"complete": True, "n_objects": n_objects, "too_large": too_large})
+    root.attrs["napari_sgdc"] = meta
