@@ -213,7 +213,7 @@ def check_csv_target(path: str | Path, overwrite: bool = False) -> None:
 
 def write_csv(rows: Sequence[dict], path: str | Path, keys: Sequence[str] | None = None, *,
               overwrite: bool = False) -> Path:
-    """Writes per-image rows (``image`` plus `keys`; floats with 6 significant digits)
+    """Writes per-image rows (``image`` plus `keys`, other keys left out; floats with 6 significant digits)
     atomically to `path`; an existing file is replaced only with `overwrite`.
 
     Raises:
@@ -227,7 +227,7 @@ def write_csv(rows: Sequence[dict], path: str | Path, keys: Sequence[str] | None
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=["image", *keys], restval="")
+            writer = csv.DictWriter(stream, fieldnames=["image", *keys], restval="", extrasaction="ignore")
             writer.writeheader()
             for row in rows:
                 writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value)
