@@ -68,9 +68,10 @@ SCORING = {"ph2": [("test", "ph2", None, "test")], "consep": [("test", "consep",
 
 def _score(checkpoint: Path, layout: str, data: Path, split: str, table: Path, keys: list[str],
            tta: bool = False) -> dict:
-    """Mean scores of one checkpoint over one split (per-image rows written to `table`)."""
+    """Mean scores of one checkpoint over one split (per-image rows written to `table`, replacing it:
+    a re-tuned or re-scored run rewrites its tables)."""
     code = cli(["evaluate", "--model", str(checkpoint), "--layout", layout, "--data", str(data), "--split", split,
-                "--csv", str(table), "--device", "cpu", *(["--tta"] if tta else [])])
+                "--csv", str(table), "--overwrite", "--device", "cpu", *(["--tta"] if tta else [])])
     if code != 0:
         raise RuntimeError(f"evaluating {checkpoint} on {data} {split} failed ({code})")
     with open(table) as stream:

@@ -51,7 +51,7 @@ def _write_inputs(folder: Path) -> dict[str, Path]:
     return {"rgb": rgb, "gray16": gray16}
 
 
-@pytest.mark.parametrize("command", [[], ["predict"], ["train"], ["evaluate"]])
+@pytest.mark.parametrize("command", [[], ["predict"], ["train"], ["evaluate"], ["tune"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -60,6 +60,16 @@ def test_every_command_has_help(command, capsys):
     assert out.startswith(f"usage: napari-sgdc {' '.join(command)}".rstrip())
     if command:
         assert "--model" in out or "--data" in out
+
+
+def test_help_lists_every_subcommand_tune_included(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage == "usage: napari-sgdc [-h] {predict,train,evaluate,tune} ..."
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "--help"])
+    assert exit_info.value.code == 0 and "--overwrite" in capsys.readouterr().out
 
 
 def test_missing_command_is_a_usage_error(capsys):
@@ -271,6 +281,25 @@ def test_evaluate_semantic_only(tmp_path, checkpoints, capsys):
     header = table.read_text().splitlines()[0]
     assert header == "image,iou,dice,hd95,boundary_f1"
     assert "AJI" not in capsys.readouterr().out
+
+
+def test_evaluate_never_replaces_an_existing_csv_without_overwrite(tmp_path, checkpoints, capsys):
+    _write_labelled_folders(tmp_path)
+    table = tmp_path / "scores.csv"
+    table.write_bytes(b"image,iou\nprecious,1\n")
+    args = ["evaluate", "--model", str(checkpoints["semantic"]), "--images", str(tmp_path / "images"),
+            "--masks", str(tmp_path / "masks"), "--csv", str(table), "--device", "cpu"]
+    # refused before any work: not even the (missing) model is loaded
+    missing_model = [*args[:2], str(tmp_path / "missing.safetensors"), *args[3:]]
+    assert main(missing_model) == 1
+    captured = capsys.readouterr()
+    errors = _error_lines(captured.err)
+    assert len(errors) == 1 and str(table) in errors[0] and "--overwrite" in errors[0]
+    assert "missing.safetensors" not in captured.err and captured.out == ""
+    assert table.read_bytes() == b"image,iou\nprecious,1\n"
+    assert main([*args, "--overwrite"]) == 0
+    assert table.read_text().splitlines()[0] == "image,iou,dice,hd95,boundary_f1"
+    assert not [path for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
 
 
 def test_train_resume_without_state_is_one_line(tmp_path, capsys):

@@ -372,3 +372,59 @@ def ndimage_distance(annotated: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     return ndimage.distance_transform_edt(~annotated)
+
+
+# ----------------------------------------------------------------------------- the layout table
+
+
+def test_every_layout_has_one_row_with_task_classes_stain_and_splits():
+    from napari_sgdc.data.datasets import LAYOUT_TABLE, LAYOUTS, SPLITS, layout_info
+
+    assert LAYOUTS == tuple(LAYOUT_TABLE)
+    for name, row in LAYOUT_TABLE.items():
+        assert row.name == name and layout_info(name) is row
+        assert row.task in (None, "semantic", "instance")
+        assert row.stain in (None, "H&E", "dermoscopy")
+        assert row.splits and set(row.splits) <= set(SPLITS) - {"all"}
+    assert layout_info("ph2").class_names("semantic") == ("lesion",) and layout_info("ph2").stain == "dermoscopy"
+    assert layout_info("folders").class_names("instance") == ("nucleus",)
+    assert layout_info("folders").class_names("semantic") == ("foreground",)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        layout_info("isbi")
+
+
+@pytest.mark.parametrize("layout", ["consep", "monuseg", "monuseg-instances", "monuseg-masks", "gbm40"])
+def test_stain_jitter_is_on_for_every_h_and_e_layout(layout):
+    from napari_sgdc.data.datasets import layout_info
+    from napari_sgdc.train.recipe import train_config_for
+
+    assert layout_info(layout).stain == "H&E" and layout_info(layout).stain_jitter
+    assert train_config_for({}, layout).stain_jitter is True
+    assert train_config_for({"stain_jitter": False}, layout).stain_jitter is False  # the config still wins
+
+
+@pytest.mark.parametrize("layout", ["ph2", "folders"])
+def test_stain_jitter_is_off_for_other_layouts(layout):
+    from napari_sgdc.train.recipe import train_config_for
+
+    assert train_config_for({}, layout).stain_jitter is False
+
+
+def test_splits_a_layout_lacks_load_as_empty_from_the_table():
+    from napari_sgdc.data.datasets import layout_info
+
+    for layout in ("monuseg", "monuseg-masks", "gbm40"):
+        assert set(layout_info(layout).splits) == {"train"}
+        assert load_samples(DATA / ("gbm40" if layout == "gbm40" else "monuseg"), layout, "test") == []
+    assert len(load_samples(DATA / "monuseg", "monuseg-masks", "all", max_images=1)) == 1
+
+
+def test_validation_dataset_serves_whole_images_at_the_models_resolution(tmp_path):
+    from napari_sgdc.data.datasets import validation_dataset
+    from napari_sgdc.model import tiny_config
+
+    _write_folder(tmp_path, instance=True)
+    samples = load_samples(tmp_path, "folders")  # 40 x 50 images
+    dataset = validation_dataset(samples, tiny_config(task="instance", resize_long_side=100), boundary_width=1)
+    item = dataset[0]
+    assert item["image"].shape == (3, 80, 100) and "instances" in item and not dataset.augment

@@ -24,6 +24,10 @@ Layouts understood by `load_samples` (see ``shared/data/README.md``):
 * ``folders``: ``<root>/images`` with ``<root>/masks`` (or ``labels``/``instances``);
   when ``<root>/<split>/images`` exists that folder is used instead. Masks are matched
   by stem, optionally with a ``_mask``/``_label``/``_labels``/``_segmentation`` suffix.
+
+Everything the package knows about a layout (its default task, class names, stain, the
+splits that hold images, whether it is partly annotated, and how its files pair up) is
+one `Layout` row of `LAYOUT_TABLE`; the CLI and the training recipe read that table.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,20 +47,25 @@ from .targets import annotated_weight, boundary_target, instance_map_target
 from .transforms import augment_pair, center_crop, to_float_rgb, to_uint8_rgb
 
 __all__ = [
+    "Layout",
     "Sample",
     "SegmentationDataset",
+    "find_label_file",
+    "layout_info",
     "load_samples",
     "read_rgb",
+    "resize_samples",
+    "validation_dataset",
+    "LAYOUT_TABLE",
     "LAYOUTS",
     "SPLITS",
     "CONSEP_VAL_PARENTS",
+    "GBM40_RING_PX",
 ]
 
-LAYOUTS = ("ph2", "consep", "monuseg", "monuseg-instances", "monuseg-masks", "gbm40", "folders")
 SPLITS = ("train", "val", "test", "all")
 CONSEP_VAL_PARENTS = (19, 20)
 _MASK_STEM_SUFFIXES = ("", "_mask", "_label", "_labels", "_segmentation", "_instances")
-_DEFAULT_TASK = {"ph2": "semantic", "consep": "instance", "monuseg": "instance", "monuseg-instances": "instance", "monuseg-masks": "instance", "gbm40": "instance", "folders": None}
 GBM40_RING_PX = 6  # background kept in the loss around each annotated GBM40 nucleus
 
 
@@ -158,8 +167,6 @@ def _pairs_consep(root: Path, split: str) -> list[tuple[Path, Path]]:
 
 
 def _pairs_monuseg(root: Path, split: str) -> list[tuple[Path, Path]]:
-    if split in ("val", "test"):
-        return []
     image_dir = root / "train" / "images"
     if not image_dir.is_dir():
         raise ValueError(f"monuseg layout needs {image_dir}")
@@ -199,12 +206,73 @@ def _pairs_folders(root: Path, split: str) -> list[tuple[Path, Path]]:
 
 
 def _pairs_gbm40(root: Path, split: str) -> list[tuple[Path, Path]]:
-    if split in ("val", "test"):
-        return []
     image_dir = root / "images"
     if not image_dir.is_dir():
         raise ValueError(f"gbm40 layout needs {image_dir}")
     return [(path, root / "instances" / f"{path.stem}.png") for path in _list_images(image_dir)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the package knows about one dataset layout.
+
+    Attributes:
+        name: the layout name (``--layout`` of the CLI).
+        task: the default task, ``semantic`` or ``instance``; None: guessed from the first
+            label file (``folders``).
+        classes: class names a model trained on it carries; None: from the task
+            (``nucleus`` for instance models, ``foreground`` otherwise).
+        stain: ``H&E``, ``dermoscopy`` or None (unknown); H&E layouts train with stain jitter.
+        splits: the splits that can hold images (others load as ``[]``; ``all`` is every one).
+        annotated_ring_px: partly annotated labels: the loss weighs only the annotated
+            objects and a ring of this many pixels around them (None: fully annotated).
+        pairs: ``pairs(root, split)`` -> the (image, label) file pairs of a split.
+    """
+
+    name: str
+    task: str | None
+    classes: tuple[str, ...] | None
+    stain: str | None
+    splits: tuple[str, ...]
+    pairs: Callable[[Path, str], list[tuple[Path, Path]]]
+    annotated_ring_px: int | None = None
+
+    @property
+    def stain_jitter(self) -> bool:
+        """Whether training on this layout uses H&E stain jitter by default."""
+        return self.stain == "H&E"
+
+    def class_names(self, task: str) -> tuple[str, ...]:
+        """The class names of a model trained on this layout for `task`."""
+        if self.classes is not None:
+            return self.classes
+        return ("nucleus",) if task == "instance" else ("foreground",)
+
+
+_HE_NUCLEI = dict(classes=("nucleus",), stain="H&E")
+LAYOUT_TABLE: dict[str, Layout] = {layout.name: layout for layout in (
+    Layout("ph2", "semantic", ("lesion",), "dermoscopy", ("train", "val", "test"), _pairs_ph2),
+    Layout("consep", "instance", **_HE_NUCLEI, splits=("train", "val", "test"), pairs=_pairs_consep),
+    Layout("monuseg", "instance", **_HE_NUCLEI, splits=("train",), pairs=_pairs_monuseg),
+    Layout("monuseg-instances", "instance", **_HE_NUCLEI, splits=("train",), pairs=_pairs_monuseg_instances),
+    Layout("monuseg-masks", "instance", **_HE_NUCLEI, splits=("train",), pairs=_pairs_monuseg_masks),
+    Layout("gbm40", "instance", **_HE_NUCLEI, splits=("train",), pairs=_pairs_gbm40,
+           annotated_ring_px=GBM40_RING_PX),
+    Layout("folders", None, None, None, ("train", "val", "test"), _pairs_folders),
+)}
+"""Every dataset layout `load_samples` understands (see the module docstring)."""
+LAYOUTS = tuple(LAYOUT_TABLE)
+
+
+def layout_info(name: str) -> Layout:
+    """The `Layout` row of `name`.
+
+    Raises:
+        ValueError: an unknown layout (one line listing the known ones).
+    """
+    if name not in LAYOUT_TABLE:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {name!r}")
+    return LAYOUT_TABLE[name]
 
 
 def _guess_instance(mask_path: Path) -> bool:
@@ -241,8 +309,7 @@ def load_samples(
         ValueError: for an unknown layout/split/task, a missing folder, or a file that
             cannot be read or does not match its image (the message names the file).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    info = layout_info(layout)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if task not in (None, "semantic", "instance"):
@@ -250,22 +317,16 @@ def load_samples(
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"dataset folder {root} does not exist")
-    pairs = {
-        "ph2": _pairs_ph2,
-        "consep": _pairs_consep,
-        "monuseg": _pairs_monuseg,
-        "monuseg-instances": _pairs_monuseg_instances,
-        "monuseg-masks": _pairs_monuseg_masks,
-        "gbm40": _pairs_gbm40,
-        "folders": _pairs_folders,
-    }[layout](root, split)
+    if split != "all" and split not in info.splits:
+        return []
+    pairs = info.pairs(root, split)
     if max_images is not None:
         if max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
         pairs = pairs[:max_images]
     if not pairs:
         return []
-    task = task or _DEFAULT_TASK[layout]
+    task = task or info.task
     if task is None:
         instance = _guess_instance(pairs[0][1])
     else:
@@ -276,8 +337,8 @@ def load_samples(
         if not mask_path.is_file():
             raise ValueError(f"mask file {mask_path} is missing")
     samples = [_make_sample(image_path, mask_path, instance) for image_path, mask_path in pairs]
-    if layout == "gbm40":  # partly annotated: only annotated nuclei and their surroundings count
-        samples = [Sample(s.name, s.image, s.mask, annotated_weight(s.mask, GBM40_RING_PX)) for s in samples]
+    if info.annotated_ring_px is not None:  # partly annotated: only annotated objects and their surroundings count
+        samples = [Sample(s.name, s.image, s.mask, annotated_weight(s.mask, info.annotated_ring_px)) for s in samples]
     return samples
 
 
@@ -433,3 +494,17 @@ def resize_samples(samples: Sequence[Sample], long_side: int) -> list[Sample]:
         weight = None if sample.weight is None else resize_labels(sample.weight, size)
         resized.append(Sample(sample.name, resize_image(sample.image, size), resize_labels(sample.mask, size), weight))
     return resized
+
+
+def validation_dataset(samples: Sequence[Sample], config: Any, boundary_width: int = 3) -> SegmentationDataset:
+    """Whole-image validation items of `samples` for a model of `config`, as training validates.
+
+    Args:
+        samples: the validation samples (brought to ``config.resize_long_side`` first).
+        config: the model's `napari_sgdc.config.ModelConfig` (``resize_long_side``, ``task``
+            and ``instance_map`` are read).
+        boundary_width: width of the boundary band target.
+    """
+    samples = resize_samples(samples, config.resize_long_side)
+    return SegmentationDataset(samples, crop_size=None, augment=False, boundary_width=boundary_width,
+                               task=config.task, instance_map=config.instance_map)

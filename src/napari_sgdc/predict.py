@@ -1,0 +1,265 @@
+"""Batch prediction of image files and slides (what ``napari-sgdc predict`` runs).
+
+`collect_inputs` turns files and folders into image files and slide files,
+`predict_files` segments image files into result files (see
+`napari_sgdc.imageio.write_result`), and `predict_slides` segments whole slides into
+result stores with their object tables (see `napari_sgdc.wholeslide`). Errors about one
+input are reported through ``on_error`` (one line naming the file) and counted; the
+other inputs still run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = [
+    "PredictSummary", "check_outputs", "collect_inputs", "expand_inputs", "predict_files", "predict_slides",
+    "segment_file",
+]
+
+ErrorSink = Callable[[str], Any] | None
+
+
+def _noop(message: str) -> None:
+    """The default error sink: the failures are only counted."""
+
+
+def expand_inputs(inputs: Sequence[Path], on_error: ErrorSink = None) -> tuple[list[Path], int]:
+    """Files from files and folders (a folder gives its images and slides, sorted).
+
+    Returns:
+        (files, number of bad paths, each reported through `on_error`).
+    """
+    from .imageio import IMAGE_SUFFIXES
+    from .slide import OPENSLIDE_SUFFIXES
+
+    report = on_error or _noop
+    files, bad = [], 0
+    for path in map(Path, inputs):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + OPENSLIDE_SUFFIXES)
+            if not found:
+                report(f"{path}: folder holds no images ({' '.join(IMAGE_SUFFIXES)})")
+                bad += 1
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            report(f"{path}: no such file or folder")
+            bad += 1
+    return files, bad
+
+
+def collect_inputs(inputs: Sequence[Path], on_error: ErrorSink = None) -> tuple[list[Path], list[Path], int]:
+    """The image files and slide files of `inputs` (a file named twice counts once).
+
+    Returns:
+        (image files, slide files, number of bad paths reported through `on_error`).
+    """
+    from .slide import is_slide
+
+    files, bad = expand_inputs(inputs, on_error)
+    unique: dict[Path, Path] = {}
+    for path in files:
+        unique.setdefault(path.resolve(), path)
+    files = list(unique.values())
+    slides = [path for path in files if is_slide(path)]
+    return [path for path in files if path not in slides], slides, bad
+
+
+def check_outputs(files: Sequence[Path], out_dir: Path, *, instances: bool, uncertainty: bool,
+                  overwrite: bool) -> None:
+    """Refuses, before any work, inputs whose outputs collide or would replace existing files.
+
+    Raises:
+        ValueError: one line naming the two inputs, or the existing file.
+    """
+    from .imageio import result_paths
+
+    owners: dict[Path, Path] = {}
+    for path in files:
+        for target in result_paths(out_dir, path.stem, instances=instances, uncertainty=uncertainty):
+            if target in owners:
+                raise ValueError(f"{owners[target]} and {path} would both write {target.name}: "
+                                 "rename one or predict them into different --out folders")
+            owners[target] = path
+            if not overwrite and target.exists():
+                raise ValueError(f"{target} already exists; not replaced (use --overwrite, or another --out)")
+
+
+def segment_file(model, path: Path, options=None, *, tile: int | None = 512, overlap: float = 0.25,
+                 tta: bool = False, uncertainty: bool = False, mpp: float | None = None, amp: bool = False,
+                 progress: Callable[[int, int], None] | None = None):
+    """`napari_sgdc.inference.segment` of one image file (a ValueError names its shape and dtype)."""
+    from .imageio import read_image
+    from .inference import segment
+
+    image = read_image(path)
+    try:
+        return segment(model, image, options, tile=tile or None, overlap=overlap, tta=tta, uncertainty=uncertainty,
+                       progress=progress, stack=False, mpp=mpp, amp=amp)
+    except ValueError as error:
+        raise ValueError(f"unsupported image (shape {image.shape}, dtype {image.dtype}): {error}") from None
+
+
+@dataclass
+class PredictSummary:
+    """What `predict_files` did: ``done`` of ``total`` files written, and the failure lines."""
+
+    done: int = 0
+    total: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=None, *, overwrite: bool = False,
+                  tile: int | None = 512, overlap: float = 0.25, tta: bool = False, mpp: float | None = None,
+                  amp: bool = False, uncertainty: bool = False,
+                  progress: Callable[[int, int, str], Any] | None = None,
+                  on_error: ErrorSink = None) -> PredictSummary:
+    """Segments image files and writes, per stem S, ``S_mask.png``, ``S_prob.tif``,
+    ``S_boundary.tif`` (plus ``S_labels.tif`` for instance models and ``S_uncertainty.tif``
+    with `uncertainty`) into `out_dir`.
+
+    Args:
+        model: an `SGDCSegmenter`.
+        paths: image files.
+        out_dir: output folder (created).
+        options: `PostprocessOptions` (default: the model's).
+        overwrite: replace existing result files.
+        tile, overlap, tta, mpp, amp, uncertainty: as in `napari_sgdc.inference.segment`.
+        progress: called with (files done, files total, status text) as the run advances.
+        on_error: called with one line per file that fails (the others still run).
+
+    Raises:
+        ValueError: before any work, for colliding stems, existing files without
+            `overwrite`, or a µm/px the model cannot use.
+    """
+    from .imageio import write_result
+    from .inference import check_mpp
+
+    out_dir = Path(out_dir)
+    check_outputs(paths, out_dir, instances=model.config.is_instance, uncertainty=uncertainty, overwrite=overwrite)
+    check_mpp(mpp, model.config)  # before any work: one line for a model without a scale
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary, report, advance = PredictSummary(total=len(paths)), on_error or _noop, progress or (lambda *a: None)
+    for index, path in enumerate(paths):
+        advance(index, len(paths), path.name)
+
+        def on_tile(tiles_done: int, tiles_total: int) -> None:
+            advance(index, len(paths), f"{path.name} tile {tiles_done}/{tiles_total}")
+
+        try:
+            result = segment_file(model, path, options, tile=tile, overlap=overlap, tta=tta, uncertainty=uncertainty,
+                                  mpp=mpp, amp=amp, progress=on_tile)
+            write_result(result, out_dir, path.stem, overwrite=overwrite)
+            summary.done += 1
+        except (ValueError, OSError) as error:
+            summary.failures.append(f"{path}: {error}")
+            report(summary.failures[-1])
+    advance(len(paths), len(paths), "")
+    return summary
+
+
+# --------------------------------------------------------------------------- whole slides
+
+
+def _slide_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _dask_client(scheduler: str | None, workers: int):
+    """A dask.distributed Client for `scheduler` or `workers` > 1, or None (single process)."""
+    if not scheduler and workers <= 1:
+        return None, None
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ValueError("--workers/--scheduler need dask.distributed: pip install 'napari-sgdc[cluster]'") from None
+    if scheduler:
+        return Client(scheduler), None
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def _model_spec(name: str) -> str:
+    from .io import builtin_models
+
+    return name if name in builtin_models() else str(Path(name).expanduser().resolve())
+
+
+def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, *, model_name: str,
+                   roi: tuple[int, int, int, int] | None = None, mpp: float | None = None, tile: int = 1024,
+                   margin: int = 64, workers: int = 0, scheduler: str | None = None, resume: bool = False,
+                   overwrite: bool = False, amp: bool = False, on_error: ErrorSink = None) -> int:
+    """The slide branch of predict: ``S.ome.zarr``, ``S_objects.csv`` and ``S_objects.geojson``
+    per slide, through `napari_sgdc.wholeslide.segment_slide` and `export_objects`.
+
+    Args:
+        model: the loaded model (single process).
+        slides: slide files.
+        out_dir: output folder (created).
+        options: the run's `PostprocessOptions`.
+        model_name: the built-in name or checkpoint path (each cluster worker loads it).
+        roi, mpp, tile, margin, resume, overwrite, amp: as in `segment_slide`.
+        workers: run tiles on a local Dask cluster of N processes (> 1).
+        scheduler: run tiles on an existing Dask cluster at this address.
+        on_error: called with one line per slide that fails.
+
+    Returns:
+        the number of slides that failed.
+    """
+    from tqdm import tqdm
+
+    from .slide import open_slide
+    from .wholeslide import export_objects, segment_slide
+
+    report, out_dir = on_error or _noop, Path(out_dir)
+    failures = 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    client = cluster = None
+    try:
+        if scheduler or workers > 1:
+            client, cluster = _dask_client(scheduler, workers)
+        threads = max(1, (os.cpu_count() or 1) // workers) if cluster is not None else 0
+        for path in slides:
+            stem = _slide_stem(path)
+            store = out_dir / f"{stem}.ome.zarr"
+            table, geojson = out_dir / f"{stem}_objects.csv", out_dir / f"{stem}_objects.geojson"
+            try:
+                if not (overwrite or resume):
+                    for target in (store, table, geojson):
+                        if target.exists():
+                            raise ValueError(f"{target} already exists; not replaced (use --overwrite or --resume)")
+                with open_slide(path, mpp=mpp) as slide, \
+                        tqdm(total=0, desc=path.name, unit="tile", file=sys.stderr) as bar:
+                    def on_tile(done, total):
+                        bar.total = total
+                        bar.n = done
+                        bar.refresh()
+
+                    # on a cluster each worker loads the model itself, once
+                    spec = _model_spec(model_name) if client is not None else model
+                    result = segment_slide(spec, slide, store, roi=roi, mpp=mpp, tile=tile, margin=margin,
+                                           options=options, progress=on_tile, resume=resume, overwrite=overwrite,
+                                           client=client, threads=threads, amp=amp)
+                count = export_objects(store, table, geojson, overwrite=True)
+                print(f"{path}: {count} objects, {result.tiles_run} of {result.tiles_total} tiles with tissue, "
+                      f"{result.seconds:.1f} s -> {store}", file=sys.stderr)
+            except (ValueError, OSError) as error:
+                report(str(error) if str(path) in str(error) else f"{path}: {error}")
+                failures += 1
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    return failures
