@@ -122,7 +122,7 @@ def test_predict_defaults_to_the_models_tuned_marker_threshold(tmp_path, checkpo
     first = segment(model, rgb, tile=None)
     boundary = first.boundary[first.mask]
     level = float(np.round(np.quantile(boundary, 0.2), 4))  # well below 0.5: fewer seeds, other labels
-    model.config.boundary_threshold = level
+    model.config.split_level = level
     tuned = save_checkpoint(tmp_path / "tuned.safetensors", model)
     (tmp_path / "in").mkdir()
     skio.imsave(str(tmp_path / "in" / "hne.png"), rgb, check_contrast=False)
@@ -134,9 +134,13 @@ def test_predict_defaults_to_the_models_tuned_marker_threshold(tmp_path, checkpo
         return tifffile.imread(str(out / "hne_labels.tif"))
 
     default = predicted()
-    expected = segment(model, rgb, PostprocessOptions(boundary_threshold=level, min_size=1), tile=None).labels
+    expected = segment(model, rgb, PostprocessOptions(split_level=level, min_size=1), tile=None).labels
     np.testing.assert_array_equal(default, expected)
-    assert not np.array_equal(default, predicted("--boundary-threshold", "0.5"))  # the flag still wins
+    assert not np.array_equal(default, predicted("--split-level", "0.5"))  # the flag still wins
+    capsys.readouterr()
+    old_flag = predicted("--boundary-threshold", "0.5", "--overwrite")  # the old name, for one release
+    np.testing.assert_array_equal(old_flag, predicted("--split-level", "0.5", "--overwrite"))
+    assert "--boundary-threshold is deprecated" in capsys.readouterr().err
 
 
 def test_predict_bad_inputs_one_line_each_and_exit_1(tmp_path, checkpoints, capsys):
@@ -211,7 +215,7 @@ def test_predict_never_replaces_existing_files_without_overwrite(tmp_path, check
 
 @pytest.mark.parametrize("option, value, field", [
     ("--threshold", "1.5", "threshold"), ("--threshold", "-1", "threshold"), ("--threshold", "nan", "threshold"),
-    ("--boundary-threshold", "2", "boundary_threshold"), ("--min-size", "-3", "min_size"),
+    ("--split-level", "2", "split_level"), ("--min-size", "-3", "min_size"),
     ("--tile", "17", "tile"), ("--tile", "-5", "tile"),
 ])
 def test_predict_out_of_range_options_are_one_line(tmp_path, checkpoints, capsys, option, value, field):
@@ -418,8 +422,8 @@ def test_train_and_evaluate_an_instance_map_model(tmp_path, capsys, instance_map
     assert "aji" in metadata["metrics"]  # validated by decoding the new head
     tuning = metadata["metrics"]["postprocess_tuning"]  # train ends by tuning the defaults on validation
     assert tuning["n_images"] == 2 and tuning["aji"] >= tuning["aji_default"]
-    assert {name: metadata["model_config"][name] for name in ("threshold", "boundary_threshold", "min_size")} == \
-        {name: tuning[name] for name in ("threshold", "boundary_threshold", "min_size")}
+    assert {name: metadata["model_config"][name] for name in ("threshold", "split_level", "min_size")} == \
+        {name: tuning[name] for name in ("threshold", "split_level", "min_size")}
     model = load_checkpoint(ckpt)[0]
     assert model.config.instance_channels == (1 if instance_map == "distance" else 2)
     table = tmp_path / "scores.csv"

@@ -707,7 +707,7 @@ def option_value(draw, valid: st.SearchStrategy, junk=("nan", "inf", "-inf", "ab
 
 INFERENCE_OPTIONS = {  # flag: (valid values, names an error may use)
     "--threshold": (unit_floats, ("threshold",)),
-    "--boundary-threshold": (unit_floats, ("split_level", "boundary-threshold")),
+    "--split-level": (unit_floats, ("split_level", "split-level")),
     "--min-size": (st.integers(0, 30), ("min_size", "min-size")),
     "--tile": (st.sampled_from((0, 64, 96, 512)), ("tile",)),
     "--overlap": (st.floats(0, 0.9), ("overlap",)),

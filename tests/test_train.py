@@ -390,13 +390,13 @@ def test_validate_reports_aji_and_instance_models_select_by_it(tmp_path):
     assert metadata["metrics"]["aji"] == pytest.approx(history.best_metric)
     # the marker level tuned at the best epoch travels in the checkpoint's config
     best = next(m for m in history.val_metrics if m["epoch"] == history.best_epoch)
-    assert metadata["model_config"]["boundary_threshold"] == best["boundary_threshold"]
+    assert metadata["model_config"]["split_level"] == best["split_level"]
     scores = validate(model, val, device="cpu")
-    assert set(scores) == {"iou", "dice", "val_loss", "aji", "boundary_threshold"}
+    assert set(scores) == {"iou", "dice", "val_loss", "aji", "split_level"}
     # the reported AJI is the best of the levels, each scored alone
     single = [validate(model, val, device="cpu", marker_thresholds=(level,))["aji"] for level in MARKER_THRESHOLDS]
     assert scores["aji"] == pytest.approx(max(single))
-    assert scores["boundary_threshold"] == MARKER_THRESHOLDS[int(np.argmax(single))]
+    assert scores["split_level"] == MARKER_THRESHOLDS[int(np.argmax(single))]
     with pytest.raises(ValueError, match="marker_thresholds"):
         validate(model, val, device="cpu", marker_thresholds=())
     semantic = fit(tiny_model(), train_set(), val_set(), run_config(epochs=1, steps_per_epoch=1, select_metric="auto"))
@@ -438,7 +438,7 @@ def test_tune_postprocess_finds_the_best_combination(tmp_path):
                     metrics.aji(postprocess(m["probability"], separation_map(m), options, instances=True)[1], ref)
                     for m, ref in maps])
     best = max(expected, key=lambda key: expected[key])
-    assert (found["threshold"], found["boundary_threshold"], found["min_size"]) == best
+    assert (found["threshold"], found["split_level"], found["min_size"]) == best
     assert found["aji"] == pytest.approx(expected[best])
     assert len(set(np.round(list(expected.values()), 6))) > 1  # the grid matters on this data
     with pytest.raises(ValueError, match="instance model"):

@@ -65,7 +65,7 @@ def test_train_from_config_emits_events_saves_and_tunes(instance_data, tmp_path)
     assert metadata["provenance"]["command"] == "test" and metadata["provenance"]["layout"] == "folders"
     assert metadata["model_config"]["kernel_size"] == 5 and metadata["train_config"]["warmup_steps"] == 1
     assert metadata["metrics"]["postprocess_tuning"]["n_images"] == 2
-    for name in ("threshold", "boundary_threshold", "min_size"):
+    for name in ("threshold", "split_level", "min_size"):
         assert metadata["model_config"][name] == result.tuning[name] == getattr(result.model_config, name)
     assert "validation AJI" in tuning_summary(result.tuning)
 

@@ -221,6 +221,37 @@ def test_cli_predict_on_a_slide(slide_path, tmp_path):
     assert main(args) == 1  # the store exists: refused
 
 
+def test_cli_slide_options_are_honoured_or_refused(rgb, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from napari_sgdc.cli import main
+    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.model import build_model, tiny_config
+    from napari_sgdc.wholeslide import open_store
+
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors",
+                                 build_model(tiny_config(task="instance", mpp=0.25)).eval())
+    slide = write_slide(tmp_path / "case.01.ome.tif", rgb[:512, :512])
+    base = ["predict", "--model", str(checkpoint), "--device", "cpu", "--slide-tile", "512"]
+    out = tmp_path / "tta"
+    assert main([*base, "--out", str(out), "--tta", str(slide)]) == 0
+    assert open_store(out / "case.01.ome.zarr").plan.tta  # --tta reached the tiles (and the resume signature)
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "u"), "--uncertainty", str(slide)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "uncertainty" in errors[0]
+    assert not (tmp_path / "u" / "case.01.ome.zarr").exists()
+    twin = tmp_path / "twin" / "case.01.tif"  # same stem, other suffix: both would write case.01.*
+    twin.parent.mkdir()
+    shutil.copy(slide, twin)
+    assert main([*base, "--out", str(tmp_path / "both"), str(slide), str(twin)]) == 1
+    assert "would both write case.01.ome.zarr" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()  # refused before any work
+
+
 @pytest.fixture(scope="module")
 def cluster():
     distributed = pytest.importorskip("distributed")
@@ -282,7 +313,7 @@ def test_a_model_given_by_name_or_path_brings_its_scale_and_defaults(tmp_path, s
     from napari_sgdc.model import build_model, tiny_config
 
     torch.manual_seed(0)
-    model = build_model(tiny_config(task="instance", mpp=0.25, threshold=0.6, boundary_threshold=0.2,
+    model = build_model(tiny_config(task="instance", mpp=0.25, threshold=0.6, split_level=0.2,
                                     min_size=30)).eval()
     path = save_checkpoint(tmp_path / "m.safetensors", model)
     roi = (0, 0, TILE, TILE)
@@ -291,7 +322,7 @@ def test_a_model_given_by_name_or_path_brings_its_scale_and_defaults(tmp_path, s
     plans = [json.loads((tmp_path / name / ".zattrs").read_text())["napari_sgdc"]["plan"]
              for name in ("a.ome.zarr", "b.ome.zarr")]
     assert plans[0] == plans[1]
-    assert (plans[0]["threshold"], plans[0]["boundary_threshold"], plans[0]["min_size"]) == (0.6, 0.2, 30)
+    assert (plans[0]["threshold"], plans[0]["split_level"], plans[0]["min_size"]) == (0.6, 0.2, 30)
     assert by_path.mpp == by_object.mpp == 0.25 and by_path.n_objects == by_object.n_objects
 
 

@@ -25,6 +25,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from .deprecation import REMOVED_IN
+from .grid import DEFAULT_MARGIN, DEFAULT_TILE
+
 __all__ = ["main", "build_parser"]
 
 PROG = "napari-sgdc"
@@ -91,6 +94,16 @@ def _parse_roi(text: str) -> tuple[int, int, int, int]:
 # --------------------------------------------------------------------------- parsers
 
 
+class _Renamed(argparse.Action):
+    """An old flag name: stores into the new flag's dest and says so on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"napari-sgdc: warning: {option_string} is deprecated and will be removed in napari-sgdc "
+              f"{REMOVED_IN}; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     from .device import DEVICES
 
@@ -102,10 +115,11 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
                         help="tile size in pixels for large images (>= 64, rounded up to a multiple of 32), "
                              "0 = whole image at once (default: 512)")
     parser.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default: 0.25)")
-    parser.add_argument("--boundary-threshold", type=float, default=None,
-                        help="separation level that splits instances: seeds grow where the boundary (or "
-                             "separation map) is below it (default: the model's, tuned on validation; 0.5 "
-                             "for models without one)")
+    parser.add_argument("--split-level", type=float, default=None,
+                        help="instance split level: seeds grow where the boundary (or separation map) is below "
+                             "it (default: the model's, tuned on validation; 0.5 for models without one)")
+    parser.add_argument("--boundary-threshold", type=float, dest="split_level", action=_Renamed,
+                        help=argparse.SUPPRESS)  # the old name of --split-level
     parser.add_argument("--min-size", type=int, default=None,
                         help="smallest object kept, in pixels (default: the model's; 20 for models without one)")
     parser.add_argument("--tta", action="store_true",
@@ -138,10 +152,11 @@ def _add_predict_parser(commands) -> None:
                         "S_objects.geojson (docs/wholeslide.md).")
     slides.add_argument("--roi", type=_parse_roi, metavar="X,Y,W,H",
                         help="segment only this box, in level-0 slide pixels")
-    slides.add_argument("--slide-tile", type=int, default=1024,
-                        help="slide tile core (and chunk) size in pixels, a multiple of 32 (default: 1024)")
-    slides.add_argument("--margin", type=int, default=64,
-                        help="context around each slide tile, a multiple of 32 (default: 64 = 16 µm at 40x)")
+    slides.add_argument("--slide-tile", type=int, default=DEFAULT_TILE,
+                        help=f"slide tile core (and chunk) size in pixels, a multiple of 32 (default: {DEFAULT_TILE})")
+    slides.add_argument("--margin", type=int, default=DEFAULT_MARGIN,
+                        help=f"context around each slide tile, a multiple of 32 (default: {DEFAULT_MARGIN} = 16 µm "
+                             "at 40x)")
     slides.add_argument("--workers", type=int, default=0,
                         help="run slide tiles on a local Dask cluster of N processes (needs distributed)")
     slides.add_argument("--scheduler", metavar="ADDRESS",
@@ -265,7 +280,7 @@ def _postprocess_options(args, config=None):
     and the model's defaults (`config`) where a flag is not given."""
     from .postprocess import PostprocessOptions
 
-    return PostprocessOptions.for_model(config, threshold=args.threshold, boundary_threshold=args.boundary_threshold,
+    return PostprocessOptions.for_model(config, threshold=args.threshold, split_level=args.split_level,
                                         min_size=args.min_size)
 
 
@@ -287,7 +302,7 @@ def _run_predict(args) -> int:
         failures += predict_slides(model, slides, args.out, options, model_name=args.model, roi=args.roi,
                                    mpp=args.mpp, tile=args.slide_tile, margin=args.margin, workers=args.workers,
                                    scheduler=args.scheduler, resume=args.resume, overwrite=args.overwrite,
-                                   amp=args.amp, on_error=report)
+                                   amp=args.amp, tta=args.tta, uncertainty=args.uncertainty, on_error=report)
         if not files:
             return 1 if failures else 0
     with tqdm(total=len(files), desc="predict", unit="image", file=sys.stderr) as bar:

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .grid import DEFAULT_MARGIN, DEFAULT_TILE
+from .wholeslide.store import StorePaths, store_paths
+
 __all__ = [
     "PredictSummary", "check_outputs", "collect_inputs", "expand_inputs", "predict_files", "predict_slides",
     "segment_file",
@@ -168,14 +171,6 @@ def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=Non
 # --------------------------------------------------------------------------- whole slides
 
 
-def _slide_stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def _dask_client(scheduler: str | None, workers: int):
     """A dask.distributed Client for `scheduler` or `workers` > 1, or None (single process)."""
     if not scheduler and workers <= 1:
@@ -196,10 +191,26 @@ def _model_spec(name: str) -> str:
     return name if name in builtin_models() else str(Path(name).expanduser().resolve())
 
 
+def plan_slide_outputs(slides: Sequence[Path], out_dir: Path) -> list[StorePaths]:
+    """The outputs of each slide (`napari_sgdc.wholeslide.store_paths`), refusing before any
+    work two slides whose outputs would share a name (``case.01.ome.tif`` and ``case.01.svs``)."""
+    owners: dict[Path, Path] = {}
+    outputs = []
+    for path in slides:
+        paths = store_paths(out_dir, path)
+        if paths.store in owners:
+            raise ValueError(f"{owners[paths.store]} and {path} would both write {paths.store.name}: "
+                             "rename one or predict them into different --out folders")
+        owners[paths.store] = path
+        outputs.append(paths)
+    return outputs
+
+
 def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, *, model_name: str,
-                   roi: tuple[int, int, int, int] | None = None, mpp: float | None = None, tile: int = 1024,
-                   margin: int = 64, workers: int = 0, scheduler: str | None = None, resume: bool = False,
-                   overwrite: bool = False, amp: bool = False, on_error: ErrorSink = None) -> int:
+                   roi: tuple[int, int, int, int] | None = None, mpp: float | None = None,
+                   tile: int = DEFAULT_TILE, margin: int = DEFAULT_MARGIN, workers: int = 0,
+                   scheduler: str | None = None, resume: bool = False, overwrite: bool = False, amp: bool = False,
+                   tta: bool = False, uncertainty: bool = False, on_error: ErrorSink = None) -> int:
     """The slide branch of predict: ``S.ome.zarr``, ``S_objects.csv`` and ``S_objects.geojson``
     per slide, through `napari_sgdc.wholeslide.segment_slide` and `export_objects`.
 
@@ -209,7 +220,8 @@ def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, 
         out_dir: output folder (created).
         options: the run's `PostprocessOptions`.
         model_name: the built-in name or checkpoint path (each cluster worker loads it).
-        roi, mpp, tile, margin, resume, overwrite, amp: as in `segment_slide`.
+        roi, mpp, tile, margin, resume, overwrite, amp, tta, uncertainty: as in `segment_slide`
+            (which refuses ``uncertainty`` in one line).
         workers: run tiles on a local Dask cluster of N processes (> 1).
         scheduler: run tiles on an existing Dask cluster at this address.
         on_error: called with one line per slide that fails.
@@ -220,25 +232,20 @@ def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, 
     from tqdm import tqdm
 
     from .slide import open_slide
-    from .wholeslide import export_objects, segment_slide
+    from .wholeslide import check_outputs, export_objects, segment_slide
 
     report, out_dir = on_error or _noop, Path(out_dir)
     failures = 0
+    outputs = plan_slide_outputs(slides, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     client = cluster = None
     try:
         if scheduler or workers > 1:
             client, cluster = _dask_client(scheduler, workers)
         threads = max(1, (os.cpu_count() or 1) // workers) if cluster is not None else 0
-        for path in slides:
-            stem = _slide_stem(path)
-            store = out_dir / f"{stem}.ome.zarr"
-            table, geojson = out_dir / f"{stem}_objects.csv", out_dir / f"{stem}_objects.geojson"
+        for path, (store, table, geojson) in zip(slides, outputs):
             try:
-                if not (overwrite or resume):
-                    for target in (store, table, geojson):
-                        if target.exists():
-                            raise ValueError(f"{target} already exists; not replaced (use --overwrite or --resume)")
+                check_outputs(store, resume=resume, overwrite=overwrite, others=(table, geojson))
                 with open_slide(path, mpp=mpp) as slide, \
                         tqdm(total=0, desc=path.name, unit="tile", file=sys.stderr) as bar:
                     def on_tile(done, total):
@@ -250,7 +257,8 @@ def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, 
                     spec = _model_spec(model_name) if client is not None else model
                     result = segment_slide(spec, slide, store, roi=roi, mpp=mpp, tile=tile, margin=margin,
                                            options=options, progress=on_tile, resume=resume, overwrite=overwrite,
-                                           client=client, threads=threads, amp=amp)
+                                           client=client, threads=threads, amp=amp, tta=tta,
+                                           uncertainty=uncertainty)
                 count = export_objects(store, table, geojson, overwrite=True)
                 print(f"{path}: {count} objects, {result.tiles_run} of {result.tiles_total} tiles with tissue, "
                       f"{result.seconds:.1f} s -> {store}", file=sys.stderr)

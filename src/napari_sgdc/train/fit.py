@@ -312,8 +312,8 @@ def _record_validation(run: _Run, epoch: int, scores: dict[str, float]) -> None:
     """Adds `scores` to the history and saves the best checkpoint when they are the best yet."""
     history = run.history
     history.val_metrics.append({"epoch": epoch, "step": history.steps, **scores})
-    if "boundary_threshold" in scores:  # the tuned marker level travels with the weights it was tuned for
-        run.model.config.boundary_threshold = scores["boundary_threshold"]
+    if "split_level" in scores:  # the tuned marker level travels with the weights it was tuned for
+        run.model.config.split_level = scores["split_level"]
     name = history.select_metric
     value = scores["val_loss" if name == "loss" else name]
     best = history.best_metric

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 __all__ = ["TUNED_FIELDS", "tune_checkpoint", "tuning_summary", "write_tuned_checkpoint"]
 
-TUNED_FIELDS = ("threshold", "boundary_threshold", "min_size")
+TUNED_FIELDS = ("threshold", "split_level", "min_size")
 """The `ModelConfig` fields a tuning sets."""
 
 
@@ -99,6 +99,6 @@ def tune_checkpoint(
 
 def tuning_summary(found: dict) -> str:
     """One line describing a `tune_postprocess` result."""
-    return (f"threshold {found['threshold']:g}, boundary threshold {found['boundary_threshold']:g}, min size "
+    return (f"threshold {found['threshold']:g}, split level {found['split_level']:g}, min size "
             f"{found['min_size']} px: validation AJI {found['aji']:.4f} (was {found['aji_default']:.4f}), "
             f"object F1 {found['object_f1']:.4f}, PQ {found['pq']:.4f}")

@@ -20,7 +20,7 @@ from .losses import total_loss
 __all__ = ["MARKER_THRESHOLDS", "MASK_THRESHOLDS", "MIN_SIZES", "tune_postprocess", "validate"]
 
 MARKER_THRESHOLDS = tuple(round(0.1 * step, 1) for step in range(1, 10))
-"""Separation levels (`PostprocessOptions.boundary_threshold`) tried when scoring AJI."""
+"""Separation levels (`PostprocessOptions.split_level`) tried when scoring AJI."""
 MASK_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
 """Mask probability thresholds tried by `tune_postprocess`."""
 MIN_SIZES = (10, 20, 30, 40, 60, 80)
@@ -77,7 +77,7 @@ def validate(
     Each item is padded to a multiple of ``model.size_multiple``, run whole, and cropped
     back. IoU and Dice use ``probability > threshold``; AJI uses the instance labels of
     `napari_sgdc.postprocess.postprocess`, as `segment` would produce them, at each of
-    `marker_thresholds` (``boundary_threshold``): the best mean AJI is reported, with the
+    `marker_thresholds` (``split_level``): the best mean AJI is reported, with the
     level that gave it. Every module's train/eval mode is restored afterwards.
 
     Args:
@@ -92,7 +92,7 @@ def validate(
         cancel: when set, validation stops and returns None.
 
     Returns:
-        ``{"iou", "dice", "val_loss"}`` plus ``"aji"`` and ``"boundary_threshold"`` (its
+        ``{"iou", "dice", "val_loss"}`` plus ``"aji"`` and ``"split_level"`` (its
         level; the first of ties) when ``model.config.is_instance``; None when cancelled.
     """
     device = resolve_device(device)
@@ -122,7 +122,7 @@ def validate(
                 separation = separation_map(maps)  # (H, W)
                 reference = _instance_target(item)
                 for level, marker in enumerate(marker_thresholds):
-                    options = PostprocessOptions(threshold=threshold, boundary_threshold=marker)
+                    options = PostprocessOptions(threshold=threshold, split_level=marker)
                     _, labels = postprocess(probability, separation, options, single_object=config.single_object,
                                             instances=True)
                     aji[index, level] = seg_metrics.aji(labels, reference)
@@ -131,7 +131,7 @@ def validate(
         per_level = aji.mean(axis=0)  # (levels,)
         best = int(np.argmax(per_level))
         means["aji"] = float(per_level[best])
-        means["boundary_threshold"] = float(marker_thresholds[best])
+        means["split_level"] = float(marker_thresholds[best])
     return means
 
 
@@ -164,7 +164,7 @@ def tune_postprocess(
         cancel: when set, the search stops and returns None.
 
     Returns:
-        ``{"aji", "threshold", "boundary_threshold", "min_size", "object_f1", "pq",
+        ``{"aji", "threshold", "split_level", "min_size", "object_f1", "pq",
         "aji_default"}``: the best mean AJI and its settings (the first of ties, in grid
         order), object F1 and PQ at those settings, and the AJI at the model's current
         defaults; None when cancelled.
@@ -190,7 +190,7 @@ def tune_postprocess(
             separation = separation_map(maps)  # (H, W)
             reference = _instance_target(item)
             for combo, (threshold, level, size) in enumerate(combos):
-                options = PostprocessOptions(threshold=threshold, boundary_threshold=level, min_size=size)
+                options = PostprocessOptions(threshold=threshold, split_level=level, min_size=size)
                 _, labels = postprocess(maps["probability"], separation, options,
                                         single_object=model.config.single_object, instances=True)
                 found = seg_metrics.instance_scores(labels, reference)  # one matching for F1 and PQ
@@ -201,6 +201,6 @@ def tune_postprocess(
     means = scores.mean(axis=0)  # (combinations, 3)
     best = int(np.argmax(means[:, 0]))
     threshold, level, size = combos[best]
-    return {"aji": float(means[best, 0]), "threshold": float(threshold), "boundary_threshold": float(level),
+    return {"aji": float(means[best, 0]), "threshold": float(threshold), "split_level": float(level),
             "min_size": int(size), "object_f1": float(means[best, 1]), "pq": float(means[best, 2]),
             "aji_default": float(np.mean(default_aji))}

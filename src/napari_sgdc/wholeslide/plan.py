@@ -23,6 +23,14 @@ __all__ = ["SlidePlan", "plan_slide", "read_working", "check_tiling", "roi_box"]
 
 SIGNATURE_DEFAULTS = {"amp": False, "tta": False}
 """Plan fields added after stores were first written, with the value those stores were made with."""
+SIGNATURE_RENAMES = {"boundary_threshold": "split_level"}
+"""Plan fields renamed after stores were first written: old name -> new name."""
+
+
+def stored_signature(signature: dict) -> dict:
+    """A store's recorded plan signature in today's terms: renamed fields under their new
+    names, fields added later at the value older stores were made with."""
+    return {**SIGNATURE_DEFAULTS, **{SIGNATURE_RENAMES.get(k, k): v for k, v in signature.items()}}
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ class SlidePlan:
         level, level_downsample: the slide level read and its level-0 pixels per pixel.
         factor: level pixels per working pixel; mpp: working µm/px; height, width: the working grid.
         tile, margin: core size and context (working px); store: the result store.
-        threshold, boundary_threshold, min_size, instances: post-processing.
+        threshold, split_level, min_size, instances: post-processing.
         roi: working px (y0, x0, y1, x1) whose objects are kept.
         threads: torch threads per task (0: as is); amp: bf16 autocast; tta: the 8 flips and rotations.
     """
@@ -52,7 +60,7 @@ class SlidePlan:
     margin: int
     store: str
     threshold: float
-    boundary_threshold: float
+    split_level: float
     min_size: int
     instances: bool
     roi: tuple[int, int, int, int]  # working px: y0, x0, y1, x1
@@ -76,7 +84,7 @@ class SlidePlan:
         return self.factor * self.level_downsample
 
     def options(self) -> PostprocessOptions:
-        return PostprocessOptions(self.threshold, self.boundary_threshold, self.min_size)
+        return PostprocessOptions(self.threshold, self.split_level, self.min_size)
 
     def signature(self) -> dict:
         """What must match for a resume (threads and the store's place do not matter)."""
@@ -90,7 +98,7 @@ class SlidePlan:
         """The plan a store was made with (its stored `signature`; fields added later take
         `SIGNATURE_DEFAULTS`)."""
         known = {f.name for f in fields(cls)}
-        values = {**SIGNATURE_DEFAULTS, **{k: v for k, v in signature.items() if k in known}}
+        values = {k: v for k, v in stored_signature(signature).items() if k in known}
         values["roi"] = tuple(int(v) for v in values["roi"])
         return cls(**values, store=str(store))
 
@@ -157,7 +165,7 @@ def plan_slide(config, slide: Slide, out: str | Path, *, roi=None, mpp: float | 
     return SlidePlan(slide_path=str(Path(slide.path).resolve()), backend=slide.backend, slide_mpp=level0_mpp,
                      level=level, level_downsample=slide.level_downsamples[level], factor=factor, mpp=model_mpp,
                      height=height, width=width, tile=tile, margin=margin, store=str(Path(out).resolve()),
-                     threshold=options.threshold, boundary_threshold=options.boundary_threshold,
+                     threshold=options.threshold, split_level=options.split_level,
                      min_size=options.min_size, instances=bool(getattr(config, "is_instance", True)), roi=box,
                      threads=threads, amp=bool(amp), tta=bool(tta))
 

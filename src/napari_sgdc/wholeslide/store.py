@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..slide import TissueMask
-from .plan import SIGNATURE_DEFAULTS, SlidePlan
+from .plan import SlidePlan, stored_signature
 
 __all__ = ["FORMAT", "StoreExistsError", "ResultStore", "StorePaths", "check_outputs", "open_store", "read_store_attrs",
            "read_store_labels", "slide_stem", "store_paths", "store_state"]
@@ -117,7 +117,7 @@ def check_outputs(store: str | Path, plan: SlidePlan | None = None, *, resume: b
     if overwrite:
         return "replace"
     if plan is not None:
-        stored = {**SIGNATURE_DEFAULTS, **(read_store_attrs(store).get("plan") or {})}
+        stored = stored_signature(read_store_attrs(store).get("plan") or {})
         if stored != json.loads(json.dumps(plan.signature())):
             raise ValueError(f"{store}: cannot resume: the store was made with other settings "
                              "(slide, model µm/px, tile, margin, thresholds, roi, amp or tta); use overwrite")
