@@ -349,7 +349,7 @@ def test_pickers_follow_the_image_the_user_opens_or_selects(sgdc, wait_segment):
 
 
 def test_a_second_job_is_refused_while_one_runs(make_napari_viewer, tiny_checkpoint, wait_segment, notes):
-    from napari_sgdc._napari._session import Job
+    from napari_sgdc.session import Job
 
     viewer = make_napari_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
