@@ -85,6 +85,8 @@ class BackgroundJob:
     Attributes:
         cancel: set it to stop the job at its next check.
         done, total: progress so far.
+        pbar: the napari progress bar (closed when the job ends).
+        running: whether the job has not ended yet.
         outcome: the `Outcome` once the worker returned.
         worker: the napari FunctionWorker.
     """
@@ -102,6 +104,7 @@ class BackgroundJob:
         self.relay.event.connect(self.on_event)
         self.relay.warned.connect(self.on_warning)
         self.pbar: Any = progress(total=self.total, desc=desc)
+        self.running = True
 
     def start(self) -> "BackgroundJob":
         """Starts the worker."""
@@ -137,16 +140,16 @@ class BackgroundJob:
     def _on_progress(self, done: int, total: int) -> None:
         self.done, self.total = done, total
         pbar = self.pbar
-        if pbar is None:
+        if not self.running:
             return  # a late report after the job ended
         if total and pbar.total != total:
             pbar.total = total
         pbar.update(max(0, done - pbar.n))  # may process queued events: last
 
     def _close_bar(self) -> None:
-        if self.pbar is not None:
+        if self.running:
+            self.running = False
             self.pbar.close()
-            self.pbar = None
 
     def _on_returned(self, outcome: Outcome) -> None:
         self.outcome = outcome
@@ -314,7 +317,7 @@ class FinetuneJob(BackgroundJob):
             self.report(int(event.get("step", 0)), int(event.get("total_steps") or 0))
 
     def on_event(self, event: Any) -> None:
-        if self.pbar is not None and self._event_callback is not None:  # not a late event after the run
+        if self.running and self._event_callback is not None:  # not a late event after the run
             self._event_callback(event)
 
     def on_value(self, history: Any) -> None:
