@@ -8,7 +8,7 @@ napari), and runs `FinetuneJob` and the re-segmentation on the plugin's job runn
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton, Select, SpinBox
 from napari.layers import Image, Labels, Layer
@@ -66,13 +66,13 @@ class RunControls:
     """The preset picker and its advanced values (steps, learning rate, freeze encoder).
 
     Args:
-        presets: name -> TrainConfig (`napari_sgdc.config.PRESETS`).
+        presets: returns the presets, name -> TrainConfig (`napari_sgdc.config.PRESETS`).
         session: the session (its device goes into the config).
     """
 
-    def __init__(self, presets: dict[str, Any], session: CorrectionSession) -> None:
-        self.presets, self._session = presets, session
-        self.preset = ComboBox(name="preset", label="preset", choices=list(presets), value="quick")
+    def __init__(self, presets: Callable[[], dict[str, Any]], session: CorrectionSession) -> None:
+        self._presets, self._session = presets, session
+        self.preset = ComboBox(name="preset", label="preset", choices=list(presets()), value="quick")
         self.advanced = CheckBox(name="advanced", text="advanced", value=False)
         self.steps = SpinBox(name="steps", label="steps", min=1, max=100_000)
         self.learning_rate = FloatSpinBox(name="learning_rate", label="learning rate", min=1e-6, max=1.0, step=1e-5)
@@ -85,7 +85,7 @@ class RunControls:
 
     def apply_preset(self, name: str) -> None:
         """Shows the preset's steps, learning rate and encoder freezing in the advanced values."""
-        preset = self.presets[name]
+        preset = self._presets()[name]
         self.steps.value = int(preset.max_steps or preset.steps_per_epoch or 1)
         self.learning_rate.value = float(preset.lr_decoder)
         self.freeze_encoder.value = bool(preset.freeze_encoder)
@@ -99,7 +99,7 @@ class RunControls:
         """The TrainConfig of the next run: the preset with the advanced values (`override_preset`)."""
         from napari_sgdc.train.finetune import override_preset
 
-        return override_preset(self.presets[self.preset.value], steps=int(self.steps.value),
+        return override_preset(self._presets()[self.preset.value], steps=int(self.steps.value),
                                learning_rate=float(self.learning_rate.value),
                                freeze_encoder=bool(self.freeze_encoder.value), device=self._session.settings.device)
 
@@ -126,7 +126,7 @@ class FinetuneWidget(Container):
         self.training = TrainingList(on_problem=self._warn_once)
         from napari_sgdc.config import PRESETS
 
-        self._presets = PRESETS
+        self._presets = PRESETS  # name -> TrainConfig
         self._build()
         self.plot = LossPlot()
         self.native.layout().addWidget(self.plot.widget)
@@ -153,7 +153,7 @@ class FinetuneWidget(Container):
                     "Shapes layer's rectangle) into an editable '<image> corrections' layer.")
         self.add_button = PushButton(name="add_button", text="Add pair")
         self.remove_button = PushButton(name="remove_button", text="Remove selected")
-        self.run_controls = RunControls(self._presets, self._session)
+        self.run_controls = RunControls(lambda: self._presets, self._session)
         self.preset, self.advanced = self.run_controls.preset, self.run_controls.advanced
         self.steps, self.learning_rate = self.run_controls.steps, self.run_controls.learning_rate
         self.freeze_encoder = self.run_controls.freeze_encoder
@@ -309,17 +309,6 @@ class FinetuneWidget(Container):
         """Removes the selected entries from the training list (and from the autosave)."""
         self.training.remove(self.training_list.value)
         self.training_list.reset_choices()
-
-    @property
-    def _presets(self) -> dict[str, Any]:
-        """The presets offered (name -> TrainConfig)."""
-        return self.run_controls.presets if hasattr(self, "run_controls") else self._initial_presets
-
-    @_presets.setter
-    def _presets(self, presets: dict[str, Any]) -> None:
-        if hasattr(self, "run_controls"):
-            self.run_controls.presets = presets
-        self._initial_presets = presets
 
     def train_config(self) -> Any:
         """The TrainConfig of the next run (`RunControls.train_config`)."""
