@@ -115,7 +115,7 @@ class CachedResult:
         Returns:
             (N, H, W) mask (uint8 0/1) or instance labels (int32); planes never segmented are 0.
         """
-        post = importlib.import_module("napari_sgdc.postprocess")  # the module (the package exports a function of its name)
+        post = importlib.import_module("napari_sgdc.postprocess")  # the package exports a function of that name
         out = np.zeros(self.probability.shape, np.int32 if self.instances else np.uint8)
         indices = np.flatnonzero(self.segmented)
         if len(indices):
