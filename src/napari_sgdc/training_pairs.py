@@ -15,10 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["InputError", "TrainingPair", "collect_pair", "split_by_model"]
+__all__ = ["InputError", "PairArrays", "TrainingPair", "collect_pair", "is_pair_list", "pair_arrays", "split_by_model",
+           "usable_mpp"]
 
 
 class InputError(ValueError):
@@ -134,3 +136,50 @@ def split_by_model(pairs: Sequence[TrainingPair], model_source: str) -> tuple[li
     """Splits `pairs` into those made for `model_source` and those made for other models."""
     kept = [pair for pair in pairs if pair.model_source == model_source]
     return kept, [pair for pair in pairs if pair.model_source != model_source]
+
+
+def usable_mpp(mpp: float | None, config: Any) -> float | None:
+    """The `mpp` to pass `segment` and `finetune` for a model of `config`: the image µm/px
+    for models that record their own scale, else None (the image as it is)."""
+    return mpp if mpp and config.mpp and not config.resize_long_side else None
+
+
+@dataclass
+class PairArrays:
+    """Training pairs as the arrays `napari_sgdc.train.finetune` takes, one entry per plane.
+
+    Attributes:
+        images: (H, W[, C]) planes.
+        labels: int32 instance ids (instance models) or bool masks.
+        predictions: what the model wrote, converted alike, or None per plane.
+        mpp: the µm/px to fine-tune each plane at (`usable_mpp`), or None.
+    """
+
+    images: list[np.ndarray]
+    labels: list[np.ndarray]
+    predictions: list[np.ndarray | None]
+    mpp: list[float | None]
+
+
+def _target(labels: np.ndarray, instances: bool) -> np.ndarray:
+    return labels.astype(np.int32) if instances else labels > 0
+
+
+def pair_arrays(pairs: Sequence[TrainingPair], config: Any) -> PairArrays:
+    """Converts `pairs` into training targets for a model of `config` (``ModelConfig``): labels
+    become instance ids for instance models and foreground masks otherwise; so do the predictions."""
+    instances = bool(config.is_instance)
+    arrays = PairArrays([], [], [], [])
+    for pair in pairs:
+        predictions = pair.predictions or [None] * len(pair.labels)
+        for image, labels, prediction in zip(pair.images, pair.labels, predictions):
+            arrays.images.append(image)
+            arrays.labels.append(_target(labels, instances))
+            arrays.predictions.append(None if prediction is None else _target(prediction, instances))
+            arrays.mpp.append(usable_mpp(pair.mpp, config))
+    return arrays
+
+
+def is_pair_list(items: object) -> bool:
+    """Whether `items` is a non-empty list or tuple of `TrainingPair`."""
+    return isinstance(items, (list, tuple)) and bool(items) and all(isinstance(i, TrainingPair) for i in items)

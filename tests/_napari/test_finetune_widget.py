@@ -257,3 +257,26 @@ def test_finetune_loads_the_picked_model_when_nothing_was_segmented_yet(make_nap
     wait_idle(seg._session)
     assert not notes.matching("Could not load model"), notes.messages
     assert source in seg._session.models
+
+
+def test_dock_opens_without_matplotlib_and_shows_the_losses_as_text(corrected, wait_idle, monkeypatch, notes):
+    import sys
+
+    from napari_sgdc._napari._finetune_widget import FinetuneWidget
+
+    for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as in a plugin-manager install without the extra
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    viewer, seg, _, image, disk, _ = corrected
+    ft = FinetuneWidget(viewer)
+    assert ft.axes is None and ft.plot.text == "fine-tune loss: no run yet"
+    ft.reset_choices()
+    ft.image_layer.value = image
+    ft.labels_layer.value = viewer.layers["lesion mask"]
+    _short_run(ft, steps=3)
+    assert ft.start_finetune() is not None
+    wait_idle(seg._session)
+    assert not notes.matching("failed"), notes.messages
+    losses = ft.history.losses
+    assert len(losses) == 3
+    assert ft.plot.text.startswith(f"loss {losses[0]:.3f} → {losses[-1]:.3f} (3 steps) ")

@@ -349,7 +349,7 @@ def test_pickers_follow_the_image_the_user_opens_or_selects(sgdc, wait_segment):
 
 
 def test_a_second_job_is_refused_while_one_runs(make_napari_viewer, tiny_checkpoint, wait_segment, notes):
-    from napari_sgdc._napari._session import Job
+    from napari_sgdc.session import Job
 
     viewer = make_napari_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
@@ -461,3 +461,29 @@ def test_corrections_fine_tune_at_the_scale_the_image_was_segmented_at(make_napa
     assert ft.start_finetune() is not None
     wait_idle(seg._session)
     assert seen == [([0.5], [(48, 64)])] and ft.pairs[0].mpp == 0.5
+
+
+def test_postprocessing_runs_once_per_segment_click(sgdc, wait_segment, monkeypatch):
+    import importlib
+
+    viewer, seg, _, image, _ = sgdc
+    calls = []
+    module = importlib.import_module("napari_sgdc.postprocess")  # (the package exports a function of this name)
+    real = module.postprocess
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "postprocess", counting)
+    monkeypatch.setattr(importlib.import_module("napari_sgdc.inference"), "postprocess", counting)
+    for _ in range(2):  # the first click also adopts the model's defaults; the second reuses them
+        calls.clear()
+        assert wait_segment(seg.run_segment()).error is None
+        assert len(calls) == 1
+    written = np.asarray(viewer.layers["lesion mask"].data)
+    cache = seg._session.results[image]
+    np.testing.assert_array_equal(written, cache.postprocessed(seg._session.options)[0])  # what a slider would show
+    calls.clear()
+    seg.threshold.value = 0.3  # re-thresholding from the cache: one more, no forward pass
+    assert len(calls) == 1

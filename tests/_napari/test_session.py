@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_sgdc._napari._session import Busy, CachedResult, Job, SGDCSession
+from napari_sgdc.session import Busy, CachedResult, CorrectionSession, Job
 from napari_sgdc.postprocess import PostprocessOptions, postprocess
 
 
@@ -20,7 +20,7 @@ def test_busy_refuses_a_second_job_until_released():
 
 
 def test_session_holds_one_postprocess_options_and_separate_run_settings():
-    session = SGDCSession()
+    session = CorrectionSession()
     assert session.options == PostprocessOptions() and session.busy.idle
     assert (session.settings.device, session.settings.planes) == ("auto", "all")
 

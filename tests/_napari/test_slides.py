@@ -33,7 +33,7 @@ def slide_viewer(make_napari_viewer, slide_file, tmp_path, monkeypatch):
     import shutil
 
     from napari_sgdc._napari import _wholeslide as ws
-    from napari_sgdc._napari._session import ModelState
+    from napari_sgdc.session import ModelState
 
     monkeypatch.setattr(ws, "SLIDE_TILE", 256)
     path = Path(shutil.copy(slide_file[0], tmp_path / "synth.ome.tif"))

@@ -9,13 +9,13 @@ moves each gate pixel to the centre of the image pixels it covers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 from napari.layers import Image, Labels, Layer, Shapes
 
 from napari_sgdc.grid import mpp_in_range
+from napari_sgdc.session import PlaneInput
 
 KIND_PROBABILITY = "probability"
 KIND_MASK = "mask"
@@ -43,28 +43,6 @@ def is_source_image(layer: Layer) -> bool:
 def source_images(viewer: Any) -> list[Image]:
     """The viewer's image layers that can be segmented, in layer order."""
     return [layer for layer in viewer.layers if is_source_image(layer)]
-
-
-@dataclass
-class PlaneInput:
-    """An image layer's pixels, flattened to planes.
-
-    Attributes:
-        planes: (n, H, W) or (n, H, W, C) pixels of the planes to segment.
-        indices: flat plane index of each entry of `planes`.
-        lead_shape: the layer's plane axes (``()`` for one 2-D image).
-        spatial_shape: (H, W).
-    """
-
-    planes: np.ndarray
-    indices: list[int]
-    lead_shape: tuple[int, ...]
-    spatial_shape: tuple[int, int]
-
-    @property
-    def n_planes(self) -> int:
-        """Total number of planes of the layer."""
-        return int(np.prod(self.lead_shape)) if self.lead_shape else 1
 
 
 def layer_pixels(layer: Image) -> np.ndarray:
@@ -138,7 +116,7 @@ def _find(viewer: Any, name: str, layer_type: type) -> Layer | None:
     return None
 
 
-def _transform_kwargs(image: Image) -> dict[str, Any]:
+def transform_kwargs(image: Image) -> dict[str, Any]:
     """The image layer's data-to-world transform, to copy onto a result layer."""
     return {
         "scale": np.asarray(image.scale, dtype=float),
@@ -229,7 +207,7 @@ def show_result_layers(
     Returns:
         The layers by kind (gate layers by ``"gate1 <block>"`` and ``"gate2 <block>"``).
     """
-    transform = _transform_kwargs(image)
+    transform = transform_kwargs(image)
     meta = {"sgdc": {"image": image.name}}
     layers: dict[str, Layer] = {}
     n_layers = len(viewer.layers)
@@ -360,7 +338,7 @@ def show_region(viewer: Any, image: Image, plane: tuple[int, ...], bounds: tuple
         layer.shape_type = ["rectangle"]
         layer.edge_width = [width]
         layer.edge_color = [REGION_COLOR]
-        for key, value in _transform_kwargs(image).items():
+        for key, value in transform_kwargs(image).items():
             setattr(layer, key, value)
         return layer
     if name in viewer.layers:
@@ -368,7 +346,7 @@ def show_region(viewer: Any, image: Image, plane: tuple[int, ...], bounds: tuple
     active = viewer.layers.selection.active
     layer = viewer.add_shapes(
         [rectangle], shape_type="rectangle", name=name, edge_color=REGION_COLOR, face_color="transparent",
-        edge_width=width, opacity=1.0, metadata={"sgdc": {"image": image.name}}, **_transform_kwargs(image),
+        edge_width=width, opacity=1.0, metadata={"sgdc": {"image": image.name}}, **transform_kwargs(image),
     )
     if active is not None and active in viewer.layers:
         viewer.layers.selection.active = active

@@ -1,11 +1,13 @@
-"""Background jobs for the widgets: segmentation and fine-tuning in napari thread workers.
+"""The plugin's one background-job runner, and the segment and fine-tune jobs built on it.
 
-The worker functions only call the headless API (`napari_sgdc.inference.segment`,
-`napari_sgdc.train.finetune`); progress and events cross back to the GUI thread
-through a Qt signal relay. Exceptions are caught inside the worker and shown as
-one-line napari notifications, never as a traceback dialog. When `segment` runs out of
-memory and retries with smaller tiles or on the CPU (`OutOfMemoryFallback`), the user
-gets a warning notification that says so.
+`BackgroundJob` runs its `work` in a napari thread worker and owns everything around it:
+a napari progress bar fed from the worker (`report`), a Cancel event (`cancel`), and the
+outcome: a value, a cancellation, or an error. Errors are caught inside the worker, logged
+with their traceback (nothing is lost) and shown as one-line napari notifications
+(`notify_error`), never as a traceback dialog. `SegmentJob`, `FinetuneJob` and the
+whole-slide `SlideJob` (`_wholeslide`) are subclasses; `JobChain` runs jobs one after another.
+When `segment` runs out of memory and retries with smaller tiles or on the CPU
+(`OutOfMemoryFallback`), the user gets a warning notification that says so.
 """
 
 from __future__ import annotations
@@ -25,20 +27,19 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 
 from napari_sgdc._napari._layers import (
-    PlaneInput,
     gate_layer_of,
     image_planes,
     layer_mpp,
     set_confidence_features,
     show_result_layers,
 )
-from napari_sgdc._napari._session import CachedResult, ModelState, SGDCSession
+from napari_sgdc.session import CachedResult, CorrectionSession, FinetuneRun, PlaneInput, error_line
 
 LOG = logging.getLogger(__name__)
 
 
 class Relay(QObject):
-    """Carries progress from a worker thread to the GUI thread (queued signals)."""
+    """Carries progress, events and warnings from a worker thread to the GUI thread (queued signals)."""
 
     progressed = Signal(int, int)
     event = Signal(object)
@@ -47,7 +48,7 @@ class Relay(QObject):
 
 @dataclass
 class Outcome:
-    """What a worker function returns: a value, or the error it caught.
+    """How a job ended: a value, or the error it caught.
 
     Attributes:
         value: the result when the job succeeded.
@@ -67,122 +68,268 @@ def notify_error(message: str) -> None:
     show_error(message)
 
 
-def error_text(exc: BaseException) -> str:
-    """One line describing `exc` for a notification."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if isinstance(exc, (ValueError, FileNotFoundError, RuntimeError)) else f"{type(exc).__name__}: {text}"
+class BackgroundJob:
+    """One piece of work in a napari thread worker, with a progress bar, Cancel and one-line errors.
 
+    Subclasses implement `work` (worker thread: call `report(done, total)`, watch `cancel`,
+    emit ``relay.event`` / ``relay.warned``) and `on_value` (GUI thread); `on_cancelled`,
+    `on_failed`, `on_event` and `on_warning` have defaults. Call `start` at the end of
+    the subclass's ``__init__``.
 
-def _guarded(job: Callable[[], Any]) -> Callable[[], Outcome]:
-    """Wraps `job` so the worker returns an Outcome instead of raising."""
+    Args:
+        title: names the job in notifications (``"Segmentation of 'lesion'"``).
+        desc: the progress bar's text.
+        total: the progress bar's total (0: set by the first `report`).
+        on_done: called on the GUI thread with ``(job, outcome)`` after the outcome was handled.
 
-    def run() -> Outcome:
+    Attributes:
+        cancel: set it to stop the job at its next check.
+        done, total: progress so far.
+        pbar: the napari progress bar (closed when the job ends).
+        running: whether the job has not ended yet.
+        outcome: the `Outcome` once the worker returned.
+        worker: the napari FunctionWorker.
+    """
+
+    def __init__(self, title: str, desc: str, *, total: int = 0,
+                 on_done: Callable[[Any, Outcome], None] | None = None) -> None:
+        self.title = title
+        self.on_done = on_done
+        self.cancel = threading.Event()
+        self.done, self.total = 0, int(total)
+        self.outcome: Outcome | None = None
+        self.worker: Any = None
+        self.relay = Relay()
+        self.relay.progressed.connect(self._on_progress)
+        self.relay.event.connect(self.on_event)
+        self.relay.warned.connect(self.on_warning)
+        self.pbar: Any = progress(total=self.total, desc=desc)
+        self.running = True
+
+    def start(self) -> "BackgroundJob":
+        """Starts the worker."""
+        self.worker = create_worker(self._guarded, _start_thread=False)
+        self.worker.returned.connect(self._on_returned)
+        self.worker.finished.connect(self._close_bar)
+        self.worker.start()
+        return self
+
+    # -- worker thread -------------------------------------------------------------------
+    def work(self) -> Any:
+        """The job (worker thread); raise `napari_sgdc.inference.Cancelled` to stop."""
+        raise NotImplementedError
+
+    def report(self, done: int, total: int) -> None:
+        """Progress from the worker thread."""
+        self.relay.progressed.emit(int(done), int(total))
+
+    def _guarded(self) -> Outcome:
         start = time.perf_counter()
         try:
-            value = job()
+            value = self.work()
         except Exception as exc:  # noqa: BLE001 - every failure becomes a notification
             from napari_sgdc.inference import Cancelled
 
             if isinstance(exc, Cancelled):
                 return Outcome(cancelled=True, seconds=time.perf_counter() - start)
-            LOG.exception("napari-sgdc job failed")
+            LOG.exception("napari-sgdc: %s failed", self.title)
             return Outcome(error=exc, seconds=time.perf_counter() - start)
         return Outcome(value=value, seconds=time.perf_counter() - start)
 
-    return run
+    # -- GUI thread ----------------------------------------------------------------------
+    def _on_progress(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        pbar = self.pbar
+        if not self.running:
+            return  # a late report after the job ended
+        if total and pbar.total != total:
+            pbar.total = total
+        pbar.update(max(0, done - pbar.n))  # may process queued events: last
+
+    def _close_bar(self) -> None:
+        if self.running:
+            self.running = False
+            self.pbar.close()
+
+    def _on_returned(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self._close_bar()
+        try:
+            self.finish(outcome)
+        finally:
+            if self.on_done is not None:
+                self.on_done(self, outcome)
+
+    def finish(self, outcome: Outcome) -> None:
+        """Hands the outcome to `on_value`, `on_cancelled` or `on_failed`."""
+        if outcome.cancelled:
+            self.on_cancelled()
+        elif outcome.error is not None:
+            self.on_failed(outcome.error)
+        else:
+            self.on_value(outcome.value)
+
+    def on_value(self, value: Any) -> None:
+        """The job's result (GUI thread)."""
+
+    def on_cancelled(self) -> None:
+        """Says that the job was cancelled."""
+        show_info(f"{self.title} cancelled.")
+
+    def on_failed(self, error: BaseException) -> None:
+        """Says in one line why the job failed (the traceback is in the log)."""
+        notify_error(f"{self.title} failed: {error_line(error)}")
+
+    def on_event(self, event: Any) -> None:
+        """An event the worker sent through ``relay.event``."""
+
+    def on_warning(self, message: str) -> None:
+        """A warning the worker sent through ``relay.warned``."""
+        show_warning(f"{self.title}: {message}")
 
 
-class SegmentJob:
-    """One segmentation of one image layer in a thread worker.
+class JobChain:
+    """Starts jobs one after the other; a cancelled job ends the chain.
+
+    Args:
+        makers: ``(name, make)`` per job; ``make(on_done)`` builds and starts it. A job that
+            cannot start is skipped with a notification naming it.
+        on_finished: called when the chain ends.
+    """
+
+    def __init__(self, makers: list[tuple[str, Callable[[Callable], BackgroundJob]]],
+                 on_finished: Callable[[], None]) -> None:
+        self._makers = list(makers)
+        self._on_finished = on_finished
+        self.jobs: list[BackgroundJob] = []
+
+    def start(self) -> "JobChain":
+        """Starts the first job."""
+        self._next()
+        return self
+
+    def cancel(self) -> None:
+        """Cancels the running job and starts no other."""
+        self._makers.clear()
+        for job in self.jobs:
+            job.cancel.set()
+
+    def _next(self) -> None:
+        if not self._makers:
+            self._on_finished()
+            return
+        name, make = self._makers.pop(0)
+        try:
+            self.jobs.append(make(self._done))
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            notify_error(f"{name} failed: {error_line(exc)}")
+            self._next()
+
+    def _done(self, job: BackgroundJob, outcome: Outcome) -> None:
+        if outcome.cancelled:
+            self._makers.clear()
+        self._next()
+
+
+class SegmentJob(BackgroundJob):
+    """One segmentation of one image layer; the result goes into the session and the layers.
 
     The caller holds the session's `Busy` state for the job and releases it in `on_done`.
 
     Attributes:
-        worker: the napari FunctionWorker (started).
-        cancel: set it to stop the job at the next tile.
         image: the image layer being segmented.
         settings: the run settings copied when the job started.
+        planes: the planes being segmented.
+        fallbacks: the out-of-memory retries of the run.
     """
 
-    def __init__(
-        self,
-        viewer: Any,
-        session: SGDCSession,
-        image: Image,
-        source: str,
-        on_done: Callable[["SegmentJob", Outcome], None] | None = None,
-    ) -> None:
-        self.viewer = viewer
-        self.session = session
-        self.image = image
-        self.source = source
-        self.on_done = on_done
-        self.cancel = threading.Event()
+    def __init__(self, viewer: Any, session: CorrectionSession, image: Image, source: str,
+                 on_done: Callable[["SegmentJob", Outcome], None] | None = None) -> None:
+        self.viewer, self.session, self.image, self.source = viewer, session, image, source
         self.settings = replace(session.settings)
         if not self.settings.mpp:  # 0: the layer's own µm/px when its scale has a length unit
             self.settings.mpp = layer_mpp(image) or 0.0
         self.planes = image_planes(image, self.settings.planes, viewer.dims.point)
-        self.relay = Relay()
-        self.pbar = progress(total=0, desc=f"SGDC segment {image.name}")
-        self.relay.progressed.connect(self._on_progress)
-        self.relay.warned.connect(self._on_warned)
         self.fallbacks: list[str] = []
-        self.outcome: Outcome | None = None
-        self.worker = create_worker(_guarded(self._work), _start_thread=False)
-        self.worker.returned.connect(self._on_returned)
-        self.worker.finished.connect(self.pbar.close)
-        self.worker.start()
+        super().__init__(f"Segmentation of '{image.name}'", f"SGDC segment {image.name}", on_done=on_done)
+        self.start()
 
-    def _work(self) -> tuple[ModelState, Any]:
+    def work(self) -> tuple[Any, Any, Any]:
         from napari_sgdc import inference
 
         settings = self.settings
         state = self.session.get_model(self.source, settings.device)
+        options = self.session.options_for(state)
         planes = self.planes.planes
-        image = planes if len(planes) > 1 else planes[0]
-        config = state.model.config
-        mpp = settings.mpp_for(config)
         with relay_out_of_memory(self.relay.warned.emit):
             result = inference.segment(
-                state.model,
-                image,
-                self.session.options,
-                tile=settings.tile,
-                device=settings.device,
-                return_gates=settings.gates,
-                uncertainty=settings.uncertainty,
-                progress=self.relay.progressed.emit,
-                cancel=self.cancel,
-                stack=len(planes) > 1,
-                mpp=mpp,
-                amp=settings.amp,
+                state.model, planes if len(planes) > 1 else planes[0], options, tile=settings.tile,
+                device=settings.device, return_gates=settings.gates, uncertainty=settings.uncertainty,
+                progress=self.report, cancel=self.cancel, stack=len(planes) > 1,
+                mpp=settings.mpp_for(state.model.config), amp=settings.amp,
             )
-        return state, result
+        return state, options, result
 
-    def _on_warned(self, message: str) -> None:
+    def on_warning(self, message: str) -> None:
         self.fallbacks.append(message)
         show_warning(f"Segmenting '{self.image.name}': {message}. "
                      "The result is the same; a smaller tile size avoids the retry.")
 
-    def _on_progress(self, done: int, total: int) -> None:
-        if self.pbar.total != total:
-            self.pbar.total = total
-        self.pbar.update(max(0, done - self.pbar.n))
-
-    def _on_returned(self, outcome: Outcome) -> None:
-        self.outcome = outcome
-        if outcome.cancelled:
-            show_info(f"Segmentation of '{self.image.name}' cancelled.")
-        elif outcome.error is not None:
-            notify_error(f"Segmentation of '{self.image.name}' failed: {error_text(outcome.error)}")
-        elif self.image not in self.viewer.layers:
+    def on_value(self, value: tuple[Any, Any, Any]) -> None:
+        if self.image not in self.viewer.layers:
             show_info(f"'{self.image.name}' was closed during segmentation; result dropped.")
-        else:
-            state, result = outcome.value
-            cache = store_and_show(self.viewer, self.session, self.image, self.planes, state, result)
-            cache.mpp = self.settings.mpp_for(state.model.config)
-        if self.on_done is not None:
-            self.on_done(self, outcome)
+            return
+        state, used, result = value
+        cache = self.session.store_result(self.image, self.planes, state, result, used=used,
+                                          mpp=self.settings.mpp_for(state.model.config))
+        show_segmentation(self.viewer, self.session, self.image, self.planes, cache, result.gates)
+
+
+class FinetuneJob(BackgroundJob):
+    """One fine-tune run (`CorrectionSession.run_finetune`): kept when it finishes, dropped
+    (the weights restored bit for bit) when it is cancelled or fails.
+
+    Attributes:
+        run: the run.
+        info: the kept run's provenance (None until kept).
+    """
+
+    def __init__(self, session: CorrectionSession, run: FinetuneRun,
+                 on_event: Callable[[dict], None] | None = None,
+                 on_done: Callable[["FinetuneJob", Outcome], None] | None = None) -> None:
+        self.session, self.run = session, run
+        self.info: dict[str, Any] | None = None
+        self._event_callback = on_event
+        super().__init__("Fine-tune", "SGDC fine-tune", total=int(run.config.max_steps or 0), on_done=on_done)
+        self.start()
+
+    def work(self) -> Any:
+        from napari_sgdc.inference import Cancelled
+
+        history = self.session.run_finetune(self.run, callbacks=[self._step], cancel=self.cancel)
+        if getattr(history, "cancelled", False):
+            raise Cancelled("fine-tune cancelled")
+        return history
+
+    def _step(self, event: dict) -> None:
+        if event.get("kind") == "step":
+            self.relay.event.emit(event)
+            self.report(int(event.get("step", 0)), int(event.get("total_steps") or 0))
+
+    def on_event(self, event: Any) -> None:
+        if self.running and self._event_callback is not None:  # not a late event after the run
+            self._event_callback(event)
+
+    def on_value(self, history: Any) -> None:
+        self.info = self.session.keep_finetune(self.run, history)
+
+    def on_cancelled(self) -> None:
+        self.run.state.drop_run(self.run)
+        show_info("Fine-tune cancelled; the model is unchanged.")
+
+    def on_failed(self, error: BaseException) -> None:
+        self.run.state.drop_run(self.run)
+        notify_error(f"Fine-tune failed (model unchanged): {error_line(error)}")
 
 
 class relay_out_of_memory:
@@ -221,81 +368,20 @@ class relay_out_of_memory:
             warnings.showwarning(*args)
 
 
-def _as_planes(array: np.ndarray, n: int) -> np.ndarray:
-    """(H, W) or (n, H, W) -> (n, H, W)."""
-    array = np.asarray(array)
-    return array[None] if array.ndim == 2 and n == 1 else array
+def show_segmentation(viewer: Any, session: CorrectionSession, image: Image, planes: PlaneInput,
+                      cache: CachedResult, gate_maps: list | None) -> dict[str, Any]:
+    """Writes a cached result into the image's result layers (the written mask as it is: no
+    post-processing here) and emits the session's ``segmented`` event.
 
-
-def store_and_show(viewer: Any, session: SGDCSession, image: Image, planes: PlaneInput, state: ModelState,
-                   result: Any) -> CachedResult:
-    """Merges a SegmentationResult into the layer's cache and writes the result layers.
-
-    The mask layer gets ``cache.postprocessed(session.options)``: the same single
-    post-processing of all segmented planes that the sliders run. With an uncertainty map
-    the ``<image> uncertainty`` layer is written too, and an instance mask gets each
-    object's confidence in its features.
-
-    Args:
-        viewer: the napari viewer.
-        session: the shared session (its `results` cache is updated).
-        image: the segmented image layer.
-        planes: the planes that were segmented.
-        state: the model that produced `result`.
-        result: the SegmentationResult of `planes`.
+    Returns:
+        The layers by kind (`show_result_layers`).
     """
-    n_total, n_new = planes.n_planes, len(planes.indices)
-    height, width = planes.spatial_shape
-    config = state.model.config
-    instances = config.is_instance
-    old = session.results.get(image)
-    reuse = (
-        old is not None
-        and old.probability.shape == (n_total, height, width)
-        and old.instances == instances
-        and n_new < n_total
-    )
-    if reuse:
-        cache = old
-    else:
-        cache = CachedResult(
-            probability=np.zeros((n_total, height, width), np.float32),
-            boundary=np.zeros((n_total, height, width), np.float32),
-            segmented=np.zeros(n_total, bool),
-            lead_shape=planes.lead_shape,
-            instances=instances,
-            written_mask=np.zeros((n_total, height, width), np.int32 if instances else np.uint8),
-            model_source=state.source,
-        )
-    cache.model_source = state.source
-    cache.single_object = config.single_object
-    cache.probability[planes.indices] = _as_planes(result.probability, n_new)
-    cache.boundary[planes.indices] = _as_planes(result.boundary, n_new)
-    if result.separation is not None and result.separation is not result.boundary:  # distance and HoVer models
-        if cache.separation is None:
-            cache.separation = cache.boundary.copy()  # planes segmented before split on their boundary
-        cache.separation[planes.indices] = _as_planes(result.separation, n_new)
-    elif cache.separation is not None:
-        cache.separation[planes.indices] = cache.boundary[planes.indices]
-    cache.segmented[planes.indices] = True
-    if result.uncertainty is None:
-        cache.uncertainty = None  # stale for the planes segmented now
-    else:
-        if cache.uncertainty is None or not reuse:
-            cache.uncertainty = np.zeros((n_total, height, width), np.float32)
-        cache.uncertainty[planes.indices] = _as_planes(result.uncertainty, n_new)
-    session.adopt_model_defaults(state)  # a model's tuned marker threshold, once per switch
-    cache.written_mask = cache.postprocessed(session.options)
-    session.results[image] = cache
-
-    gates = _gate_planes(viewer, image, result.gates, planes) if result.gates else None
-    layers = show_result_layers(
-        viewer, image, cache.probability, cache.boundary, cache.written_mask.copy(), cache.lead_shape, gates,
-        uncertainty=cache.uncertainty,
-    )
+    gates = _gate_planes(viewer, image, gate_maps, planes) if gate_maps else None
+    layers = show_result_layers(viewer, image, cache.probability, cache.boundary, cache.written_mask.copy(),
+                                cache.lead_shape, gates, uncertainty=cache.uncertainty)
     set_confidence_features(layers["mask"], cache.confidence())
     session.emit("segmented", image=image)
-    return cache
+    return layers
 
 
 def _gate_planes(viewer: Any, image: Image, gate_maps: list, planes: PlaneInput) -> list[dict[str, Any]]:

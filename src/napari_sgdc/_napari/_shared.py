@@ -1,16 +1,16 @@
-"""What both dock widgets share: the image-layer picker, the "SGDC is busy" guard and
-the status line."""
+"""What both dock widgets share: the image-layer picker, the "SGDC is busy" guard, the
+status line and button rows."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from magicgui.widgets import ComboBox, Label
+from magicgui.widgets import ComboBox, Container, Label
 from napari.layers import Image
 
 from napari_sgdc._napari._layers import image_of_result, is_source_image, source_images
 from napari_sgdc._napari._runner import notify_error
-from napari_sgdc._napari._session import Job, SGDCSession
+from napari_sgdc.session import CorrectionSession, Job
 
 
 class ImagePicker:
@@ -55,17 +55,17 @@ class ImagePicker:
             self.pick(image)
 
 
-def _refuse(session: SGDCSession) -> bool:
+def _refuse(session: CorrectionSession) -> bool:
     notify_error(f"SGDC is busy ({session.busy}); wait or press Cancel.")
     return False
 
 
-def claim(session: SGDCSession, job: Job, detail: str = "") -> bool:
+def claim(session: CorrectionSession, job: Job, detail: str = "") -> bool:
     """Takes the session's model for `job`; when another job runs, says so and returns False."""
     return session.busy.acquire(job, detail) or _refuse(session)
 
 
-def ensure_idle(session: SGDCSession) -> bool:
+def ensure_idle(session: CorrectionSession) -> bool:
     """True when no job runs; otherwise says which one does and returns False."""
     return session.busy.idle or _refuse(session)
 
@@ -77,3 +77,10 @@ def wrap_status(status: Label) -> None:
 
     status.native.setWordWrap(True)
     status.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+
+
+def button_row(*widgets: Any, name: str = "") -> Container:
+    """Widgets side by side in one dock row (no label, no margins)."""
+    row = Container(name=name or None, layout="horizontal", labels=False, label=" ", widgets=list(widgets))
+    row.margins = (0, 0, 0, 0)
+    return row

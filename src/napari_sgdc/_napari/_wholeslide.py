@@ -22,19 +22,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from napari.layers import Image, Labels, Layer, Shapes
-from napari.qt.threading import create_worker
-from napari.utils import progress
 from napari.utils.notifications import show_info
 
-from napari_sgdc._napari._runner import Outcome, Relay, _guarded, error_text, notify_error
-from napari_sgdc._napari._session import ModelState, SGDCSession
-from napari_sgdc.postprocess import PostprocessOptions
+from napari_sgdc._napari._runner import BackgroundJob, Outcome
+from napari_sgdc.session import CorrectionSession, ModelState
 
 SLIDE_KEY = "slide"
 """Image-layer metadata key of the open `Slide` (set by the reader)."""
@@ -227,8 +223,8 @@ def store_layer_of(viewer: Any, image: Image, kind: str = "nuclei") -> Labels | 
 # --------------------------------------------------------------------------- the job
 
 
-class SlideJob:
-    """One `segment_slide` run in a thread worker, with progress per tile and Cancel.
+class SlideJob(BackgroundJob):
+    """One `segment_slide` run on the plugin's job runner, with progress per tile and Cancel.
 
     The caller holds the session's `Busy` state and releases it in `on_done`.
 
@@ -237,68 +233,52 @@ class SlideJob:
         store: the store written.
         cancel: set it to stop after the current tile (the run can be resumed later).
         done, total: tiles done so far (progress).
+        options: the post-processing the store is written with.
         outcome: the `Outcome` once the worker returned (value: the `SlideResult`).
     """
 
-    def __init__(self, viewer: Any, session: SGDCSession, image: Image, source: str, target: str,
+    def __init__(self, viewer: Any, session: CorrectionSession, image: Image, source: str, target: str,
                  roi: tuple[int, int, int, int] | None, store: Path, *, resume: bool = False,
                  overwrite: bool = False, on_done: Callable[["SlideJob", Outcome], None] | None = None) -> None:
         self.viewer, self.session, self.image, self.source = viewer, session, image, source
         self.target, self.roi, self.store = target, roi, Path(store)
         self.resume, self.overwrite = resume, overwrite
         self.slide = slide_of(image)
-        self.on_done = on_done
-        self.cancel = threading.Event()
         self.options = session.options
         self.device = session.settings.device
         self.amp = session.settings.amp
-        self.done = self.total = 0
-        self.outcome: Outcome | None = None
         self.state: ModelState | None = None
-        self.relay = Relay()
-        self.relay.progressed.connect(self._on_progress)
-        self.pbar = progress(total=0, desc=f"SGDC {target} {image.name}")
+        super().__init__(f"Segmentation of '{image.name}' ({target})", f"SGDC {target} {image.name}",
+                         on_done=on_done)
         if overwrite and self.store.exists():
             remove_store_layers(viewer, image.name, target)  # they read the store about to be replaced
-        self.worker = create_worker(_guarded(self._work), _start_thread=False)
-        self.worker.returned.connect(self._on_returned)
-        self.worker.finished.connect(self.pbar.close)
-        self.worker.start()
+        self.start()
 
-    def _work(self) -> Any:
+    def work(self) -> Any:
         from napari_sgdc.wholeslide import segment_slide
 
         state = self.state = self.session.get_model(self.source, self.device)
-        if self.session.defaults_source != self.source:  # a model's first run after a switch: its defaults
-            self.options = PostprocessOptions.for_model(state.model.config)
+        self.options = self.session.options_for(state)  # a model's first run after a switch: its defaults
         self.store.parent.mkdir(parents=True, exist_ok=True)
         if self.overwrite and self.store.exists() and store_state(self.store) != "foreign":
             shutil.rmtree(self.store)  # a cache store of an earlier region run
         return segment_slide(state.model, self.slide, self.store, roi=self.roi, tile=SLIDE_TILE,
-                             margin=SLIDE_MARGIN, options=self.options, progress=self.relay.progressed.emit,
+                             margin=SLIDE_MARGIN, options=self.options, progress=self.report,
                              cancel=self.cancel, resume=self.resume, amp=self.amp)
 
-    def _on_progress(self, done: int, total: int) -> None:
-        self.done, self.total = done, total
-        if self.pbar.total != total:
-            self.pbar.total = total
-        self.pbar.update(max(0, done - self.pbar.n))
-
-    def _on_returned(self, outcome: Outcome) -> None:
-        self.outcome = outcome
+    def finish(self, outcome: Outcome) -> None:
         if self.state is not None:
             self.session.adopt_model_defaults(self.state)  # the sliders show the level the run used
-        if outcome.cancelled:
-            show_info(f"Segmentation of '{self.image.name}' ({self.target}) cancelled after {self.done}/{self.total} "
-                      "tiles; segment again to resume it.")
-        elif outcome.error is not None:
-            notify_error(f"Segmentation of '{self.image.name}' ({self.target}) failed: {error_text(outcome.error)}")
-        elif self.image not in self.viewer.layers:
+        super().finish(outcome)
+
+    def on_cancelled(self) -> None:
+        show_info(f"{self.title} cancelled after {self.done}/{self.total} tiles; segment again to resume it.")
+
+    def on_value(self, value: Any) -> None:
+        if self.image not in self.viewer.layers:
             show_info(f"'{self.image.name}' was closed during segmentation; the result is in {self.store}.")
         else:
             add_store_layers(self.viewer, self.image, self.store, self.target, self.source)
-        if self.on_done is not None:
-            self.on_done(self, outcome)
 
 
 # --------------------------------------------------------------------------- corrected regions

@@ -17,10 +17,11 @@ from ..device import model_device
 from ..grid import check_image_mpp, resample_image, working_shape
 from ..locks import model_lock
 from ..model import SGDCSegmenter
+from ..training_pairs import TrainingPair, is_pair_list, pair_arrays
 from .corrections import EDIT_BAND, EDIT_MARGIN, EDIT_WEIGHT, crop_to_edits, edited_pixels, loss_weight_map
 from .fit import History, fit
 
-__all__ = ["finetune", "finetune_config", "FOCUS_PROBABILITY"]
+__all__ = ["finetune", "finetune_config", "override_preset", "FOCUS_PROBABILITY"]
 
 FOCUS_PROBABILITY = 0.9
 """Probability that a fine-tuning patch is centred on (jittered) labelled foreground, or on
@@ -148,6 +149,35 @@ def finetune_config(model: SGDCSegmenter, preset: str | TrainConfig = "quick") -
     return cfg
 
 
+def override_preset(preset: TrainConfig, *, steps: int, learning_rate: float, freeze_encoder: bool,
+                    device: str = "auto") -> TrainConfig:
+    """`preset` for one run of `steps` steps at decoder learning rate `learning_rate` (what the
+    Fine-tune dock's advanced settings set).
+
+    The encoder's learning rate keeps the preset's encoder/decoder ratio (0 when the preset
+    has no decoder rate).
+
+    Raises:
+        ValueError: fewer than one step, or a learning rate that is not positive.
+    """
+    if int(steps) < 1 or not learning_rate > 0:
+        raise ValueError(f"fine-tuning needs at least 1 step and a positive learning rate, got {steps} and "
+                         f"{learning_rate}")
+    ratio = preset.lr_encoder / preset.lr_decoder if preset.lr_decoder else 0.0
+    return dataclasses.replace(preset, max_steps=int(steps), steps_per_epoch=int(steps), epochs=1,
+                               lr_decoder=float(learning_rate), lr_encoder=float(learning_rate) * ratio,
+                               freeze_encoder=bool(freeze_encoder), device=device)
+
+
+def _from_pairs(model: SGDCSegmenter, pairs: Sequence[TrainingPair], labels, predictions, mpp):  # noqa: ANN001, ANN202
+    """`finetune(model, pairs)`: the arrays of the pairs (`napari_sgdc.training_pairs.pair_arrays`)."""
+    if labels is not None or predictions is not None or mpp is not None:
+        raise ValueError("finetune got TrainingPair objects and labels, predictions or mpp: the pairs carry "
+                         "their own; pass the preset as preset=...")
+    arrays = pair_arrays(pairs, model.config)
+    return arrays.images, arrays.labels, arrays.predictions, arrays.mpp
+
+
 @contextlib.contextmanager
 def _restore_on_failure(model: SGDCSegmenter) -> Iterator[Callable[[], None]]:
     """Restores each module's train/eval mode and each parameter's ``requires_grad`` on
@@ -176,8 +206,8 @@ def _restore_on_failure(model: SGDCSegmenter) -> Iterator[Callable[[], None]]:
 
 def finetune(
     model: SGDCSegmenter,
-    images: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray],
+    images: Sequence[np.ndarray] | Sequence[TrainingPair],
+    labels: Sequence[np.ndarray] | None = None,
     preset: str | TrainConfig = "quick",
     *,
     predictions: Sequence[np.ndarray | None] | None = None,
@@ -216,7 +246,10 @@ def finetune(
 
     Args:
         model: the segmenter to update.
-        images: images (H, W), (H, W, 3) or (H, W, 4) of any dtype `to_float_rgb` accepts.
+        images: images (H, W), (H, W, 3) or (H, W, 4) of any dtype `to_float_rgb` accepts; or
+            the training pairs (`napari_sgdc.training_pairs.TrainingPair`, e.g. the Fine-tune
+            dock's list), which carry their labels, predictions and µm/px: then leave
+            `labels`, `predictions` and `mpp` out.
         labels: per image (H, W) labels: a mask or an instance map (> 0 = foreground).
         preset: ``quick`` or ``standard`` (see `napari_sgdc.config.PRESETS`, with the
             model's own boundary width: `finetune_config`) or a `TrainConfig`.
@@ -240,6 +273,10 @@ def finetune(
     """
     cfg = finetune_config(model, preset)
     instance = model.config.is_instance
+    if is_pair_list(images):
+        images, labels, predictions, mpp = _from_pairs(model, images, labels, predictions, mpp)
+    elif labels is None:
+        raise ValueError("finetune needs labels for the images (or a list of TrainingPair as images)")
     predictions = _check_predictions(predictions, labels)
     samples = _prepare_pairs(images, labels, instance, predictions)
     mpps = _check_mpps(mpp, len(samples), model.config)
