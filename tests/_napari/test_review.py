@@ -158,7 +158,7 @@ def test_instance_confidence_features_follow_the_sliders(make_napari_viewer, tin
     probability = np.asarray(viewer.layers["tile probability"].data)
     boundary = np.asarray(viewer.layers["tile SGE boundary"].data)
     seg.threshold.value = round(float(np.quantile(probability, 0.4)), 3)  # the random model: more objects
-    seg.boundary_threshold.value = round(float(np.quantile(boundary, 0.7)), 3)
+    seg.split_level.value = round(float(np.quantile(boundary, 0.7)), 3)
     before = check()
     assert len(before) > 2
     label = int(np.asarray(mask.data).max())

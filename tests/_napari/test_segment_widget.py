@@ -81,7 +81,7 @@ def test_threshold_slider_moves_mask_without_a_forward_pass(sgdc, wait_segment):
         new_threshold = round(float(np.quantile(probability, 0.5)), 3)
         seg.threshold.value = new_threshold
         after = np.asarray(mask_layer.data)
-        options = PostprocessOptions(seg.threshold.value, seg.boundary_threshold.value, seg.min_size.value)
+        options = PostprocessOptions(seg.threshold.value, seg.split_level.value, seg.min_size.value)
         assert seg._session.options == options
         expected, _ = postprocess(probability, viewer.layers["lesion SGE boundary"].data, options)
         np.testing.assert_array_equal(after > 0, expected)
@@ -107,9 +107,9 @@ def test_instance_sliders_relabel_from_cache(make_napari_viewer, tiny_instance_c
         probability = viewer.layers["tile probability"].data
         boundary = viewer.layers["tile SGE boundary"].data
         seg.threshold.value = round(float(np.quantile(probability, 0.4)), 3)
-        seg.boundary_threshold.value = round(float(np.quantile(boundary, 0.7)), 3)
+        seg.split_level.value = round(float(np.quantile(boundary, 0.7)), 3)
         seg.min_size.value = 7
-        options = PostprocessOptions(seg.threshold.value, seg.boundary_threshold.value, 7)
+        options = PostprocessOptions(seg.threshold.value, seg.split_level.value, 7)
         _, expected = postprocess(probability, boundary, options, instances=True)
         labels = viewer.layers["tile mask"].data
         assert labels.dtype == np.int32
@@ -145,10 +145,10 @@ def test_stack_instance_ids_stay_unique_across_planes_after_a_slider_move(
     np.testing.assert_array_equal(written, postprocess(probability, boundary, seg._session.options,
                                                        instances=True)[1])
     seg.min_size.value = 3
-    seg.boundary_threshold.value = round(float(np.quantile(boundary, 0.7)), 3)
+    seg.split_level.value = round(float(np.quantile(boundary, 0.7)), 3)
     seg.threshold.value = round(float(np.quantile(probability, 0.5)), 3)
     labels = np.asarray(viewer.layers["stack mask"].data)
-    options = PostprocessOptions(seg.threshold.value, seg.boundary_threshold.value, 3)
+    options = PostprocessOptions(seg.threshold.value, seg.split_level.value, 3)
     np.testing.assert_array_equal(labels, postprocess(probability, boundary, options, instances=True)[1])
     _assert_disjoint_ids(labels)
 
@@ -176,9 +176,9 @@ def test_hover_model_sliders_split_on_its_separation_map_without_a_forward_pass(
 
     monkeypatch.setattr("napari_sgdc.inference.segment", no_forward)
     seg.min_size.value = 2
-    seg.boundary_threshold.value = round(float(np.quantile(reference.separation, 0.6)), 3)
+    seg.split_level.value = round(float(np.quantile(reference.separation, 0.6)), 3)
     seg.threshold.value = round(float(np.quantile(reference.probability, 0.4)), 3)
-    options = PostprocessOptions(seg.threshold.value, seg.boundary_threshold.value, 2)
+    options = PostprocessOptions(seg.threshold.value, seg.split_level.value, 2)
     expected = postprocess(reference.probability, reference.separation, options, instances=True)[1]
     np.testing.assert_array_equal(np.asarray(viewer.layers["hne mask"].data), expected)
     boundary_split = postprocess(reference.probability, reference.boundary, options, instances=True)[1]
@@ -191,7 +191,7 @@ def test_each_model_brings_its_tuned_defaults_once_per_switch(
     from napari_sgdc.postprocess import PostprocessOptions, postprocess
 
     model = load_checkpoint(tiny_instance_checkpoint)[0]
-    model.config.boundary_threshold, model.config.threshold, model.config.min_size = 0.3, 0.45, 7  # as tuning would
+    model.config.split_level, model.config.threshold, model.config.min_size = 0.3, 0.45, 7  # as tuning would
     tuned = save_checkpoint(tmp_path / "tuned.safetensors", model)
     viewer = make_napari_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
@@ -201,22 +201,22 @@ def test_each_model_brings_its_tuned_defaults_once_per_switch(
     seg.gates.value = False
     assert seg.load_checkpoint(str(tiny_instance_checkpoint))
     wait_segment(seg.run_segment())
-    assert (seg.threshold.value, seg.boundary_threshold.value, seg.min_size.value) == (0.5, 0.5, 20)
+    assert (seg.threshold.value, seg.split_level.value, seg.min_size.value) == (0.5, 0.5, 20)
     untuned_source = seg.model.value
     assert seg.load_checkpoint(str(tuned))
     wait_segment(seg.run_segment())
-    assert seg.boundary_threshold.value == pytest.approx(0.3)
+    assert seg.split_level.value == pytest.approx(0.3)
     assert seg.threshold.value == pytest.approx(0.45) and seg.min_size.value == 7
     cache = seg._session.results[image]
     split = cache.boundary if cache.separation is None else cache.separation
     expected = postprocess(cache.probability[0], split[0], PostprocessOptions(0.45, 0.3, 7), instances=True)[1]
     np.testing.assert_array_equal(np.asarray(viewer.layers["hne mask"].data), expected)
-    seg.boundary_threshold.value = 0.4  # the user's choice holds while the model stays
+    seg.split_level.value = 0.4  # the user's choice holds while the model stays
     wait_segment(seg.run_segment())
-    assert seg.boundary_threshold.value == pytest.approx(0.4)
+    assert seg.split_level.value == pytest.approx(0.4)
     seg.model.value = untuned_source  # switching back brings that model's values again
     wait_segment(seg.run_segment())
-    assert (seg.threshold.value, seg.boundary_threshold.value, seg.min_size.value) == (0.5, 0.5, 20)
+    assert (seg.threshold.value, seg.split_level.value, seg.min_size.value) == (0.5, 0.5, 20)
 
 
 def test_event_loop_ticks_while_segmenting_with_progress_per_tile(make_napari_viewer, tiny_checkpoint, qtbot,

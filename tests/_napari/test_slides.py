@@ -35,7 +35,7 @@ def slide_viewer(make_napari_viewer, slide_file, tmp_path, monkeypatch):
     from napari_sgdc._napari import _wholeslide as ws
     from napari_sgdc.session import ModelState
 
-    monkeypatch.setattr(ws, "SLIDE_TILE", 256)
+    monkeypatch.setattr("napari_sgdc.grid.DEFAULT_TILE", 256)
     path = Path(shutil.copy(slide_file[0], tmp_path / "synth.ome.tif"))
     viewer = make_napari_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
@@ -117,14 +117,14 @@ def test_a_slide_run_uses_the_models_tuned_marker_threshold(slide_viewer, wait_s
     from napari_sgdc._napari import _wholeslide as ws
 
     viewer, seg, layer, _ = slide_viewer
-    seg._session.models["pixel"].model.config.boundary_threshold = 0.3  # as training would tune it
+    seg._session.models["pixel"].model.config.split_level = 0.3  # as training would tune it
     _show(viewer, layer, 300, 300, 500, 500)
     seg.target.value = ws.TARGET_VIEW
     job = seg.run_segment()
     outcome = wait_segment(job)
     assert outcome.error is None, notes.messages
-    assert job.options.boundary_threshold == 0.3  # what the store was written with
-    assert seg.boundary_threshold.value == pytest.approx(0.3)  # and what the slider now shows
+    assert job.options.split_level == 0.3  # what the store was written with
+    assert seg.split_level.value == pytest.approx(0.3)  # and what the slider now shows
 
 
 def test_rectangle_target_segments_the_first_rectangle(slide_viewer, wait_segment, notes):
@@ -245,3 +245,26 @@ def test_finetune_on_a_slide_region_trains_on_the_crop(slide_viewer, slide_file,
     np.testing.assert_array_equal(seen["images"][0], rgb[y0:y0 + h, x0:x0 + w])  # the crop the labels cover
     np.testing.assert_array_equal(seen["labels"][0], data)
     assert ft.pairs[0].image_name.startswith(layer.name)
+
+
+def test_tta_is_offered_and_honoured_for_slides_and_images(slide_viewer, wait_segment, notes, monkeypatch):
+    from napari_sgdc import inference
+    from napari_sgdc._napari import _wholeslide as ws
+    from napari_sgdc.wholeslide import open_store
+
+    viewer, seg, layer, _ = slide_viewer
+    assert _shown(seg.tta)  # offered on a slide (uncertainty and gates are not: slides have neither)
+    seg.tta.value = True
+    _show(viewer, layer, 300, 300, 400, 400)
+    seg.target.value = ws.TARGET_VIEW
+    job = seg.run_segment()
+    outcome = wait_segment(job)
+    assert outcome.error is None, notes.messages
+    assert open_store(job.store).plan.tta  # the store was made with TTA (and a resume must match it)
+    calls = []
+    segment = inference.segment
+    monkeypatch.setattr(inference, "segment", lambda *a, **k: calls.append(k["tta"]) or segment(*a, **k))
+    seg.image_layer.value = viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="plain")
+    assert _shown(seg.tta)
+    assert wait_segment(seg.run_segment()).error is None, notes.messages
+    assert calls == [True]

@@ -17,7 +17,7 @@ from napari.layers import Image, Labels, Layer, Shapes
 from napari.utils.notifications import show_info
 from qtpy.QtCore import QTimer
 
-from napari_sgdc._napari import _wholeslide as ws
+import napari_sgdc._napari._wholeslide as ws
 from napari_sgdc._napari._layers import image_planes, layer_mpp, mask_layer_of, spatial_shape_of, transform_kwargs
 from napari_sgdc._napari._runner import notify_error
 from napari_sgdc._napari._shared import button_row

@@ -19,7 +19,7 @@ from napari_sgdc._napari._loss_plot import LossPlot
 from napari_sgdc._napari._runner import FinetuneJob, JobChain, Outcome, SegmentJob, notify_error
 from napari_sgdc._napari._session import get_session, real_viewer
 from napari_sgdc._napari._shared import ImagePicker, button_row, claim, ensure_idle, wrap_status
-from napari_sgdc._napari import _wholeslide as ws
+import napari_sgdc._napari._wholeslide as ws
 from napari_sgdc._napari._layers import image_of_result, mask_layer_of
 from napari_sgdc.session import CorrectionSession, Job, TrainingList, error_line
 from napari_sgdc.training_pairs import InputError, TrainingPair

@@ -13,6 +13,7 @@ When `segment` runs out of memory and retries with smaller tiles or on the CPU
 from __future__ import annotations
 
 import logging
+import abc
 import threading
 import time
 import warnings
@@ -68,7 +69,7 @@ def notify_error(message: str) -> None:
     show_error(message)
 
 
-class BackgroundJob:
+class BackgroundJob(abc.ABC):
     """One piece of work in a napari thread worker, with a progress bar, Cancel and one-line errors.
 
     Subclasses implement `work` (worker thread: call `report(done, total)`, watch `cancel`,
@@ -115,9 +116,9 @@ class BackgroundJob:
         return self
 
     # -- worker thread -------------------------------------------------------------------
+    @abc.abstractmethod
     def work(self) -> Any:
         """The job (worker thread); raise `napari_sgdc.inference.Cancelled` to stop."""
-        raise NotImplementedError
 
     def report(self, done: int, total: int) -> None:
         """Progress from the worker thread."""
@@ -266,7 +267,7 @@ class SegmentJob(BackgroundJob):
                 state.model, planes if len(planes) > 1 else planes[0], options, tile=settings.tile,
                 device=settings.device, return_gates=settings.gates, uncertainty=settings.uncertainty,
                 progress=self.report, cancel=self.cancel, stack=len(planes) > 1,
-                mpp=settings.mpp_for(state.model.config), amp=settings.amp,
+                mpp=settings.mpp_for(state.model.config), amp=settings.amp, tta=settings.tta,
             )
         return state, options, result
 

@@ -19,9 +19,7 @@ the slide in µm.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +28,9 @@ from napari.layers import Image, Labels, Layer, Shapes
 from napari.utils.notifications import show_info
 
 from napari_sgdc._napari._runner import BackgroundJob, Outcome
+from napari_sgdc import grid
 from napari_sgdc.session import CorrectionSession, ModelState
+from napari_sgdc.wholeslide import open_store, slide_stem, store_paths, store_state
 
 SLIDE_KEY = "slide"
 """Image-layer metadata key of the open `Slide` (set by the reader)."""
@@ -39,9 +39,6 @@ TARGET_VIEW = "field of view"
 TARGET_RECTANGLE = "rectangle"
 TARGET_WHOLE = "whole slide"
 TARGETS = (TARGET_VIEW, TARGET_RECTANGLE, TARGET_WHOLE)
-SLIDE_TILE = 1024
-"""Core (and chunk) size of the slide runs, in working pixels (`segment_slide`'s default)."""
-SLIDE_MARGIN = 64
 STORE_KINDS = ("probability", "boundary", "nuclei", "tissue")
 MAX_CROP = 2048
 """Largest side (working pixels) of a corrected-region crop."""
@@ -56,10 +53,6 @@ def slide_of(layer: Any) -> Any:
         return None
     slide = layer.metadata.get(SLIDE_KEY)
     return slide if isinstance(slide, Slide) else None
-
-
-def slide_stem(slide: Any) -> str:
-    return Path(slide.path).name.split(".")[0]
 
 
 def _clip_box(slide: Any, y0: float, x0: float, y1: float, x1: float) -> tuple[int, int, int, int] | None:
@@ -138,27 +131,13 @@ def region_store(slide: Any, target: str) -> Path:
     """The cache store of a region target: ``$NAPARI_SGDC_CACHE/slides/<stem>-<view|rectangle>.ome.zarr``."""
     from napari_sgdc.autosave import cache_dir
 
-    return cache_dir() / "slides" / f"{slide_stem(slide)}-{_TARGET_TAG[target]}.ome.zarr"
+    return cache_dir() / "slides" / f"{slide_stem(slide.path)}-{_TARGET_TAG[target]}.ome.zarr"
 
 
 def whole_store(slide: Any, folder: str | Path | None) -> Path:
     """``<folder>/<slide stem>.ome.zarr``; the slide's own folder when `folder` is empty."""
     folder = Path(folder) if folder is not None and str(folder) not in ("", ".") else Path(slide.path).parent
-    return folder / f"{slide_stem(slide)}.ome.zarr"
-
-
-def store_state(store: Path) -> str:
-    """``"absent"``, ``"complete"``, ``"partial"`` (a napari-sgdc run that stopped) or ``"foreign"``."""
-    if not store.exists():
-        return "absent"
-    try:
-        with open(store / ".zattrs") as stream:
-            attrs = json.load(stream).get("napari_sgdc")
-    except (OSError, ValueError):
-        attrs = None
-    if attrs is None:
-        return "foreign"
-    return "complete" if attrs.get("complete") else "partial"
+    return store_paths(folder, slide.path).store
 
 
 def result_layer_name(image_name: str, target: str, kind: str) -> str:
@@ -246,7 +225,7 @@ class SlideJob(BackgroundJob):
         self.slide = slide_of(image)
         self.options = session.options
         self.device = session.settings.device
-        self.amp = session.settings.amp
+        self.amp, self.tta = session.settings.amp, session.settings.tta
         self.state: ModelState | None = None
         super().__init__(f"Segmentation of '{image.name}' ({target})", f"SGDC {target} {image.name}",
                          on_done=on_done)
@@ -260,11 +239,10 @@ class SlideJob(BackgroundJob):
         state = self.state = self.session.get_model(self.source, self.device)
         self.options = self.session.options_for(state)  # a model's first run after a switch: its defaults
         self.store.parent.mkdir(parents=True, exist_ok=True)
-        if self.overwrite and self.store.exists() and store_state(self.store) != "foreign":
-            shutil.rmtree(self.store)  # a cache store of an earlier region run
-        return segment_slide(state.model, self.slide, self.store, roi=self.roi, tile=SLIDE_TILE,
-                             margin=SLIDE_MARGIN, options=self.options, progress=self.report,
-                             cancel=self.cancel, resume=self.resume, amp=self.amp)
+        return segment_slide(state.model, self.slide, self.store, roi=self.roi, tile=grid.DEFAULT_TILE,
+                             margin=grid.DEFAULT_MARGIN, options=self.options,
+                             progress=self.report, cancel=self.cancel, resume=self.resume, overwrite=self.overwrite,
+                             amp=self.amp, tta=self.tta)
 
     def finish(self, outcome: Outcome) -> None:
         if self.state is not None:
@@ -284,31 +262,10 @@ class SlideJob(BackgroundJob):
 # --------------------------------------------------------------------------- corrected regions
 
 
-def _store_plan(store: Path) -> Any:
-    """The store's `_Plan` (what `read_working` needs to read the pixels the model saw)."""
-    from napari_sgdc.wholeslide import _Plan
-
-    with open(store / ".zattrs") as stream:
-        signature = json.load(stream)["napari_sgdc"]["plan"]
-    signature["roi"] = tuple(signature["roi"])
-    return _Plan(**signature, store=str(store))
-
-
 def crop_box(labels: Layer, roi: tuple[int, int, int, int], max_side: int = MAX_CROP) -> tuple[int, int, int, int]:
     """(y0, x0, h, w) on the store's level-0 grid of the level-0 slide box `roi`, centred and at
-    most `max_side` on a side."""
-    plan = _store_plan(Path(labels.metadata["sgdc"]["store"]))
-    x, y, w, h = roi
-    s = plan.to_level0
-    y0, x0 = int(y // s), int(x // s)
-    y1, x1 = min(plan.height, int(math.ceil((y + h) / s))), min(plan.width, int(math.ceil((x + w) / s)))
-    if y1 - y0 > max_side:
-        y0 = (y0 + y1 - max_side) // 2
-        y1 = y0 + max_side
-    if x1 - x0 > max_side:
-        x0 = (x0 + x1 - max_side) // 2
-        x1 = x0 + max_side
-    return y0, x0, y1 - y0, x1 - x0
+    most `max_side` on a side (`napari_sgdc.wholeslide.ResultStore.crop_box`)."""
+    return open_store(labels.metadata["sgdc"]["store"]).crop_box(roi, max_side)
 
 
 def add_correction_layer(viewer: Any, image: Image, nuclei: Labels, box: tuple[int, int, int, int]) -> Labels:
@@ -340,11 +297,5 @@ def is_correction_layer(layer: Any) -> bool:
 def read_crop(layer: Labels) -> np.ndarray:
     """The slide pixels under a correction layer: (h, w, 3) uint8 on the store's working grid
     (the pixels the model saw: same level, same resampling)."""
-    from napari_sgdc.slide import open_slide
-    from napari_sgdc.wholeslide import read_working
-
     meta = layer.metadata["sgdc"]
-    plan = _store_plan(Path(meta["store"]))
-    y0, x0, h, w = meta["box"]
-    with open_slide(plan.slide_path, backend=plan.backend, mpp=plan.slide_mpp) as slide:
-        return read_working(slide, plan, y0, x0, h, w)
+    return open_store(meta["store"]).read_pixels(*meta["box"])

@@ -48,6 +48,8 @@ class RunSettings:
         mpp: the image's µm per pixel, for models that record their own scale; 0 = the
             image's own scale when known, else the model's. Ignored by other models.
         amp: bf16 autocast where the device runs bf16 natively.
+        tta: test-time augmentation (the 8 flips and rotations averaged; about 8× the time), for
+            images and slides alike.
     """
 
     device: str = "auto"
@@ -57,6 +59,7 @@ class RunSettings:
     uncertainty: bool = True
     mpp: float = 0.0
     amp: bool = False
+    tta: bool = False
 
     def mpp_for(self, config: Any) -> float | None:
         """The `mpp` to pass `segment` for a model of `config` (`usable_mpp`)."""
@@ -197,7 +200,7 @@ class CorrectionSession:
 
     def adopt_model_defaults(self, state: ModelState) -> bool:
         """The first result of a model after a switch sets the options to its defaults
-        (``ModelConfig.threshold``, ``boundary_threshold``, ``min_size``); emits
+        (``ModelConfig.threshold``, ``split_level``, ``min_size``); emits
         ``options_changed`` when they changed.
 
         Returns:

@@ -53,4 +53,3 @@ __all__ = ["SlideResult", "StoreExistsError", "export_objects", "read_store_labe
            "ResultStore", "StorePaths", "check_outputs", "open_store", "read_store_attrs", "slide_stem", "store_paths",
            "store_state"]
 
-_Plan = SlidePlan  # transitional: _napari/_wholeslide.py still builds the plan by this name; use SlidePlan / open_store
