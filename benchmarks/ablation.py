@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from napari_sgdc.cli import main as cli
-from napari_sgdc.io import read_metadata
+from napari_sgdc.checkpoints import read_metadata
 from napari_sgdc.train import state_path_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -147,7 +147,7 @@ def simulated_correction(prediction: np.ndarray, annotation: np.ndarray) -> np.n
 def run_speed(args) -> int:
     import torch
 
-    from napari_sgdc.io import load_model
+    from napari_sgdc.checkpoints import load_model
     from napari_sgdc.train import finetune
 
     torch.set_num_threads(args.threads)
@@ -244,7 +244,7 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> str:
 def run_tradeoff(args) -> int:
     import torch
 
-    from napari_sgdc.io import load_model
+    from napari_sgdc.checkpoints import load_model
     from napari_sgdc.train import finetune
     from napari_sgdc.train.finetune import finetune_config
 

@@ -23,7 +23,7 @@ from napari_sgdc import metrics
 from napari_sgdc.data import SegmentationDataset, load_samples
 from napari_sgdc.device import eval_mode
 from napari_sgdc.inference import head_maps
-from napari_sgdc.io import load_model
+from napari_sgdc.checkpoints import load_model
 from napari_sgdc.postprocess import PostprocessOptions, postprocess, separation_map
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ import torch
 
 from napari_sgdc.config import ModelConfig
 from napari_sgdc.inference import segment
-from napari_sgdc.io import load_model
+from napari_sgdc.checkpoints import load_model
 from napari_sgdc.model import build_model, tiny_config
 from napari_sgdc.samples import read_sample
 

@@ -61,7 +61,7 @@ def _entropy(probability: np.ndarray) -> np.ndarray:
 def run_auroc(args) -> int:
     from napari_sgdc.data.datasets import load_samples
     from napari_sgdc.inference import segment
-    from napari_sgdc.io import load_model
+    from napari_sgdc.checkpoints import load_model
 
     model = load_model(args.model or MODELS[args.dataset], device="cpu")
     samples = load_samples(DATA / args.dataset, LAYOUT.get(args.dataset, args.dataset), split=args.split,
@@ -127,7 +127,7 @@ def run_loop(args) -> int:
 
     from napari_sgdc.data.datasets import load_samples
     from napari_sgdc.inference import segment
-    from napari_sgdc.io import load_model
+    from napari_sgdc.checkpoints import load_model
     from napari_sgdc.regions import rank_regions
     from napari_sgdc.train import finetune
     from napari_sgdc.train.corrections import edited_pixels

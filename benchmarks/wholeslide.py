@@ -84,7 +84,7 @@ CHILD = r"""
 import json, resource, sys, time, shutil, threading
 import torch
 torch.set_num_threads({threads})
-from napari_sgdc.io import load_model
+from napari_sgdc.checkpoints import load_model
 from napari_sgdc.wholeslide import segment_slide
 model = load_model("nuclei", device="cpu")
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6

@@ -15,8 +15,8 @@ WHEEL=$(ls "$WORK"/dist/napari_sgdc-*.whl)
 python - "$WHEEL" <<'PY'
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-need = ["napari_sgdc/napari.yaml", "napari_sgdc/models/dermoscopy.safetensors",
-        "napari_sgdc/models/nuclei.safetensors", "napari_sgdc/sample_images/dermoscopy_IMD019.jpg",
+need = ["napari_sgdc/napari.yaml", "napari_sgdc/weights/dermoscopy.safetensors",
+        "napari_sgdc/weights/nuclei.safetensors", "napari_sgdc/sample_images/dermoscopy_IMD019.jpg",
         "napari_sgdc/sample_images/he_TCGA-21-5784_crop512.jpg"]
 missing = [n for n in need if n not in names]
 entry = [n for n in names if n.endswith("entry_points.txt")]

@@ -51,7 +51,7 @@ def _wait(session, app, timeout: float = 600.0) -> None:
 def _tiny_checkpoint(path: Path, task: str) -> Path:
     import torch
 
-    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.checkpoints import save_checkpoint
     from napari_sgdc.model import build_model, tiny_config
 
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Ships a trained checkpoint as a built-in model.
 
-Writes ``src/napari_sgdc/models/<name>.safetensors`` (float16 storage, the run's metadata
+Writes ``src/napari_sgdc/weights/<name>.safetensors`` (float16 storage, the run's metadata
 plus the measured metrics and provenance given here) and regenerates the reference
 outputs of the shipped sample that `tests/test_builtin_models.py` compares against
 (``tests/data/<name>_sample_mask.png`` and, for instance models, ``_labels.png``).
@@ -23,7 +23,7 @@ import torch
 from skimage import io as skio
 
 from napari_sgdc.inference import segment
-from napari_sgdc.io import load_checkpoint, read_metadata, save_checkpoint
+from napari_sgdc.checkpoints import load_checkpoint, read_metadata, save_checkpoint
 from napari_sgdc.samples import read_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def main() -> None:
     provenance.update(source_checkpoint=str(args.checkpoint), storage="float16", hardware=args.hardware)
     if args.wall_time is not None:
         provenance["wall_time_s"] = args.wall_time
-    target = ROOT / "src" / "napari_sgdc" / "models" / f"{args.name}.safetensors"
+    target = ROOT / "src" / "napari_sgdc" / "weights" / f"{args.name}.safetensors"
     save_checkpoint(target, model, train_config=metadata.get("train_config"),
                     metrics=json.loads(args.metrics.read_text()), provenance=provenance, dtype=torch.float16)
     print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")

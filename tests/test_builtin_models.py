@@ -10,7 +10,7 @@ from skimage import io as skio
 
 from napari_sgdc.data.transforms import resize_labels
 from napari_sgdc.inference import segment
-from napari_sgdc.io import builtin_models, load_model
+from napari_sgdc.checkpoints import builtin_models, load_model
 from napari_sgdc.metrics import dice, iou
 from napari_sgdc.samples import read_sample
 

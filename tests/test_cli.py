@@ -14,7 +14,7 @@ from skimage import io as skio
 
 from napari_sgdc.cli import main
 from napari_sgdc.config import ModelConfig
-from napari_sgdc.io import load_checkpoint, read_metadata, save_checkpoint
+from napari_sgdc.checkpoints import load_checkpoint, read_metadata, save_checkpoint
 from napari_sgdc.model import build_model
 
 torch.set_num_threads(1)
@@ -114,7 +114,7 @@ def test_predict_folder_input_and_instance_labels(tmp_path, checkpoints):
 
 def test_predict_defaults_to_the_models_tuned_marker_threshold(tmp_path, checkpoints, capsys):
     from napari_sgdc.inference import segment
-    from napari_sgdc.io import load_checkpoint
+    from napari_sgdc.checkpoints import load_checkpoint
     from napari_sgdc.postprocess import PostprocessOptions
 
     model = load_checkpoint(checkpoints["instance"])[0]
@@ -434,7 +434,7 @@ def test_train_and_evaluate_an_instance_map_model(tmp_path, capsys, instance_map
 
 
 def test_tune_writes_a_copy_with_the_best_defaults_and_never_touches_the_input(tmp_path, capsys):
-    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.checkpoints import save_checkpoint
     from napari_sgdc.model import build_model, tiny_config
 
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ from napari_sgdc.data.transforms import (
     random_scale_crop,
     stain_jitter,
 )
-from napari_sgdc.imageio import read_mask
+from napari_sgdc.files import read_mask
 
 DATA = Path(os.environ.get("NAPARI_SGDC_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 

@@ -7,7 +7,7 @@ import torch
 from skimage import io as skio
 
 from napari_sgdc.demo import main
-from napari_sgdc.io import save_checkpoint
+from napari_sgdc.checkpoints import save_checkpoint
 from napari_sgdc.model import build_model, tiny_config
 
 

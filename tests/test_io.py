@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_sgdc.config import TrainConfig
-from napari_sgdc.io import (
+from napari_sgdc.checkpoints import (
     CheckpointError, atomic_write, load_checkpoint, load_model, read_metadata, save_checkpoint,
 )
 from napari_sgdc.model import build_model, tiny_config
@@ -64,7 +64,7 @@ def test_plain_tensor_pth_checkpoint_loads(tiny_model, tmp_path):
 def test_mismatched_config_names_the_keys(tiny_model, tmp_path):
     path = save_checkpoint(tmp_path / "m.safetensors", tiny_model)
     other = build_model(tiny_config(decoder_channels=(32, 16, 16, 8, 4)))
-    from napari_sgdc.io import _read_tensors, load_state_checked
+    from napari_sgdc.checkpoints import _read_tensors, load_state_checked
 
     tensors, _ = _read_tensors(path)
     with pytest.raises(CheckpointError, match=r"shape mismatch: .*decoder\.4\.fuse"):
@@ -138,7 +138,7 @@ def test_non_json_metadata_names_the_file(tmp_path):
 
 
 def test_read_model_config_without_loading_weights(tmp_path):
-    from napari_sgdc.io import load_model, model_path, read_model_config
+    from napari_sgdc.checkpoints import load_model, model_path, read_model_config
 
     for name in ("nuclei", "dermoscopy"):
         assert read_model_config(name) == load_model(name, device="cpu").config

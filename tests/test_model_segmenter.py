@@ -101,6 +101,6 @@ def test_core_imports_no_gui_toolkit():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     for module in ("napari_sgdc.inference", "napari_sgdc.train.fit", "napari_sgdc.data.datasets",
-                   "napari_sgdc.metrics", "napari_sgdc.cli", "napari_sgdc.postprocess", "napari_sgdc.imageio",
+                   "napari_sgdc.metrics", "napari_sgdc.cli", "napari_sgdc.postprocess", "napari_sgdc.files",
                    "napari_sgdc.samples", "napari_sgdc.demo"):
         assert f"'{module}'" in result.stdout

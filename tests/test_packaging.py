@@ -88,3 +88,26 @@ def test_config_names_match_the_model_registry():
     from napari_sgdc.model.registry import BLOCK_TYPES, ENCODERS
 
     assert tuple(ENCODERS) == ENCODER_NAMES and tuple(BLOCK_TYPES) == BLOCK_NAMES
+
+
+@pytest.mark.parametrize("old, new", [("napari_sgdc.io", "napari_sgdc.checkpoints"),
+                                      ("napari_sgdc.imageio", "napari_sgdc.files")])
+def test_renamed_modules_keep_working_for_one_release(old, new):
+    code = (f"import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+            f"try:\n    import {old}\nexcept DeprecationWarning as w:\n    print(w)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert old in out and new in out
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        shim = importlib.import_module(old)
+    target = importlib.import_module(new)
+    assert shim.__all__ and all(getattr(shim, name) is getattr(target, name) for name in target.__all__)
+
+
+def test_built_in_weights_ship_in_the_weights_folder():
+    from napari_sgdc.checkpoints import BUILTIN_DIR, builtin_models
+
+    assert BUILTIN_DIR.name == "weights" and builtin_models() == ["dermoscopy", "nuclei"]

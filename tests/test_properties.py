@@ -71,7 +71,7 @@ from napari_sgdc._napari._writer import write_labels as napari_write_labels  # n
 from napari_sgdc.cli import main as cli_main  # noqa: E402
 from napari_sgdc.config import TrainConfig  # noqa: E402
 from napari_sgdc.inference import Cancelled  # noqa: E402
-from napari_sgdc.io import load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from napari_sgdc.checkpoints import load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from napari_sgdc.model import SGDCSegmenter, build_model, tiny_config  # noqa: E402
 from napari_sgdc.postprocess import postprocess  # noqa: E402 - see test_public_api_names_are_the_functions
 from napari_sgdc.train import finetune  # noqa: E402
@@ -798,7 +798,7 @@ def cli_models(tmp_path_factory) -> dict[str, Path]:
        out_kind=st.sampled_from(("new", "new", "new", "existing_outputs", "is_a_file")), overwrite=st.booleans(),
        add_folder=st.booleans())
 def test_cli_predict(cli_models, files, flags, model, out_kind, overwrite, add_folder):
-    from napari_sgdc.imageio import read_image
+    from napari_sgdc.files import read_image
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

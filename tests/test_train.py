@@ -10,7 +10,7 @@ import torch
 
 from napari_sgdc.config import ModelConfig, TrainConfig
 from napari_sgdc.data import Sample, SegmentationDataset
-from napari_sgdc.io import load_checkpoint
+from napari_sgdc.checkpoints import load_checkpoint
 from napari_sgdc.model import build_model
 from napari_sgdc.train import History, edge_loss, finetune, fit, mask_loss, total_loss
 from napari_sgdc.train.fit import TrainingDiverged
@@ -312,7 +312,7 @@ def _trained_run(tmp_path, **overrides):
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_dict", "wrong_format", "missing_keys",
                                     "wrong_weights"])
 def test_corrupt_state_file_is_one_clear_error(tmp_path, damage):
-    from napari_sgdc.io import CheckpointError
+    from napari_sgdc.checkpoints import CheckpointError
     from napari_sgdc.train import state_path_for
 
     out = _trained_run(tmp_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from skimage import io as skio
 
-from napari_sgdc.io import read_metadata, save_checkpoint
+from napari_sgdc.checkpoints import read_metadata, save_checkpoint
 from napari_sgdc.model import build_model, tiny_config
 from napari_sgdc.train import train_from_config, tune_checkpoint, tuning_summary
 from napari_sgdc.train.recipe import load_config_sections, model_config_for

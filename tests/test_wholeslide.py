@@ -206,7 +206,7 @@ def test_cli_predict_on_a_slide(slide_path, tmp_path):
     import torch
 
     from napari_sgdc.cli import main
-    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.checkpoints import save_checkpoint
     from napari_sgdc.model import build_model, tiny_config
 
     torch.manual_seed(0)
@@ -227,7 +227,7 @@ def test_cli_slide_options_are_honoured_or_refused(rgb, tmp_path, capsys):
     import torch
 
     from napari_sgdc.cli import main
-    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.checkpoints import save_checkpoint
     from napari_sgdc.model import build_model, tiny_config
     from napari_sgdc.wholeslide import open_store
 
@@ -309,7 +309,7 @@ def test_a_model_given_by_name_or_path_brings_its_scale_and_defaults(tmp_path, s
     """Cluster runs pass the model as a path (each worker loads it): the plan must not change."""
     import torch
 
-    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.checkpoints import save_checkpoint
     from napari_sgdc.model import build_model, tiny_config
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ folder of `platformdirs`, e.g. ``~/.cache/napari-sgdc/corrections`` on Linux)::
     index.json                       # {"version": 1, "pairs": [entry, ...]}
     pair-<content hash>.npz          # images_<i>, labels_<i>[, predictions_<i>] per plane
 
-Every file is written atomically (`napari_sgdc.imageio.atomic_write`): a pair file
+Every file is written atomically (`napari_sgdc.files.atomic_write`): a pair file
 first, under a name made from its content, then the index that points to it; files
 no longer in the index are removed last. A crash at any moment leaves the previous
 index and every file it names intact. The index is read-modified-written under a lock
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_sgdc.imageio import atomic_write
+from napari_sgdc.files import atomic_write
 from napari_sgdc.training_pairs import TrainingPair
 
 __all__ = ["ENV_VAR", "SESSION_ID", "Autosave", "SavedPair", "cache_dir"]

@@ -287,7 +287,7 @@ def _postprocess_options(args, config=None):
 def _run_predict(args) -> int:
     from tqdm import tqdm
 
-    from .io import load_model
+    from .checkpoints import load_model
     from .predict import collect_inputs, predict_files, predict_slides
 
     report = _reporter("predict")
@@ -423,7 +423,7 @@ def _run_evaluate(args) -> int:
     from tqdm import tqdm
 
     from . import evaluation
-    from .io import load_model
+    from .checkpoints import load_model
 
     report = _reporter("evaluate")
     _postprocess_options(args)  # bad flags fail before any work

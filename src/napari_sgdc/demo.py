@@ -27,9 +27,9 @@ def _has_display() -> bool:
 def run_headless(sample: str, model_name: str, out: Path, device: str = "auto",
                  overwrite: bool = True) -> list[Path]:
     """Segments a bundled sample and writes image, mask, probability, boundary and gate PNGs into `out`."""
-    from .imageio import write_result
+    from .files import write_result
     from .inference import segment
-    from .io import load_model
+    from .checkpoints import load_model
     from .samples import read_sample
 
     image = read_sample(sample)

@@ -66,7 +66,7 @@ def folder_items(images: str | Path, masks: str | Path | None = None, instances:
         ValueError: neither `masks` nor `instances`, or no images.
     """
     from .data.datasets import find_label_file
-    from .imageio import read_image, read_mask
+    from .files import read_image, read_mask
     from .predict import expand_inputs
 
     if masks is None and instances is None:
@@ -219,7 +219,7 @@ def write_csv(rows: Sequence[dict], path: str | Path, keys: Sequence[str] | None
     Raises:
         ValueError: `path` exists and not `overwrite`.
     """
-    from .imageio import atomic_write
+    from .files import atomic_write
 
     check_csv_target(path, overwrite)
     if keys is None:

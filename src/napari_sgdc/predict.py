@@ -2,7 +2,7 @@
 
 `collect_inputs` turns files and folders into image files and slide files,
 `predict_files` segments image files into result files (see
-`napari_sgdc.imageio.write_result`), and `predict_slides` segments whole slides into
+`napari_sgdc.files.write_result`), and `predict_slides` segments whole slides into
 result stores with their object tables (see `napari_sgdc.wholeslide`). Errors about one
 input are reported through ``on_error`` (one line naming the file) and counted; the
 other inputs still run.
@@ -37,7 +37,7 @@ def expand_inputs(inputs: Sequence[Path], on_error: ErrorSink = None) -> tuple[l
     Returns:
         (files, number of bad paths, each reported through `on_error`).
     """
-    from .imageio import IMAGE_SUFFIXES
+    from .files import IMAGE_SUFFIXES
     from .slide import OPENSLIDE_SUFFIXES
 
     report = on_error or _noop
@@ -82,7 +82,7 @@ def check_outputs(files: Sequence[Path], out_dir: Path, *, instances: bool, unce
     Raises:
         ValueError: one line naming the two inputs, or the existing file.
     """
-    from .imageio import result_paths
+    from .files import result_paths
 
     owners: dict[Path, Path] = {}
     for path in files:
@@ -99,7 +99,7 @@ def segment_file(model, path: Path, options=None, *, tile: int | None = 512, ove
                  tta: bool = False, uncertainty: bool = False, mpp: float | None = None, amp: bool = False,
                  progress: Callable[[int, int], None] | None = None):
     """`napari_sgdc.inference.segment` of one image file (a ValueError names its shape and dtype)."""
-    from .imageio import read_image
+    from .files import read_image
     from .inference import segment
 
     image = read_image(path)
@@ -142,7 +142,7 @@ def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=Non
         ValueError: before any work, for colliding stems, existing files without
             `overwrite`, or a µm/px the model cannot use.
     """
-    from .imageio import write_result
+    from .files import write_result
     from .inference import check_mpp
 
     out_dir = Path(out_dir)
@@ -186,7 +186,7 @@ def _dask_client(scheduler: str | None, workers: int):
 
 
 def _model_spec(name: str) -> str:
-    from .io import builtin_models
+    from .checkpoints import builtin_models
 
     return name if name in builtin_models() else str(Path(name).expanduser().resolve())
 

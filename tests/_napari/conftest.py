@@ -21,7 +21,7 @@ def sgdc_cache(tmp_path, monkeypatch) -> Path:
 
 
 def _save_tiny(path: Path, task: str, **config) -> Path:
-    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.checkpoints import save_checkpoint
     from napari_sgdc.model import build_model, tiny_config
 
     torch.manual_seed(0)

@@ -118,7 +118,7 @@ def test_cancel_stops_within_a_second_and_keeps_the_model(corrected, qtbot, note
 
 
 def test_save_model_writes_checkpoint_with_provenance(corrected, wait_idle, tmp_path, tiny_checkpoint):
-    from napari_sgdc.io import load_checkpoint
+    from napari_sgdc.checkpoints import load_checkpoint
 
     viewer, seg, ft, image, disk, before = corrected
     ft.start_finetune()
@@ -201,7 +201,7 @@ def test_wrong_layer_type_is_a_notification(sgdc, wait_segment, notes):
 
 def test_pairs_of_another_model_are_never_trained_into_the_current_one(corrected, tmp_path, tiny_checkpoint,
                                                                        wait_segment, wait_idle, notes):
-    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.checkpoints import save_checkpoint
     from napari_sgdc.model import build_model, tiny_config
 
     viewer, seg, ft, image, disk, _ = corrected

@@ -156,7 +156,7 @@ def test_stack_instance_ids_stay_unique_across_planes_after_a_slider_move(
 def test_hover_model_sliders_split_on_its_separation_map_without_a_forward_pass(
         make_napari_viewer, tiny_hover_checkpoint, wait_segment, monkeypatch):
     from napari_sgdc.inference import segment
-    from napari_sgdc.io import load_checkpoint
+    from napari_sgdc.checkpoints import load_checkpoint
     from napari_sgdc.postprocess import PostprocessOptions, postprocess
 
     viewer = make_napari_viewer()
@@ -187,7 +187,7 @@ def test_hover_model_sliders_split_on_its_separation_map_without_a_forward_pass(
 
 def test_each_model_brings_its_tuned_defaults_once_per_switch(
         make_napari_viewer, tiny_instance_checkpoint, tmp_path, wait_segment):
-    from napari_sgdc.io import load_checkpoint, save_checkpoint
+    from napari_sgdc.checkpoints import load_checkpoint, save_checkpoint
     from napari_sgdc.postprocess import PostprocessOptions, postprocess
 
     model = load_checkpoint(tiny_instance_checkpoint)[0]
@@ -370,7 +370,7 @@ def test_a_second_job_is_refused_while_one_runs(make_napari_viewer, tiny_checkpo
 def test_image_scale_and_bf16_settings_reach_segment(make_napari_viewer, tiny_checkpoint, tmp_path, wait_segment,
                                                      monkeypatch):
     import napari_sgdc.inference as inference
-    from napari_sgdc.io import load_checkpoint
+    from napari_sgdc.checkpoints import load_checkpoint
 
     nuclei_like = _save_scaled_model(tmp_path)
     calls = []
@@ -424,7 +424,7 @@ def _scaled_model_on_an_image(make_napari_viewer, checkpoint, shape, seed):
 def _save_scaled_model(folder):
     import torch
 
-    from napari_sgdc.io import save_checkpoint
+    from napari_sgdc.checkpoints import save_checkpoint
     from napari_sgdc.model import build_model, tiny_config
 
     torch.manual_seed(0)

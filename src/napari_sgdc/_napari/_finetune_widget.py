@@ -431,7 +431,7 @@ class FinetuneWidget(Container):
         if state is None:
             notify_error("No model to save: pick and use a model in SGDC Segment first.")
             return None
-        from napari_sgdc.io import save_checkpoint
+        from napari_sgdc.checkpoints import save_checkpoint
 
         path = str(path) if str(path).endswith(".safetensors") else f"{path}.safetensors"
         try:

@@ -12,8 +12,8 @@ When `segment` runs out of memory and retries with smaller tiles or on the CPU
 
 from __future__ import annotations
 
-import logging
 import abc
+import logging
 import threading
 import time
 import warnings

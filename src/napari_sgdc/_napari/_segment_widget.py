@@ -46,7 +46,7 @@ SAMPLE_MODEL_KEY = "sgdc_model"
 def available_builtins() -> list[str]:
     """Names of the built-in models shipped with the package (empty if none)."""
     try:
-        from napari_sgdc.io import builtin_models
+        from napari_sgdc.checkpoints import builtin_models
 
         return list(builtin_models())
     except Exception:  # noqa: BLE001 - a missing or broken models folder means "none"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from napari_sgdc.imageio import write_labels as _write_labels
+from napari_sgdc.files import write_labels as _write_labels
 
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
-    """Writes a Labels layer with `napari_sgdc.imageio.write_labels` (napari has already
+    """Writes a Labels layer with `napari_sgdc.files.write_labels` (napari has already
     asked the user before replacing an existing file).
 
     Args:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..imageio import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image, read_mask
+from ..files import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image, read_mask
 from .targets import annotated_weight, boundary_target, instance_map_target
 from .transforms import augment_pair, center_crop, to_float_rgb, to_uint8_rgb
 

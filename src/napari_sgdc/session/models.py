@@ -31,7 +31,7 @@ def display_name(source: str) -> str:
 
 
 def builtin_name(source: str) -> str:
-    """What `napari_sgdc.io.load_model` takes for `source`: the built-in's name or the path."""
+    """What `napari_sgdc.checkpoints.load_model` takes for `source`: the built-in's name or the path."""
     return source[len(BUILTIN_PREFIX):] if source.startswith(BUILTIN_PREFIX) else source
 
 
@@ -87,7 +87,7 @@ class ModelState:
         self.model.load_state_dict(snapshot, strict=True)
 
     def model_metadata(self) -> dict[str, Any]:
-        """The metadata that `napari_sgdc.io.load_checkpoint` attached (a copy)."""
+        """The metadata that `napari_sgdc.checkpoints.load_checkpoint` attached (a copy)."""
         return dict(getattr(self.model, "metadata", None) or {})
 
     def provenance(self) -> dict[str, Any]:
@@ -152,6 +152,6 @@ def load_state(source: str, device: str = "auto") -> ModelState:
         FileNotFoundError: the checkpoint or built-in does not exist.
         ValueError: the checkpoint is not a valid napari-sgdc checkpoint.
     """
-    from napari_sgdc.io import load_model
+    from napari_sgdc.checkpoints import load_model
 
     return ModelState(source=source, model=load_model(builtin_name(source), device=device))

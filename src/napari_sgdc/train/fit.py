@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import TrainConfig
 from ..device import DEVICES, autocast, resolve_device
-from ..io import save_checkpoint
+from ..checkpoints import save_checkpoint
 from ..locks import model_lock
 from ..model import SGDCSegmenter
 from .losses import total_loss
@@ -375,7 +375,7 @@ def fit(
         ValueError: a bad config, an empty dataset, or ``select_metric="aji"`` for a
             semantic model.
         FileNotFoundError: ``resume`` has no training state.
-        napari_sgdc.io.CheckpointError: the training state is unreadable or does not fit.
+        napari_sgdc.checkpoints.CheckpointError: the training state is unreadable or does not fit.
         TrainingDiverged: the loss becomes NaN or infinite (a ValueError naming the learning rates).
     """
     cfg = cfg or TrainConfig()

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..imageio import atomic_write
-from ..io import CheckpointError, load_state_checked
+from ..files import atomic_write
+from ..checkpoints import CheckpointError, load_state_checked
 
 __all__ = [
     "STATE_FORMAT", "STATE_KEYS", "last_checkpoint_path_for", "load_train_state", "remove_stale_temporaries",
@@ -57,7 +57,7 @@ def remove_stale_temporaries(out: str | Path) -> list[Path]:
 
 
 def _is_temporary_of(filename: str, name: str) -> bool:
-    """``.{name}.<random>.tmp``, the pattern of `napari_sgdc.io.atomic_write`."""
+    """``.{name}.<random>.tmp``, the pattern of `napari_sgdc.checkpoints.atomic_write`."""
     prefix = f".{name}."
     return filename.startswith(prefix) and filename.endswith(".tmp") and len(filename) > len(prefix) + len(".tmp")
 

@@ -27,7 +27,7 @@ def write_tuned_checkpoint(source: str | Path, out: str | Path, dataset: Dataset
     Returns:
         the search result of `tune_postprocess`.
     """
-    from ..io import load_checkpoint, read_metadata, save_checkpoint
+    from ..checkpoints import load_checkpoint, read_metadata, save_checkpoint
     from .validate import tune_postprocess
 
     model, _ = load_checkpoint(source, device=device)
@@ -77,7 +77,7 @@ def tune_checkpoint(
     from ..config import ModelConfig
     from ..data import load_samples
     from ..data.datasets import validation_dataset
-    from ..io import read_metadata
+    from ..checkpoints import read_metadata
 
     out = Path(out)
     config = read_metadata(checkpoint).get("model_config") or {}

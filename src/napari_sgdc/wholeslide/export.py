@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..imageio import atomic_write
+from ..files import atomic_write
 from .store import read_store_attrs
 
 __all__ = ["OBJECT_COLUMNS", "export_objects", "iter_records"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..imageio import atomic_write
+from ..files import atomic_write
 from ..postprocess import postprocess
 from .plan import SlidePlan, read_working
 from .store import SCRATCH, level_shape, open_group, record_path

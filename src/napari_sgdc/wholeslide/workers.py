@@ -32,7 +32,7 @@ def model_config(model):
     """The config of a model object, or of a built-in name / checkpoint path (read from its
     metadata: the main process of a cluster run does not load the weights)."""
     if isinstance(model, (str, Path)):
-        from ..io import read_model_config
+        from ..checkpoints import read_model_config
 
         return read_model_config(model)
     return getattr(model, "config", None)
@@ -43,7 +43,7 @@ def resolve_model(model):
     if isinstance(model, (str, Path)):
         key = str(model)
         if key not in _MODELS:
-            from ..io import load_model
+            from ..checkpoints import load_model
 
             _MODELS[key] = load_model(key, device="cpu")
         return _MODELS[key]

@@ -1,0 +1,287 @@
+"""The one reader and the one writer of image files (headless: no torch, napari or Qt).
+
+Reading: `read_image` returns a file's pixels unchanged (uint16 stays uint16);
+`read_mask` reads a label file as a mask or an instance map.
+
+Writing: `write_result` writes a `SegmentationResult` for the CLI (``data``: mask PNG,
+float32 probability and boundary TIFFs, instance labels TIFF) or the demo (``preview``:
+8-bit PNGs); `write_labels` writes one label array (the napari writer). Label files use
+the smallest unsigned type that holds the ids (`label_dtype`). Every write is atomic,
+and an existing file is never replaced unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_SUFFIXES", "MASK_SUFFIXES", "RESULT_FORMATS", "atomic_write", "label_dtype", "read_image", "read_mask",
+    "result_paths", "write_labels", "write_result",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+RESULT_FORMATS = ("data", "preview")
+DATA_FILES = ("mask.png", "prob.tif", "boundary.tif")  # plus labels.tif and uncertainty.tif when present
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Reads an image file without changing its dtype or channels.
+
+    Raises:
+        ValueError: naming the file when it cannot be read or holds no pixels.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            image = tifffile.imread(str(path))
+        else:
+            from skimage import io as skio
+
+            image = skio.imread(str(path))
+    except Exception as error:  # noqa: BLE001 - any reader failure means a bad file
+        raise ValueError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
+    image = np.asarray(image)
+    if image.dtype == object or image.size == 0:
+        raise ValueError(f"{path}: cannot read image: no pixel data (shape {image.shape})")
+    return image
+
+
+def read_mask(path: str | Path, instance: bool = False) -> np.ndarray:
+    """Reads a label file as a semantic mask or an instance map.
+
+    Args:
+        path: single-channel label file (0/255 or 0/1 mask, label PNG/TIFF, uint16
+            instance map). RGB(A) masks are accepted: any non-zero colour is foreground.
+        instance: return instance ids; binary masks are split into 4-connected components.
+
+    Returns:
+        (H, W) bool mask, or (H, W) int32 instance ids when `instance` is True.
+
+    Raises:
+        ValueError: naming the file when it cannot be read or is not 2D.
+    """
+    from skimage.measure import label as connected_components
+
+    path = Path(path)
+    raw = read_image(path)
+    if raw.ndim == 3 and raw.shape[2] in (3, 4):
+        raw = (raw[:, :, :3] > 0).any(axis=2).astype(np.uint8)
+    elif raw.ndim == 3 and raw.shape[2] == 1:
+        raw = raw[:, :, 0]
+    if raw.ndim != 2:
+        raise ValueError(f"bad mask {path}: expected a 2D label image, got shape {raw.shape}")
+    if not np.issubdtype(raw.dtype, np.integer) and raw.dtype != bool:
+        if np.issubdtype(raw.dtype, np.floating) and np.all(raw == np.round(raw)):
+            raw = raw.astype(np.int64)
+        else:
+            raise ValueError(f"bad mask {path}: labels must be integers, got {raw.dtype}")
+    if not instance:
+        return raw > 0
+    if raw.dtype == bool or np.unique(raw).size <= 2:
+        return connected_components(raw > 0, connectivity=1).astype(np.int32)
+    return raw.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Calls ``write(tmp_path)`` and moves the result onto `path` atomically.
+
+    A crash or an exception leaves any existing file at `path` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(tmp_name))
+        with open(tmp_name, "rb") as stream:
+            os.fsync(stream.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def label_dtype(labels: np.ndarray) -> np.dtype:
+    """Smallest unsigned type holding the labels (uint8, uint16 or uint32).
+
+    Raises:
+        ValueError: negative labels, or ids above 2**32 - 1.
+    """
+    labels = np.asarray(labels)
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"labels with negative values cannot be exported (shape {labels.shape})")
+    top = int(labels.max()) if labels.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"label value {top} is too large to export")
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image as PILImage
+
+    PILImage.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
+
+
+def _save_tiff(path: Path, array: np.ndarray) -> None:
+    import tifffile
+
+    tifffile.imwrite(path, np.ascontiguousarray(array), compression="zlib")
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    """Writes `array` atomically as PNG or TIFF, chosen by the suffix."""
+    saver = _save_tiff if path.suffix.lower() in TIFF_SUFFIXES else _save_png
+    atomic_write(path, lambda tmp: saver(tmp, array))
+
+
+def _refuse_existing(paths: Iterable[Path], overwrite: bool) -> None:
+    if overwrite:
+        return
+    existing = [str(path) for path in paths if path.exists()]
+    if existing:
+        more = f" (+{len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise FileExistsError(f"{existing[0]}{more} already exists; not replaced (use overwrite)")
+
+
+def write_labels(path: str | Path, labels: Any, *, overwrite: bool = True) -> Path | None:
+    """Writes a mask or label array to PNG (2-D, ids up to 65535) or TIFF (any shape).
+
+    Label values are written unchanged (0 = background) in `label_dtype`.
+
+    Returns:
+        The written path, or None when the suffix is neither PNG nor TIFF.
+
+    Raises:
+        ValueError: the labels do not fit the file type.
+        FileExistsError: the file exists and `overwrite` is False.
+    """
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in (".png", *TIFF_SUFFIXES):
+        return None
+    array = np.asarray(labels)
+    try:
+        array = _as_label_array(array)
+        if suffix == ".png" and array.ndim != 2:
+            raise ValueError(f"PNG holds 2-D labels only; these have shape {array.shape}: save as .tif")
+        if suffix == ".png" and array.dtype == np.uint32:
+            raise ValueError("PNG holds label values up to 65535: save as .tif")
+    except ValueError as error:
+        raise ValueError(f"{target}: {error}") from None
+    _refuse_existing([target], overwrite)
+    _save(target, array)
+    return target
+
+
+def _as_label_array(array: np.ndarray) -> np.ndarray:
+    """Labels as `label_dtype`; refuses empty arrays and values that are not whole numbers >= 0."""
+    if array.size == 0:
+        raise ValueError(f"labels are empty (shape {array.shape})")
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        not_whole = array[~np.isfinite(array) | (array != np.round(array))]
+        if not_whole.size:
+            raise ValueError(f"labels must be whole numbers, got {array.dtype} values such as {not_whole[0]} "
+                             f"(shape {array.shape})")
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels must be whole numbers, got dtype {array.dtype} (shape {array.shape})")
+    return array.astype(label_dtype(array))
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """A float map in [0, 1] (or a bool mask) as uint8 0..255."""
+    return (np.clip(np.nan_to_num(np.asarray(array, np.float32)), 0, 1) * 255).round().astype(np.uint8)
+
+
+def _result_arrays(result: Any, stem: str, fmt: str, image: np.ndarray | None) -> dict[str, Callable[[], np.ndarray]]:
+    """File name → a function making its array, for one result in one format."""
+    if fmt == "data":
+        makers = {"mask.png": lambda: result.mask.astype(np.uint8) * 255,
+                  "prob.tif": lambda: np.asarray(result.probability, np.float32),
+                  "boundary.tif": lambda: np.asarray(result.boundary, np.float32),
+                  "labels.tif": lambda: result.labels.astype(label_dtype(result.labels)),
+                  "uncertainty.tif": lambda: np.asarray(result.uncertainty, np.float32)}
+        kinds = _data_kinds(result.labels is not None, result.uncertainty is not None)
+        return {f"{stem}_{kind}": makers[kind] for kind in kinds}
+    if fmt != "preview":
+        raise ValueError(f"unknown result format {fmt!r}; choose from {RESULT_FORMATS}")
+    files = {}
+    if image is not None:
+        files[f"{stem}_image.png"] = lambda: np.asarray(image)
+    files[f"{stem}_mask.png"] = lambda: _to_uint8(result.mask)
+    files[f"{stem}_probability.png"] = lambda: _to_uint8(result.probability)
+    files[f"{stem}_boundary.png"] = lambda: _to_uint8(result.boundary)
+    if result.labels is not None:
+        def overlay() -> np.ndarray:
+            from skimage.color import label2rgb
+
+            return _to_uint8(label2rgb(result.labels, image=image, bg_label=0, alpha=0.35))
+
+        files[f"{stem}_labels.png"] = overlay
+    for gate in result.gates or []:
+        block = gate.name.replace("@", "_")
+        files[f"{stem}_gate1_{block}.png"] = lambda g=gate: _to_uint8(g.data[0])
+        files[f"{stem}_gate2_{block}.png"] = lambda g=gate: _to_uint8(g.data[1])
+    return files
+
+
+def _data_kinds(instances: bool, uncertainty: bool) -> list[str]:
+    return [*DATA_FILES, *(["labels.tif"] if instances else []), *(["uncertainty.tif"] if uncertainty else [])]
+
+
+def result_paths(out_dir: str | Path, stem: str, *, instances: bool, uncertainty: bool = False) -> list[Path]:
+    """The files `write_result` writes in the ``data`` format, without writing anything."""
+    return [Path(out_dir) / f"{stem}_{kind}" for kind in _data_kinds(instances, uncertainty)]
+
+
+def write_result(result: Any, out_dir: str | Path, stem: str, fmt: str = "data", *,
+                 image: np.ndarray | None = None, overwrite: bool = False) -> list[Path]:
+    """Writes a `SegmentationResult` as files named ``<stem>_<kind>.<ext>`` in `out_dir`.
+
+    Args:
+        result: the `SegmentationResult` of one 2-D image.
+        out_dir: output folder (created if needed).
+        stem: file name prefix.
+        fmt: ``data``: ``_mask.png`` (0/255), ``_prob.tif`` and ``_boundary.tif``
+            (float32), ``_labels.tif`` (instance ids, `label_dtype`) and ``_uncertainty.tif``
+            (float32) when the result has them; ``preview``: 8-bit
+            PNGs of the image (when given), mask, probability, boundary, a label overlay
+            and each gate map.
+        image: the segmented image (``preview`` only).
+        overwrite: replace existing files; otherwise any existing target is refused
+            before anything is written.
+
+    Returns:
+        The written paths.
+
+    Raises:
+        FileExistsError: a target exists and `overwrite` is False (nothing is written).
+    """
+    files = _result_arrays(result, stem, fmt, image)
+    out_dir = Path(out_dir)
+    paths = [out_dir / name for name in files]
+    _refuse_existing(paths, overwrite)
+    for path, make in zip(paths, files.values()):
+        _save(path, make())
+    return paths
