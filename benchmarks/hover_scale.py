@@ -21,7 +21,7 @@ import torch
 
 from napari_sgdc import metrics
 from napari_sgdc.data import SegmentationDataset, load_samples
-from napari_sgdc.device import eval_mode
+from napari_sgdc.device import eval_mode, forward
 from napari_sgdc.inference import head_maps
 from napari_sgdc.checkpoints import load_model
 from napari_sgdc.postprocess import PostprocessOptions, postprocess, separation_map
@@ -50,8 +50,7 @@ def main() -> None:
     with torch.no_grad(), eval_mode(model):
         for index in range(len(data)):
             item = data[index]
-            image = item["image"][None].contiguous(memory_format=torch.channels_last)  # (1, 3, H, W)
-            outputs = model(image)
+            outputs = forward(model, item["image"][None], "cpu")  # (1, 3, H, W) in, as segment() runs it
             maps = {name: value.numpy() for name, value in head_maps(outputs).items()}  # (H, W) each
             probability = torch.sigmoid(outputs["mask"][0, 0]).numpy()  # (H, W)
             reference = item["instances"][0].numpy()  # (H, W)

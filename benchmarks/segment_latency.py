@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from napari_sgdc.config import ModelConfig
+from napari_sgdc.device import forward
 from napari_sgdc.inference import segment
 from napari_sgdc.checkpoints import load_model
 from napari_sgdc.model import build_model, tiny_config
@@ -70,15 +71,13 @@ def measure(encoder: str, device: torch.device, size: int, runs: int, warmup: in
     else:
         image = np.random.default_rng(0).integers(0, 256, size=(size, size, 3), dtype=np.uint8)  # (H, W, 3)
     batch = torch.rand(1, 3, size, size, device=device)  # (1, 3, H, W)
-    if device.type in ("cpu", "cuda"):
-        batch = batch.contiguous(memory_format=torch.channels_last)  # as segment() feeds the model
 
     def run_segment():
         segment(model, image, tile=size)
 
     def run_forward():
         with torch.inference_mode():
-            model(batch)
+            forward(model, batch, device)  # as segment() runs it
 
     segment_times = _time(run_segment, runs, warmup, device)
     forward_times = _time(run_forward, runs, warmup, device)

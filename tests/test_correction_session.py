@@ -175,10 +175,11 @@ def test_image_pair_converts_the_own_mask_with_its_prediction_and_scale():
                            labels_name="a mask", own_mask=True, image_mpp=None)
 
 
-def _result(probability: np.ndarray, boundary: np.ndarray, options: PostprocessOptions) -> SegmentationResult:
+def _result(probability: np.ndarray, boundary: np.ndarray, options: PostprocessOptions,
+            mpp: float | None = None) -> SegmentationResult:
     mask, labels = postprocess(probability, boundary, options, instances=True)
     return SegmentationResult(probability=probability, mask=mask, boundary=boundary, labels=labels,
-                              separation=boundary)
+                              separation=boundary, mpp=mpp)
 
 
 def _counting(monkeypatch) -> list[int]:
@@ -223,7 +224,7 @@ def test_store_result_adopts_the_models_defaults_and_keeps_the_scale():
     probability, boundary = rng.random((16, 16)).astype(np.float32), rng.random((16, 16)).astype(np.float32)
     key = type("Layer", (), {})()
     cache = session.store_result(key, PlaneInput(np.zeros((1, 16, 16)), [0], (), (16, 16)), state,
-                                 _result(probability, boundary, used), used=used, mpp=0.5)
+                                 _result(probability, boundary, used, mpp=0.5), used=used)
     assert session.options == used and session.options_for(state) is session.options
     assert session.results[key] is cache and cache.mpp == 0.5 and cache.model_source == SOURCE
     np.testing.assert_array_equal(cache.written_mask[0], postprocess(probability, boundary, used, instances=True)[1])
@@ -260,3 +261,23 @@ def test_the_session_imports_no_gui():
             "'PySide6', 'magicgui', 'superqt')]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_segment_runs_at_the_settings_scale_else_the_layers_and_the_pair_keeps_it():
+    """The image µm/px goes dock setting -> session.segment -> result.mpp -> cache -> training pair."""
+    state = ModelState(SOURCE, build_model(tiny_config(task="instance", mpp=0.25)).eval())
+    session = _session_with(state)
+    planes = PlaneInput(np.random.default_rng(0).integers(0, 255, (1, 64, 64, 3)).astype(np.uint8), [0], (), (64, 64))
+    session.settings.mpp = 0.0
+    assert session.segment(planes, SOURCE, layer_mpp=0.5)[2].mpp == 0.5  # 0: the layer's own scale
+    session.settings.mpp = 0.25
+    state_, used, result = session.segment(planes, SOURCE, layer_mpp=0.5)
+    assert result.mpp == 0.25 and result.probability.shape == (64, 64)
+    key = type("Layer", (), {})()
+    session.store_result(key, planes, state_, result, used=used)
+    pair = session.image_pair(key, planes.planes, result.labels, image_shape=(64, 64), image_name="img",
+                              labels_name="img mask", own_mask=False, image_mpp=None)
+    assert pair.mpp == 0.25
+    semantic = ModelState("plain", build_model(tiny_config()).eval())  # a model without a scale ignores it
+    session.models["plain"] = semantic
+    assert session.segment(planes, "plain", layer_mpp=0.5)[2].mpp is None

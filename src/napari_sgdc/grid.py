@@ -114,6 +114,13 @@ def check_image_mpp(mpp: object, config) -> None:
         raise ValueError("mpp cannot be combined with a model that has a working resolution (resize_long_side)")
 
 
+def usable_mpp(mpp: float | None, config) -> float | None:
+    """The `mpp` to pass `segment` and `finetune` for a model of `config`: the image µm/px
+    for models that record their own scale, else None (the image as it is: models without a
+    scale, or with a working resolution, ignore the image's scale)."""
+    return mpp if mpp and config.mpp and not config.resize_long_side else None
+
+
 def scaled_length(length: int, scale: float) -> int:
     """``ceil(length · scale)`` (at least 1): the working pixels covering `length` input pixels."""
     return max(1, int(math.ceil(length * scale - _EXACT)))

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .data.transforms import check_image, to_float_rgb
-from .device import autocast, eval_mode, model_device, resolve_device
+from .device import eval_mode, forward, model_device, resolve_device
 from .grid import check_image_mpp as check_mpp
 from .grid import resample_image, resample_maps, working_shape
 from .locks import model_lock
@@ -120,6 +120,8 @@ class SegmentationResult:
         separation: float32 (H, W) in [0, 1], the map the instance split thresholds
             (`napari_sgdc.postprocess.separation_map`); `boundary` itself for boundary and
             semantic models.
+        mpp: the image µm/px the network was run at (`segment`'s ``mpp``), None when the
+            image was taken as it is; fine-tuning on corrections of this result uses the same.
     """
 
     probability: np.ndarray
@@ -130,6 +132,7 @@ class SegmentationResult:
     uncertainty: np.ndarray | None = None
     confidence: np.ndarray | None = None
     separation: np.ndarray | None = None
+    mpp: float | None = None
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -316,8 +319,7 @@ class _PlaneSegmenter:
         with torch.inference_mode():
             for index in self.transforms:
                 with_gates = self.return_gates and index == 0
-                with autocast(self.device, self.amp):
-                    out = self.model(_dihedral(batch, index), return_gates=with_gates)
+                out = forward(self.model, _dihedral(batch, index), self.device, self.amp, return_gates=with_gates)
                 parts = head_maps(out, index)  # (tile_h, tile_w) each
                 if self.spread:
                     parts["probability_sq"] = parts["probability"] ** 2
@@ -345,9 +347,6 @@ class _PlaneSegmenter:
                 raise Cancelled("segmentation cancelled")
             rgb = _plane_input(plane, y0, x0, tile_h, tile_w)  # (tile_h, tile_w, 3)
             batch = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device)  # (1, 3, tile_h, tile_w)
-            if self.device.type in ("cpu", "cuda"):
-                # channels_last roughly halves the CPU forward time of the convolutions
-                batch = batch.contiguous(memory_format=torch.channels_last)
             maps, gate_means = self._forward_tile(batch)
             valid_h, valid_w = min(tile_h, height - y0), min(tile_w, width - x0)
             weight = self.weight(tile_h, tile_w)[:valid_h, :valid_w]
@@ -553,7 +552,8 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
             gates = [GateMap(g.name, g.stride, np.stack([o[1][i].data for o in outputs]))
                      for i, g in enumerate(outputs[0][1])]
     return SegmentationResult(probability=probability, mask=mask, boundary=boundary, labels=labels, gates=gates,
-                              uncertainty=uncertainty_map, confidence=confidence, separation=separation)
+                              uncertainty=uncertainty_map, confidence=confidence, separation=separation,
+                              mpp=float(mpp) if mpp else None)
 
 
 def _uncertainty(method: str, probability: np.ndarray, probability_sq: np.ndarray | None) -> np.ndarray:

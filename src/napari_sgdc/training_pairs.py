@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from napari_sgdc.grid import usable_mpp
+
 __all__ = ["InputError", "PairArrays", "TrainingPair", "collect_pair", "is_pair_list", "pair_arrays", "split_by_model",
-           "usable_mpp"]
+]
 
 
 class InputError(ValueError):
@@ -138,12 +140,6 @@ def split_by_model(pairs: Sequence[TrainingPair], model_source: str) -> tuple[li
     return kept, [pair for pair in pairs if pair.model_source != model_source]
 
 
-def usable_mpp(mpp: float | None, config: Any) -> float | None:
-    """The `mpp` to pass `segment` and `finetune` for a model of `config`: the image µm/px
-    for models that record their own scale, else None (the image as it is)."""
-    return mpp if mpp and config.mpp and not config.resize_long_side else None
-
-
 @dataclass
 class PairArrays:
     """Training pairs as the arrays `napari_sgdc.train.finetune` takes, one entry per plane.
@@ -152,7 +148,7 @@ class PairArrays:
         images: (H, W[, C]) planes.
         labels: int32 instance ids (instance models) or bool masks.
         predictions: what the model wrote, converted alike, or None per plane.
-        mpp: the µm/px to fine-tune each plane at (`usable_mpp`), or None.
+        mpp: the µm/px to fine-tune each plane at (`napari_sgdc.grid.usable_mpp`), or None.
     """
 
     images: list[np.ndarray]

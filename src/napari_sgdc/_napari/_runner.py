@@ -248,28 +248,16 @@ class SegmentJob(BackgroundJob):
                  on_done: Callable[["SegmentJob", Outcome], None] | None = None) -> None:
         self.viewer, self.session, self.image, self.source = viewer, session, image, source
         self.settings = replace(session.settings)
-        if not self.settings.mpp:  # 0: the layer's own µm/px when its scale has a length unit
-            self.settings.mpp = layer_mpp(image) or 0.0
+        self.layer_mpp = layer_mpp(image)  # used when the settings' µm/px is 0
         self.planes = image_planes(image, self.settings.planes, viewer.dims.point)
         self.fallbacks: list[str] = []
         super().__init__(f"Segmentation of '{image.name}'", f"SGDC segment {image.name}", on_done=on_done)
         self.start()
 
     def work(self) -> tuple[Any, Any, Any]:
-        from napari_sgdc import inference
-
-        settings = self.settings
-        state = self.session.get_model(self.source, settings.device)
-        options = self.session.options_for(state)
-        planes = self.planes.planes
         with relay_out_of_memory(self.relay.warned.emit):
-            result = inference.segment(
-                state.model, planes if len(planes) > 1 else planes[0], options, tile=settings.tile,
-                device=settings.device, return_gates=settings.gates, uncertainty=settings.uncertainty,
-                progress=self.report, cancel=self.cancel, stack=len(planes) > 1,
-                mpp=settings.mpp_for(state.model.config), amp=settings.amp, tta=settings.tta,
-            )
-        return state, options, result
+            return self.session.segment(self.planes, self.source, self.settings, layer_mpp=self.layer_mpp,
+                                        progress=self.report, cancel=self.cancel)
 
     def on_warning(self, message: str) -> None:
         self.fallbacks.append(message)
@@ -281,8 +269,7 @@ class SegmentJob(BackgroundJob):
             show_info(f"'{self.image.name}' was closed during segmentation; result dropped.")
             return
         state, used, result = value
-        cache = self.session.store_result(self.image, self.planes, state, result, used=used,
-                                          mpp=self.settings.mpp_for(state.model.config))
+        cache = self.session.store_result(self.image, self.planes, state, result, used=used)
         show_segmentation(self.viewer, self.session, self.image, self.planes, cache, result.gates)
 
 

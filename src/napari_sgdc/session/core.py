@@ -22,7 +22,8 @@ from napari_sgdc.postprocess import PostprocessOptions
 from napari_sgdc.session.edits import EditCount, count_edits
 from napari_sgdc.session.models import FinetuneRun, ModelState, load_state
 from napari_sgdc.session.results import CachedResult, PlaneInput, merge_result
-from napari_sgdc.training_pairs import InputError, TrainingPair, collect_pair, pair_arrays, usable_mpp
+from napari_sgdc.grid import usable_mpp
+from napari_sgdc.training_pairs import InputError, TrainingPair, collect_pair, pair_arrays
 
 __all__ = ["Busy", "CorrectionSession", "Job", "NO_MODEL", "RunSettings", "error_line"]
 
@@ -61,9 +62,10 @@ class RunSettings:
     amp: bool = False
     tta: bool = False
 
-    def mpp_for(self, config: Any) -> float | None:
-        """The `mpp` to pass `segment` for a model of `config` (`usable_mpp`)."""
-        return usable_mpp(self.mpp, config)
+    def mpp_for(self, config: Any, layer_mpp: float | None = None) -> float | None:
+        """The `mpp` to pass `segment` for a model of `config` (`napari_sgdc.grid.usable_mpp`):
+        `mpp`, or when it is 0 the image layer's own scale `layer_mpp`."""
+        return usable_mpp(self.mpp or layer_mpp, config)
 
 
 class Job(Enum):
@@ -217,10 +219,35 @@ class CorrectionSession:
         return True
 
     # -- results ---------------------------------------------------------------------------
+    def segment(self, planes: PlaneInput, source: str, settings: RunSettings | None = None, *,
+                layer_mpp: float | None = None, progress: Callable[[int, int], None] | None = None,
+                cancel: threading.Event | None = None) -> tuple[ModelState, PostprocessOptions, Any]:
+        """Runs `napari_sgdc.inference.segment` on `planes` with model `source` and `settings`
+        (default: the session's), post-processed with `options_for` the model; the image's
+        µm/px is `settings.mpp`, or when 0 `layer_mpp` (`RunSettings.mpp_for`). Thread-safe
+        (the model is locked while it runs); `store_result` caches what it returns.
+
+        Returns:
+            ``(state, options used, SegmentationResult)``.
+        """
+        from napari_sgdc import inference
+
+        settings = settings or self.settings
+        state = self.get_model(source, settings.device)
+        options = self.options_for(state)
+        stack = planes.planes
+        result = inference.segment(
+            state.model, stack if len(stack) > 1 else stack[0], options, tile=settings.tile, device=settings.device,
+            return_gates=settings.gates, uncertainty=settings.uncertainty, progress=progress, cancel=cancel,
+            stack=len(stack) > 1, mpp=settings.mpp_for(state.model.config, layer_mpp), amp=settings.amp,
+            tta=settings.tta)
+        return state, options, result
+
     def store_result(self, key: Any, planes: PlaneInput, state: ModelState, result: Any, *,
-                     used: PostprocessOptions, mpp: float | None) -> CachedResult:
-        """Caches the `SegmentationResult` of `planes` of image `key`, with the mask `segment`
-        post-processed (with `used`) as its written mask (`merge_result`).
+                     used: PostprocessOptions) -> CachedResult:
+        """Caches the `SegmentationResult` of `planes` of image `key` (and the µm/px it was made
+        at, ``result.mpp``), with the mask `segment` post-processed (with `used`) as its written
+        mask (`merge_result`).
 
         Returns:
             The image's cache.
@@ -230,7 +257,7 @@ class CorrectionSession:
         cache = merge_result(self.results.get(key), planes, result, model_source=state.source,
                              instances=config.is_instance, single_object=config.single_object,
                              used=used, options=self.options)
-        cache.mpp = mpp
+        cache.mpp = result.mpp
         self.results[key] = cache
         return cache
 

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import TrainConfig
-from ..device import DEVICES, autocast, resolve_device
+from ..device import DEVICES, forward, memory_format, resolve_device
 from ..checkpoints import save_checkpoint
 from ..locks import model_lock
 from ..model import SGDCSegmenter
@@ -187,10 +187,6 @@ def _set_train_mode(model: SGDCSegmenter, freeze_encoder: bool, freeze_batchnorm
                 module.eval()  # running statistics stay those of the base model
 
 
-def _memory_format(device: torch.device) -> torch.memory_format:
-    return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
-
-
 def _optimizer(model: SGDCSegmenter, cfg: TrainConfig, total_steps: int):
     """AdamW over the model's parameter groups and its warm-up + cosine schedule."""
     optimizer = torch.optim.AdamW(model.param_groups(cfg.lr_encoder, cfg.lr_decoder), weight_decay=cfg.weight_decay)
@@ -258,12 +254,9 @@ class _Run:
 def _train_step(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
     """One optimiser step; returns the loss and its parts."""
     cfg, device = run.cfg, run.device
-    image = batch["image"].to(device, non_blocking=True)  # (B, 3, h, w)
-    image = image.contiguous(memory_format=_memory_format(device))
     keys = [key for key in ("mask", "edge", "weight", "distance", "hover") if key in batch]
     targets = {key: batch[key].to(device, non_blocking=True) for key in keys}  # (B, 1 or 2, h, w)
-    with autocast(device, cfg.amp):
-        outputs = run.model(image)
+    outputs = forward(run.model, batch["image"], device, cfg.amp)  # (B, 3, h, w) in
     loss, parts = total_loss(outputs, targets, cfg.edge_weight, run.model.config.edge_supervision)
     if run.anchor:
         penalty = cfg.l2sp * sum(((weight - start) ** 2).sum() for weight, start in run.anchor)
@@ -398,7 +391,7 @@ def fit(
         requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
         try:
             model.to(device)
-            model.to(memory_format=_memory_format(device))
+            model.to(memory_format=memory_format(device))
             if cfg.freeze_encoder:
                 model.encoder.requires_grad_(False)
             anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] if cfg.l2sp > 0 else []

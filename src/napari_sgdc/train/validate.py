@@ -11,7 +11,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from .. import metrics as seg_metrics
-from ..device import autocast, eval_mode, resolve_device
+from ..device import eval_mode, forward, resolve_device
 from ..model import SGDCSegmenter
 from ..inference import head_maps
 from ..postprocess import PostprocessOptions, postprocess, separation_map
@@ -53,9 +53,7 @@ def _forward(model: SGDCSegmenter, item: dict, device: torch.device, amp: bool) 
     """The model's float32 outputs for one whole item, padded and cropped back: (1, 1 or 2, H, W) each."""
     image = item["image"][None].to(device)  # (1, 3, H, W)
     height, width = image.shape[-2:]
-    padded = _pad_to_multiple(image, model.size_multiple).contiguous(memory_format=torch.channels_last)
-    with autocast(device, amp):
-        outputs = model(padded)
+    outputs = forward(model, _pad_to_multiple(image, model.size_multiple), device, amp)
     heads = [key for key in ("mask", "edge", "distance", "hover") if key in outputs]
     return {key: outputs[key][..., :height, :width].float() for key in heads}
 
