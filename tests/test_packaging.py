@@ -111,3 +111,12 @@ def test_built_in_weights_ship_in_the_weights_folder():
     from napari_sgdc.checkpoints import BUILTIN_DIR, builtin_models
 
     assert BUILTIN_DIR.name == "weights" and builtin_models() == ["dermoscopy", "nuclei"]
+
+
+def test_the_old_keyword_of_the_model_source_still_works():
+    from napari_sgdc.checkpoints import model_path, read_model_config
+
+    with pytest.warns(DeprecationWarning, match="source="):
+        assert model_path(name_or_path="dermoscopy") == model_path("dermoscopy")
+    with pytest.warns(DeprecationWarning):
+        assert read_model_config(name_or_path="nuclei").split_level == read_model_config(source="nuclei").split_level

@@ -101,7 +101,7 @@ def test_lower_magnification_slide_is_resampled(tmp_path, rgb):
     """A 20x slide (0.5 µm/px) is read at the model's 0.25 µm/px: nuclei keep their size in µm."""
     path = write_slide(tmp_path / "x20.ome.tif", rgb[::2, ::2], mpp=0.5)
     result = segment_slide(PixelModel(), path, tmp_path / "x20.ome.zarr", tile=TILE, margin=MARGIN)
-    assert result.shape == (1280, 1536) and result.mpp == 0.25
+    assert result.shape == (1280, 1536) and result.working_mpp == 0.25
     n = export_objects(tmp_path / "x20.ome.zarr", tmp_path / "t.csv")
     areas = np.loadtxt(tmp_path / "t.csv", delimiter=",", skiprows=1, usecols=3)
     assert n > 150 and 5 < np.median(areas) < 30  # radius 5-10 px at 0.25 µm: about 6-20 µm²
@@ -323,7 +323,7 @@ def test_a_model_given_by_name_or_path_brings_its_scale_and_defaults(tmp_path, s
              for name in ("a.ome.zarr", "b.ome.zarr")]
     assert plans[0] == plans[1]
     assert (plans[0]["threshold"], plans[0]["split_level"], plans[0]["min_size"]) == (0.6, 0.2, 30)
-    assert by_path.mpp == by_object.mpp == 0.25 and by_path.n_objects == by_object.n_objects
+    assert by_path.working_mpp == by_object.working_mpp == 0.25 and by_path.n_objects == by_object.n_objects
 
 
 class CountingModel(PixelModel):
@@ -437,7 +437,7 @@ def test_result_store_api(reference, slide_path):
 
     out, result = reference
     store = open_store(out)
-    assert store.complete and store.state == "complete" and store.stem == "syn" and store.mpp == 0.25
+    assert store.complete and store.state == "complete" and store.stem == "syn" and store.working_mpp == 0.25
     assert store.n_objects == result.n_objects and store.levels >= 3 and store.roi == (0, 0, 1280, 1536)
     plan = store.plan
     assert (plan.tile, plan.margin, plan.height, plan.width, plan.tta, plan.amp) == (TILE, MARGIN, 1280, 1536,
@@ -449,3 +449,21 @@ def test_result_store_api(reference, slide_path):
         np.testing.assert_array_equal(store.read_pixels(200, 100, 50, 300), slide.read_region(100, 200, 300, 50))
     with pytest.raises(ValueError, match="not a napari-sgdc slide store"):
         open_store(slide_path.parent)
+
+
+def test_stores_written_before_the_vocabulary_renames_still_resume_and_export(slide_path, tmp_path):
+    """Plans recorded with ``mpp`` / ``boundary_threshold`` (before 0.2) read as working_mpp / split_level."""
+    from napari_sgdc.wholeslide import open_store
+
+    out = tmp_path / "old.ome.zarr"
+    one_tile = dict(roi=(0, 0, TILE, TILE), tissue="none", tile=TILE, margin=MARGIN)
+    result = segment_slide(PixelModel(), slide_path, out, **one_tile)
+    with pytest.warns(DeprecationWarning):
+        assert result.mpp == result.working_mpp == 0.25
+    attrs = json.loads((out / ".zattrs").read_text())
+    plan = attrs["napari_sgdc"]["plan"]
+    plan["mpp"], plan["boundary_threshold"] = plan.pop("working_mpp"), plan.pop("split_level")
+    (out / ".zattrs").write_text(json.dumps(attrs))
+    assert open_store(out).working_mpp == 0.25
+    assert segment_slide(PixelModel(), slide_path, out, resume=True, **one_tile).tiles_resumed == 1
+    assert export_objects(out, tmp_path / "old.csv") == result.n_objects

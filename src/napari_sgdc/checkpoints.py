@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .config import ModelConfig, TrainConfig
+from .deprecation import renamed_argument
 from .device import resolve_device
 from .files import atomic_write
 
@@ -174,13 +175,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(resolve_device(device)).eval(), metadata
 
 
-def model_path(name_or_path: str | Path) -> Path:
+@renamed_argument("name_or_path", "source")
+def model_path(source: str | Path) -> Path:
     """The checkpoint file of a built-in model name or a checkpoint path.
 
     Raises:
         FileNotFoundError: neither a built-in name nor an existing file (lists the built-ins).
     """
-    text = str(name_or_path)
+    text = str(source)
     if text in builtin_models():
         path = BUILTIN_DIR / f"{text}.safetensors"
     else:
@@ -194,21 +196,23 @@ def model_path(name_or_path: str | Path) -> Path:
     return path
 
 
-def load_model(name_or_path: str | Path, device: str | torch.device = "auto") -> torch.nn.Module:
+@renamed_argument("name_or_path", "source")
+def load_model(source: str | Path, device: str | torch.device = "auto") -> torch.nn.Module:
     """Loads a built-in model by name (e.g. ``"dermoscopy"``) or a checkpoint path.
 
     Raises:
         FileNotFoundError: neither a built-in name nor an existing file (lists the built-ins).
         CheckpointError: the file cannot be used.
     """
-    model, _ = load_checkpoint(model_path(name_or_path), device=device)
+    model, _ = load_checkpoint(model_path(source), device=device)
     return model
 
 
-def read_model_config(name_or_path: str | Path) -> ModelConfig:
+@renamed_argument("name_or_path", "source")
+def read_model_config(source: str | Path) -> ModelConfig:
     """The `ModelConfig` of a built-in name or checkpoint path, without loading the weights
     (a ``.safetensors`` file's metadata; other formats are loaded)."""
-    path = model_path(name_or_path)
+    path = model_path(source)
     if path.suffix != ".safetensors":
         return load_checkpoint(path, device="cpu")[0].config
     data = read_metadata(path).get("model_config")

@@ -299,7 +299,7 @@ def _run_predict(args) -> int:
     model = load_model(args.model, device=args.device)
     options = _postprocess_options(args, model.config)
     if slides:
-        failures += predict_slides(model, slides, args.out, options, model_name=args.model, roi=args.roi,
+        failures += predict_slides(model, slides, args.out, options, model_source=args.model, roi=args.roi,
                                    mpp=args.mpp, tile=args.slide_tile, margin=args.margin, workers=args.workers,
                                    scheduler=args.scheduler, resume=args.resume, overwrite=args.overwrite,
                                    amp=args.amp, tta=args.tta, uncertainty=args.uncertainty, on_error=report)

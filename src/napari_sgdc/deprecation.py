@@ -1,7 +1,8 @@
 """Old names kept working for one release, each with a `DeprecationWarning`.
 
 The one mechanism for renamed public names: `renamed_field` for dataclass fields
-(construction keyword, attribute and dict key), `renamed_function` for functions. The
+(construction keyword, attribute and dict key), `renamed_argument` for keyword arguments,
+`renamed_function` for functions. The
 table of renames lives in docs/architecture.md ("Vocabulary").
 """
 
@@ -62,6 +63,23 @@ def rename_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """`data` with the old field names of `cls` (`renamed_field`) replaced by the new ones."""
     renames = getattr(cls, "_renamed_fields", {})
     return {renames.get(key, key): value for key, value in data.items()}
+
+
+def renamed_argument(old: str, new: str) -> Callable[[Callable], Callable]:
+    """Decorator for a function whose keyword argument `new` was called `old`: ``old=`` still
+    works, with a `DeprecationWarning`."""
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if old in kwargs:
+                warn_renamed(f"{function.__name__}({old}=...)", f"{new}=")
+                kwargs[new] = kwargs.pop(old)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def renamed_function(function: Callable, old: str) -> Callable:

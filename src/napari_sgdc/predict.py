@@ -206,7 +206,7 @@ def plan_slide_outputs(slides: Sequence[Path], out_dir: Path) -> list[StorePaths
     return outputs
 
 
-def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, *, model_name: str,
+def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, *, model_source: str,
                    roi: tuple[int, int, int, int] | None = None, mpp: float | None = None,
                    tile: int = DEFAULT_TILE, margin: int = DEFAULT_MARGIN, workers: int = 0,
                    scheduler: str | None = None, resume: bool = False, overwrite: bool = False, amp: bool = False,
@@ -219,7 +219,7 @@ def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, 
         slides: slide files.
         out_dir: output folder (created).
         options: the run's `PostprocessOptions`.
-        model_name: the built-in name or checkpoint path (each cluster worker loads it).
+        model_source: the model's built-in name or checkpoint path (each cluster worker loads it).
         roi, mpp, tile, margin, resume, overwrite, amp, tta, uncertainty: as in `segment_slide`
             (which refuses ``uncertainty`` in one line).
         workers: run tiles on a local Dask cluster of N processes (> 1).
@@ -254,7 +254,7 @@ def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, 
                         bar.refresh()
 
                     # on a cluster each worker loads the model itself, once
-                    spec = _model_spec(model_name) if client is not None else model
+                    spec = _model_spec(model_source) if client is not None else model
                     result = segment_slide(spec, slide, store, roi=roi, mpp=mpp, tile=tile, margin=margin,
                                            options=options, progress=on_tile, resume=resume, overwrite=overwrite,
                                            client=client, threads=threads, amp=amp, tta=tta,

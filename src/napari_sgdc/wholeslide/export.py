@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write
+from .plan import SlidePlan
 from .store import read_store_attrs
 
 __all__ = ["OBJECT_COLUMNS", "export_objects", "iter_records"]
@@ -44,7 +45,7 @@ def export_objects(store: str | Path, table: str | Path | None = None, geojson: 
     attrs = read_store_attrs(store)
     if attrs is None or not attrs.get("complete"):
         raise ValueError(f"{store}: not a finished napari-sgdc slide store")
-    um = attrs["plan"]["mpp"]
+    um = SlidePlan.from_signature(attrs["plan"], store).working_mpp
     for path in (table, geojson):
         if path is not None and Path(path).exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; not replaced (use overwrite)")

@@ -23,7 +23,7 @@ __all__ = ["SlidePlan", "plan_slide", "read_working", "check_tiling", "roi_box"]
 
 SIGNATURE_DEFAULTS = {"amp": False, "tta": False}
 """Plan fields added after stores were first written, with the value those stores were made with."""
-SIGNATURE_RENAMES = {"boundary_threshold": "split_level"}
+SIGNATURE_RENAMES = {"boundary_threshold": "split_level", "mpp": "working_mpp"}
 """Plan fields renamed after stores were first written: old name -> new name."""
 
 
@@ -40,7 +40,7 @@ class SlidePlan:
     Attributes:
         slide_path, backend: the slide (reopened by each worker); slide_mpp: its µm per level-0 pixel.
         level, level_downsample: the slide level read and its level-0 pixels per pixel.
-        factor: level pixels per working pixel; mpp: working µm/px; height, width: the working grid.
+        factor: level pixels per working pixel; working_mpp: working µm/px; height, width: the working grid.
         tile, margin: core size and context (working px); store: the result store.
         threshold, split_level, min_size, instances: post-processing.
         roi: working px (y0, x0, y1, x1) whose objects are kept.
@@ -53,7 +53,7 @@ class SlidePlan:
     level: int
     level_downsample: float
     factor: float  # level pixels per working pixel
-    mpp: float  # working µm/px
+    working_mpp: float  # µm/px of the working grid (the model's, else the slide's level 0)
     height: int
     width: int
     tile: int
@@ -163,7 +163,7 @@ def plan_slide(config, slide: Slide, out: str | Path, *, roi=None, mpp: float | 
     box = roi_box(roi, factor * slide.level_downsamples[level], height, width, slide.shape)
     options = options or PostprocessOptions.for_model(config)
     return SlidePlan(slide_path=str(Path(slide.path).resolve()), backend=slide.backend, slide_mpp=level0_mpp,
-                     level=level, level_downsample=slide.level_downsamples[level], factor=factor, mpp=model_mpp,
+                     level=level, level_downsample=slide.level_downsamples[level], factor=factor, working_mpp=model_mpp,
                      height=height, width=width, tile=tile, margin=margin, store=str(Path(out).resolve()),
                      threshold=options.threshold, split_level=options.split_level,
                      min_size=options.min_size, instances=bool(getattr(config, "is_instance", True)), roi=box,

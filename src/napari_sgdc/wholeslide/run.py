@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..deprecation import renamed_field
 from ..grid import DEFAULT_MARGIN, DEFAULT_TILE
 from ..postprocess import PostprocessOptions
 from ..slide import Slide, TissueMask, detect_tissue, open_slide
@@ -24,6 +25,7 @@ from .workers import DaskExecutor, LocalExecutor, model_config
 __all__ = ["SlideResult", "segment_slide", "tiles_to_run"]
 
 
+@renamed_field("mpp", "working_mpp")
 @dataclass
 class SlideResult:
     """Summary of a `segment_slide` run.
@@ -34,7 +36,8 @@ class SlideResult:
         tiles_total: tiles of the grid; tiles_run: tiles with tissue (run or resumed);
         tiles_resumed: tiles already done by an earlier run.
         too_large: objects dropped because they reached a window's edge (larger than the margin).
-        mpp: µm per pixel of the outputs (the working grid); shape: its (height, width).
+        working_mpp: µm per pixel of the outputs (the working grid); shape: its (height, width).
+            (``mpp`` before 0.2, still readable, deprecated.)
         level: slide level read; tissue_fraction: of the grid's tiles, the share run.
         seconds: wall time.
     """
@@ -45,7 +48,7 @@ class SlideResult:
     tiles_run: int
     tiles_resumed: int
     too_large: int
-    mpp: float
+    working_mpp: float
     shape: tuple[int, int]
     level: int
     tissue_fraction: float
@@ -196,7 +199,7 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
             mark_complete(plan, total, too_large)
         ny, nx = plan.grid
         return SlideResult(store=out, n_objects=total, tiles_total=ny * nx, tiles_run=len(tiles),
-                           tiles_resumed=resumed, too_large=too_large, mpp=plan.mpp, shape=(plan.height, plan.width),
+                           tiles_resumed=resumed, too_large=too_large, working_mpp=plan.working_mpp, shape=(plan.height, plan.width),
                            level=plan.level, tissue_fraction=len(tiles) / max(1, ny * nx),
                            seconds=time.perf_counter() - start)
     finally:

@@ -153,9 +153,9 @@ class ResultStore:
         return SlidePlan.from_signature(self.attrs["plan"], self.path)
 
     @property
-    def mpp(self) -> float:
+    def working_mpp(self) -> float:
         """µm per pixel of level 0 (the working grid)."""
-        return float(self.attrs["plan"]["mpp"])
+        return self.plan.working_mpp
 
     @property
     def n_objects(self) -> int | None:
@@ -277,7 +277,7 @@ def create_store(plan: SlidePlan, tissue: TissueMask, processed: np.ndarray, nam
     _array(root.create_group(SCRATCH), "owned", (ny, nx, plan.window, plan.window), (1, 1, plan.window, plan.window),
            "int32")
     (Path(plan.store) / "tiles").mkdir(exist_ok=True)
-    um, tissue_um = plan.mpp, plan.slide_mpp * tissue.downsample
+    um, tissue_um = plan.working_mpp, plan.slide_mpp * tissue.downsample
     axes_yx = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
     scales = [[um * 2 ** level] * 2 for level in range(levels)]
     channel = {"window": {"start": 0, "end": 255, "min": 0, "max": 255}}
