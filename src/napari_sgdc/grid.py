@@ -63,7 +63,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = ["MPP_RANGE", "RESAMPLE_TOLERANCE", "LEVEL_TOLERANCE", "DEFAULT_TILE", "DEFAULT_MARGIN", "mpp_problem",
-           "mpp_in_range", "check_mpp", "check_image_mpp", "scaled_length", "working_shape", "resample_image",
+           "mpp_in_range", "check_mpp", "check_image_mpp", "usable_mpp", "scaled_length", "working_shape", "resample_image",
            "resample_window", "resample_maps", "choose_level", "level_factor"]
 
 MPP_RANGE = (0.01, 100.0)
