@@ -275,7 +275,9 @@ def test_segment_runs_at_the_settings_scale_else_the_layers_and_the_pair_keeps_i
     assert result.mpp == 0.25 and result.probability.shape == (64, 64)
     key = type("Layer", (), {})()
     session.store_result(key, planes, state_, result, used=used)
-    pair = session.image_pair(key, planes.planes, result.labels, image_shape=(64, 64), image_name="img",
+    painted = np.zeros((64, 64), np.int32)
+    painted[10:30, 10:30] = 1  # the user's corrected object
+    pair = session.image_pair(key, planes.planes, painted, image_shape=(64, 64), image_name="img",
                               labels_name="img mask", own_mask=False, image_mpp=None)
     assert pair.mpp == 0.25
     semantic = ModelState("plain", build_model(tiny_config()).eval())  # a model without a scale ignores it
