@@ -17,8 +17,9 @@ SOURCE = ROOT / "src" / "napari_sgdc"
 # Imported only where an optional feature needs it, each behind a clear message or a fallback:
 # napari is the host application (the plugin layer runs inside it); matplotlib draws the
 # fine-tuning loss plot (text otherwise); distributed runs slides on a cluster; pandas writes
-# parquet object tables.
-OPTIONAL = {"napari": "all", "matplotlib": "plot", "distributed": "cluster", "pandas": "parquet"}
+# parquet object tables; bioimageio.spec and onnx write bioimage.io packages (`export`).
+OPTIONAL = {"napari": "all", "matplotlib": "plot", "distributed": "cluster", "pandas": "parquet",
+            "bioimageio": "export", "onnx": "export"}
 
 
 def _imported_modules() -> dict[str, Path]:
