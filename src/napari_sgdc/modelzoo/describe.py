@@ -119,13 +119,12 @@ def describe(cfg: ModelConfig, metadata: dict, files: dict[str, str], *, name: s
         "tags": ["napari-sgdc", "sgdc", "segmentation", "pytorch",
                  "nuclei" if cfg.is_instance else "semantic-segmentation", "2d"],
         "inputs": [{
-            "id": INPUT_ID, "description": "RGB image, 8-bit (0..255)",
+            "id": INPUT_ID, "description": "RGB image, 0..255 (8-bit values as float32)",
             "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["R", "G", "B"]},
                      *_space_axes(cfg, {"min": 64, "step": 32})],
             "test_tensor": {"source": files[f"test_{INPUT_ID}"]},
-            "data": {"type": "uint8", "range": [0, 255]},
-            "preprocessing": [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}},
-                              {"id": "scale_linear", "kwargs": {"gain": 1.0 / 255.0, "offset": 0.0}}],
+            "data": {"type": "float32", "range": [0.0, 255.0]},
+            "preprocessing": [{"id": "scale_linear", "kwargs": {"gain": 1.0 / 255.0, "offset": 0.0}}],
         }],
         "outputs": _outputs(cfg, files),
         "weights": {
@@ -158,7 +157,7 @@ def readme(rdf: dict[str, Any]) -> str:
     data = "\n".join(f"- {d['name']}: {d['licence']}" for d in own["training_data"]) or "- not recorded"
     cites = "\n".join(f"- {c['text']} ({c.get('doi') or c.get('url')})" for c in rdf["cite"])
     lines = [f"# {rdf['name']}", "", rdf["description"] + ".", "",
-             _table([("input", "RGB, uint8 0..255, (batch, channel, y, x); y and x multiples of 32, at least 64"),
+             _table([("input", "RGB, 0..255 as float32, (batch, channel, y, x); y and x multiples of 32, at least 64"),
                      ("preprocessing", "scaled to [0, 1] (gain 1/255); the network normalises internally"),
                      ("scale", scale), ("task", cfg["task"]), ("classes", ", ".join(cfg["class_names"])),
                      ("tiling", f"any tile size that is a multiple of 32; drop {HALO} px per side (halo)")]),

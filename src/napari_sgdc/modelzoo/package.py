@@ -126,7 +126,7 @@ def _build(network: ExportedSGDC, metadata: dict, name: str, folder: Path, tile:
     for spec, array in zip(output_specs(cfg), outputs):
         files[f"test_{spec['id']}"] = f"test_{spec['id']}.npy"
         np.save(folder / files[f"test_{spec['id']}"], array.astype(np.float32))
-    np.save(folder / files[f"test_{INPUT_ID}"], image)
+    np.save(folder / files[f"test_{INPUT_ID}"], image.astype(np.float32))
     _cover(image, outputs[0], outputs[1], folder / files["cover"])
     _write_weights(network, example, folder, files)
     (folder / files["environment"]).write_text(yaml.safe_dump(
