@@ -19,7 +19,7 @@ SOURCE = ROOT / "src" / "napari_sgdc"
 # fine-tuning loss plot (text otherwise); distributed runs slides on a cluster; pandas writes
 # parquet object tables; bioimageio.spec and onnx write bioimage.io packages (`export`).
 OPTIONAL = {"napari": "all", "matplotlib": "plot", "distributed": "cluster", "pandas": "parquet",
-            "bioimageio": "export", "onnx": "export"}
+            "pyarrow": "parquet", "bioimageio": "export", "onnx": "export"}
 
 
 def _imported_modules() -> dict[str, Path]:

@@ -102,7 +102,12 @@ def export_objects(store: str | Path, table: str | Path | None = None, geojson: 
     if table is not None:
         table = Path(table)
         if table.suffix.lower() == ".parquet":
-            import pandas as pd
+            try:
+                import pandas as pd
+                import pyarrow  # noqa: F401  (pandas writes Parquet with it)
+            except ImportError as error:
+                raise ImportError(f"a .parquet table needs {error.name}: pip install 'napari-sgdc[parquet]' "
+                                  "(or write a .csv)") from None
 
             frame = pd.DataFrame(list(rows()), columns=OBJECT_COLUMNS)
             atomic_write(table, lambda tmp: frame.to_parquet(tmp, index=False))
