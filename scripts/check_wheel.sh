@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the wheel, checks that it carries the built-in models, the sample images and the
 # napari manifest, installs it into a fresh venv (dependencies reused from ./.venv instead of
-# downloaded again) and runs `napari-sgdc predict` from the installed wheel, outside the
-# source tree. Run after scripts/install.sh (CI: .ci/run).
+# downloaded again), runs `napari-sgdc predict` from the installed wheel, outside the source
+# tree, and opens both docks of the installed plugin in a headless napari viewer.
+# Run after scripts/install.sh (CI: .ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -48,3 +49,20 @@ PY
 cp "$ROOT/src/napari_sgdc/sample_images/dermoscopy_IMD019.jpg" sample.jpg
 "$WORK/venv/bin/napari-sgdc" predict --model dermoscopy --out out sample.jpg
 test -s out/sample_mask.png && echo "predict from the installed wheel: out/sample_mask.png written"
+
+# Both docks through napari's plugin machinery (npe2 → the installed manifest → the widgets), headless.
+QT_QPA_PLATFORM=offscreen "$WORK/venv/bin/python" - "$ROOT" <<'PY'
+import sys
+from pathlib import Path
+import napari
+import napari_sgdc
+if Path(sys.argv[1]) in Path(napari_sgdc.__file__).resolve().parents:
+    sys.exit("napari_sgdc was imported from the source tree, not from the wheel")
+viewer = napari.Viewer(show=False)
+try:
+    for name in ("SGDC Segment", "SGDC Fine-tune"):
+        dock, widget = viewer.window.add_plugin_dock_widget("napari-sgdc", name)
+        print(f"dock {name!r} opened from the installed wheel: {type(widget).__module__}.{type(widget).__name__}")
+finally:
+    viewer.close()
+PY

@@ -66,7 +66,7 @@ def test_help_lists_every_subcommand_tune_included(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     usage = capsys.readouterr().out.splitlines()[0]
-    assert usage == "usage: napari-sgdc [-h] {predict,train,evaluate,tune} ..."
+    assert usage == "usage: napari-sgdc [-h] [--version] {predict,train,evaluate,tune,export} ..."
     with pytest.raises(SystemExit) as exit_info:
         main(["tune", "--help"])
     assert exit_info.value.code == 0 and "--overwrite" in capsys.readouterr().out

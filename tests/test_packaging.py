@@ -17,8 +17,9 @@ SOURCE = ROOT / "src" / "napari_sgdc"
 # Imported only where an optional feature needs it, each behind a clear message or a fallback:
 # napari is the host application (the plugin layer runs inside it); matplotlib draws the
 # fine-tuning loss plot (text otherwise); distributed runs slides on a cluster; pandas writes
-# parquet object tables.
-OPTIONAL = {"napari": "all", "matplotlib": "plot", "distributed": "cluster", "pandas": "parquet"}
+# parquet object tables; bioimageio.spec and onnx write bioimage.io packages (`export`).
+OPTIONAL = {"napari": "all", "matplotlib": "plot", "distributed": "cluster", "pandas": "parquet",
+            "pyarrow": "parquet", "bioimageio": "export", "onnx": "export"}
 
 
 def _imported_modules() -> dict[str, Path]:
@@ -120,3 +121,14 @@ def test_the_old_keyword_of_the_model_source_still_works():
         assert model_path(name_or_path="dermoscopy") == model_path("dermoscopy")
     with pytest.warns(DeprecationWarning):
         assert read_model_config(name_or_path="nuclei").split_level == read_model_config(source="nuclei").split_level
+
+
+def test_npe2_manifest_validates():
+    """`npe2 validate` accepts the plugin's manifest (the file the wheel ships)."""
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_file(SOURCE / "napari.yaml")
+    manifest.validate_imports()
+    result = subprocess.run([sys.executable, "-m", "npe2", "validate", str(SOURCE / "napari.yaml")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "valid" in result.stdout, result.stdout + result.stderr

@@ -467,3 +467,106 @@ def test_stores_written_before_the_vocabulary_renames_still_resume_and_export(sl
     assert open_store(out).working_mpp == 0.25
     assert segment_slide(PixelModel(), slide_path, out, resume=True, **one_tile).tiles_resumed == 1
     assert export_objects(out, tmp_path / "old.csv") == result.n_objects
+
+
+def _check_qupath_object(feature: dict) -> None:
+    """QuPath's reader of one GeoJSON object (PathObjectTypeAdapters, QuPath 0.4/0.5): a Feature with an optional
+    UUID ``id``, a geometry, and ``properties`` with ``objectType``, ``name``, ``classification`` ({name, color
+    [r, g, b]} or the older packed ``colorRGB``) and ``measurements`` (name → number, or a list of {name, value})."""
+    import uuid
+
+    assert set(feature) <= {"type", "id", "geometry", "properties", "nucleusGeometry"} and feature["type"] == "Feature"
+    uuid.UUID(feature["id"])  # a non-UUID id is ignored by QuPath
+    geometry = feature["geometry"]
+    assert set(geometry) == {"type", "coordinates"} and geometry["type"] == "Polygon"
+    for ring in geometry["coordinates"]:
+        ring = np.asarray(ring, float)
+        assert ring.ndim == 2 and ring.shape[1] == 2 and len(ring) >= 4 and np.isfinite(ring).all()
+        assert np.array_equal(ring[0], ring[-1]) and ring.min() >= 0  # closed, in pixels of the full-resolution image
+    properties = feature["properties"]
+    assert properties["objectType"] in {"detection", "annotation", "cell", "tile", "tmaCore"}
+    assert isinstance(properties.get("name", ""), str)
+    classification = properties["classification"]
+    assert isinstance(classification["name"], str) and classification["name"]
+    color = classification["color"]
+    assert len(color) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in color)
+    if "colorRGB" in classification:  # QuPath 0.3: packed signed ARGB
+        r, g, b = color
+        assert classification["colorRGB"] == int(np.array(0xFF000000 | r << 16 | g << 8 | b, np.uint32).view(np.int32))
+    measurements = properties["measurements"]
+    if isinstance(measurements, list):
+        measurements = {m["name"]: m["value"] for m in measurements}
+    assert measurements and all(isinstance(name, str) and isinstance(value, (int, float)) and np.isfinite(value)
+                                for name, value in measurements.items())
+
+
+def test_geojson_matches_qupaths_object_schema_and_the_table(reference, rgb, tmp_path):
+    """Every exported feature is a QuPath object; its measurements are the table's row: area (µm²), the
+    polygon's perimeter (µm), the mean haematoxylin OD of the object's pixels and the mean probability."""
+    from napari_sgdc.wholeslide.export import QUPATH_MEASUREMENTS
+    from napari_sgdc.wholeslide.tiles import haematoxylin_od
+
+    out, result = reference
+    table, geojson = tmp_path / "o.csv", tmp_path / "o.geojson"
+    export_objects(out, table, geojson)
+
+    def no_constants(token):
+        raise AssertionError(f"{token} is not JSON")
+
+    collection = json.loads(geojson.read_text(encoding="utf-8"), parse_constant=no_constants)
+    assert set(collection) == {"type", "features"} and collection["type"] == "FeatureCollection"
+    with open(table) as stream:
+        rows = {int(row["id"]): row for row in csv.DictReader(stream)}
+    features = collection["features"]
+    assert len(features) == len(rows) == result.n_objects
+    assert len({feature["id"] for feature in features}) == len(features)
+    labels = read_store_labels(out)
+    od = haematoxylin_od(rgb)
+    for feature in features:
+        _check_qupath_object(feature)
+        assert feature["properties"]["classification"]["name"] == "Nucleus"
+        row, measurements = rows[int(feature["properties"]["name"])], feature["properties"]["measurements"]
+        assert set(measurements) == set(QUPATH_MEASUREMENTS.values())
+        for column, name in QUPATH_MEASUREMENTS.items():
+            assert measurements[name] == pytest.approx(float(row[column]), abs=1e-4), (column, row["id"])
+        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        length = np.hypot(*np.diff(ring, axis=0).T).sum()  # level-0 pixels = working pixels (0.25 µm) here
+        assert measurements["Nucleus: Perimeter µm"] == pytest.approx(length * 0.25, abs=1e-3)
+        area = measurements["Nucleus: Area µm^2"]
+        assert 1.0 <= measurements["Nucleus: Perimeter µm"] ** 2 / (4 * np.pi * area) < 2.5  # a disc gives 1
+    for k in list(rows)[:: max(1, len(rows) // 25)]:
+        inside = labels == k
+        assert float(rows[k]["mean_haematoxylin_od"]) == pytest.approx(od[inside].mean(), abs=2e-4)
+        assert float(rows[k]["mean_haematoxylin_od"]) > od[(labels == 0) & (rgb.min(axis=2) < 255)].mean() + 0.1
+
+
+def test_haematoxylin_od_unmixes_pure_stains():
+    """Beer–Lambert: a pixel of c units of pure haematoxylin reads c; pure eosin and white read 0."""
+    from napari_sgdc.wholeslide.tiles import HE_STAINS, haematoxylin_od
+
+    h, e = (np.array(s) / np.linalg.norm(s) for s in HE_STAINS)
+    pixels = np.array([[255 * 10 ** (-c * h) for c in (0.3, 0.6)] + [255 * 10 ** (-0.5 * e), [255, 255, 255]]])
+    measured = haematoxylin_od(np.round(pixels).astype(np.uint8))[0]
+    np.testing.assert_allclose(measured, [0.3, 0.6, 0.0, 0.0], atol=0.01)
+
+
+def test_records_written_before_a_measurement_existed_export_it_empty(reference, tmp_path):
+    """A store whose tile records lack the haematoxylin OD (written by 0.2) still exports: an empty
+    cell in the table, the measurement left out of the GeoJSON (which stays valid JSON)."""
+    import shutil
+
+    out = tmp_path / "old.ome.zarr"
+    shutil.copytree(reference[0], out)
+    for record in (out / "tiles").glob("*.npz"):
+        with np.load(record) as data:
+            arrays = {name: data[name] for name in data.files if name != "mean_haematoxylin_od"}
+        np.savez(record, **arrays)
+    table, geojson = tmp_path / "old.csv", tmp_path / "old.geojson"
+    assert export_objects(out, table, geojson) == reference[1].n_objects
+    with open(table) as stream:
+        rows = list(csv.DictReader(stream))
+    assert {row["mean_haematoxylin_od"] for row in rows} == {""} and all(row["perimeter_um"] for row in rows)
+    features = json.loads(geojson.read_text(encoding="utf-8"))["features"]
+    for feature in features:
+        _check_qupath_object(feature)
+        assert "Nucleus: Hematoxylin OD mean" not in feature["properties"]["measurements"]

@@ -30,6 +30,7 @@ _LAZY = {
     "SegmentationResult": "napari_sgdc.inference",
     "fit": "napari_sgdc.train",
     "finetune": "napari_sgdc.train",
+    "export": "napari_sgdc.modelzoo",
 }
 
 # Imported eagerly (numpy only): the submodule napari_sgdc.postprocess would otherwise shadow

@@ -107,7 +107,12 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Reads tensors and metadata from a .safetensors or (safely) a .pth/.pt file."""
+    """Reads tensors and metadata from a .safetensors, (safely) a .pth/.pt file, or a bioimage.io
+    package made by napari-sgdc (a .zip or a folder)."""
+    from .modelzoo.load import is_package, read_package
+
+    if is_package(path):
+        return read_package(path)
     if path.suffix == ".safetensors":
         metadata = read_metadata(path)
         with safe_open(str(path), framework="pt") as reader:
@@ -159,7 +164,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     from .model import build_model
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     tensors, metadata = _read_tensors(path)
     model_config = metadata.get("model_config")
@@ -190,7 +195,9 @@ def model_path(source: str | Path) -> Path:
             path = Path(text).expanduser()
         except RuntimeError:  # "~user" of an unknown user
             path = Path(text)
-        if not path.is_file():
+        from .modelzoo.load import is_package
+
+        if not (path.is_file() or is_package(path)):
             names = ", ".join(builtin_models()) or "none installed"
             raise FileNotFoundError(f"no built-in model or checkpoint file named {text!r} (built-in models: {names})")
     return path
@@ -198,7 +205,8 @@ def model_path(source: str | Path) -> Path:
 
 @renamed_argument("name_or_path", "source")
 def load_model(source: str | Path, device: str | torch.device = "auto") -> torch.nn.Module:
-    """Loads a built-in model by name (e.g. ``"dermoscopy"``) or a checkpoint path.
+    """Loads a built-in model by name (e.g. ``"dermoscopy"``), a checkpoint path, or a bioimage.io
+    package made by napari-sgdc (``napari_sgdc.export``; a .zip or its unpacked folder).
 
     Raises:
         FileNotFoundError: neither a built-in name nor an existing file (lists the built-ins).
@@ -213,7 +221,7 @@ def read_model_config(source: str | Path) -> ModelConfig:
     """The `ModelConfig` of a built-in name or checkpoint path, without loading the weights
     (a ``.safetensors`` file's metadata; other formats are loaded)."""
     path = model_path(source)
-    if path.suffix != ".safetensors":
+    if path.suffix != ".safetensors" or path.is_dir():
         return load_checkpoint(path, device="cpu")[0].config
     data = read_metadata(path).get("model_config")
     if not isinstance(data, dict):

@@ -6,6 +6,7 @@ Examples::
     napari-sgdc train --data ../shared/data/ph2 --layout ph2 --out runs/ph2/model.safetensors --epochs 30
     napari-sgdc evaluate --model runs/ph2/model.safetensors --layout ph2 --data ../shared/data/ph2 --split test
     napari-sgdc evaluate --model nuclei --images imgs/ --masks masks/ --instances inst/ --csv scores.csv
+    napari-sgdc export --model nuclei --format bioimageio --out nuclei.zip
 
 Each subcommand has one parser function (``_add_*_parser``) and one thin handler
 (``_run_*``) that turns the flags into a call of a library function:
@@ -31,7 +32,7 @@ from .grid import DEFAULT_MARGIN, DEFAULT_TILE
 __all__ = ["main", "build_parser"]
 
 PROG = "napari-sgdc"
-COMMANDS = ("predict", "train", "evaluate", "tune")
+COMMANDS = ("predict", "train", "evaluate", "tune", "export")
 
 
 def _error_line(message: Any) -> str:
@@ -259,15 +260,32 @@ def _add_tune_parser(commands) -> None:
     tune.add_argument("--device", default="auto", choices=DEVICES, help="where to run (default: auto)")
 
 
+def _add_export_parser(commands) -> None:
+    export = commands.add_parser(
+        "export", help="write a model as a BioImage Model Zoo (bioimage.io) package",
+        description="Write a built-in model, a checkpoint (a fine-tuned one too) or a package as a bioimage.io "
+                    "model package (.zip): TorchScript, ONNX and PyTorch weights, test tensors, README and cover. "
+                    "Needs the export extra (pip install 'napari-sgdc[export]').",
+    )
+    export.add_argument("--model", required=True, help="built-in model name or checkpoint path")
+    export.add_argument("--format", default="bioimageio", choices=("bioimageio",), help="package format")
+    export.add_argument("--out", required=True, type=Path, help="the package to write (.zip)")
+    export.add_argument("--name", help="the package's name (default: from --model)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of all commands."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Segment dermoscopy and H&E nuclei images with a Structure-Guided Dynamic Convolution network.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     commands.required = True
-    for add in (_add_predict_parser, _add_train_parser, _add_evaluate_parser, _add_tune_parser):
+    for add in (_add_predict_parser, _add_train_parser, _add_evaluate_parser, _add_tune_parser, _add_export_parser):
         add(commands)
     return parser
 
@@ -460,6 +478,14 @@ def _run_tune(args) -> int:
     return 0
 
 
+def _run_export(args) -> int:
+    from .modelzoo import export
+
+    written = export(args.model, args.out, format=args.format, name=args.name, overwrite=args.overwrite)
+    print(f"{written}: bioimage.io package of {args.model} written and validated", file=sys.stderr)
+    return 0
+
+
 def summarize(rows: list[dict], keys: Sequence[str]) -> dict[str, tuple[float, float]]:
     """Deprecated alias of `napari_sgdc.evaluation.summarize` (kept for one release)."""
     from .evaluation import summarize as summarize_rows
@@ -483,10 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         (``argparse`` exits with 2 on usage errors, 130 after Ctrl-C during training).
     """
     args = build_parser().parse_args(argv)
-    runners = {"predict": _run_predict, "train": _run_train, "evaluate": _run_evaluate, "tune": _run_tune}
+    runners = {"predict": _run_predict, "train": _run_train, "evaluate": _run_evaluate, "tune": _run_tune,
+               "export": _run_export}
     try:
         return runners[args.command](args)
-    except (ValueError, FileNotFoundError, OSError) as error:
+    except (ValueError, FileNotFoundError, OSError, ImportError) as error:
         print(f"{PROG} {args.command}: error: {_error_line(error)}", file=sys.stderr)
         return 1
 

@@ -13,6 +13,7 @@ import numpy as np
 
 SPARKS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 32
+PLOT_HINT = "the loss as a plot needs matplotlib: pip install 'napari-sgdc[plot]'"
 
 
 def loss_text(losses: Sequence[float], width: int = SPARK_WIDTH) -> str:
@@ -48,6 +49,7 @@ class LossPlot:
             self.widget: Any = QLabel(loss_text([]))
             self.widget.setObjectName("loss_text")
             self.widget.setWordWrap(True)
+            self.widget.setToolTip(PLOT_HINT)
             return
         self.figure = Figure(figsize=(3.2, 2.0), dpi=100, tight_layout=True)
         self.axes = self.figure.add_subplot(1, 1, 1)

@@ -5,6 +5,7 @@ job runner (`_runner`)."""
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from magicgui.widgets import (
@@ -173,7 +174,10 @@ class ModelPicker:
         from qtpy.QtWidgets import QFileDialog
 
         path, _ = QFileDialog.getOpenFileName(
-            self._parent, "Load SGDC checkpoint", "", "SGDC checkpoints (*.safetensors);;All files (*)")
+            self._parent, "Load SGDC checkpoint", "",
+            "SGDC checkpoints and bioimage.io packages (*.safetensors *.zip bioimageio.yaml rdf.yaml);;All files (*)")
+        if path and Path(path).name in ("bioimageio.yaml", "rdf.yaml"):
+            return str(Path(path).parent)  # an unpacked package: its folder
         return path or None
 
     def load_checkpoint(self, path: str) -> bool:

@@ -13,7 +13,6 @@ Every encoder returns five feature maps at strides 2, 4, 8, 16 and 32 and expose
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +28,9 @@ class Conv2dSame(nn.Conv2d):
         in_h, in_w = x.shape[-2:]
         kernel_h, kernel_w = self.weight.shape[-2:]
         stride_h, stride_w = self.stride
-        pad_h = max((math.ceil(in_h / stride_h) - 1) * stride_h + kernel_h - in_h, 0)
-        pad_w = max((math.ceil(in_w / stride_w) - 1) * stride_w + kernel_w - in_w, 0)
+        # integer ceil division: a traced export (TorchScript, ONNX) keeps the pad a function of the size
+        pad_h = max(((in_h + stride_h - 1) // stride_h - 1) * stride_h + kernel_h - in_h, 0)
+        pad_w = max(((in_w + stride_w - 1) // stride_w - 1) * stride_w + kernel_w - in_w, 0)
         if pad_h or pad_w:
             x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)

@@ -52,6 +52,22 @@ class DropPath(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
+def _shift_and_sum(x: Tensor, kernel: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The forward loop of `_ShiftAndSum`: (output (B, C, H, W), zero-padded x (B, h, C/h, H+2p, W+2p))."""
+    batch, channels, height, width = x.shape
+    heads = kernel.shape[1]
+    pad = k // 2
+    x_padded = F.pad(x, (pad, pad, pad, pad)).reshape(
+        batch, heads, channels // heads, height + 2 * pad, width + 2 * pad
+    )  # (B, h, C/h, H+2p, W+2p)
+    out = x.new_zeros(batch, heads, channels // heads, height, width)  # (B, h, C/h, H, W)
+    for tap in range(k * k):
+        i, j = divmod(tap, k)
+        # kernel[:, :, tap:tap+1]: (B, h, 1, H, W), broadcast over the channels of a head
+        out.addcmul_(x_padded[..., i : i + height, j : j + width], kernel[:, :, tap : tap + 1])
+    return out.reshape(batch, channels, height, width), x_padded
+
+
 class _ShiftAndSum(torch.autograd.Function):
     """Exact per-pixel k×k aggregation as a sum of k² shifted, weighted copies.
 
@@ -61,20 +77,10 @@ class _ShiftAndSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, kernel: Tensor, k: int) -> Tensor:
-        batch, channels, height, width = x.shape
-        heads = kernel.shape[1]
-        pad = k // 2
-        x_padded = F.pad(x, (pad, pad, pad, pad)).reshape(
-            batch, heads, channels // heads, height + 2 * pad, width + 2 * pad
-        )  # (B, h, C/h, H+2p, W+2p)
-        out = x.new_zeros(batch, heads, channels // heads, height, width)  # (B, h, C/h, H, W)
-        for tap in range(k * k):
-            i, j = divmod(tap, k)
-            # kernel[:, :, tap:tap+1]: (B, h, 1, H, W), broadcast over the channels of a head
-            out.addcmul_(x_padded[..., i : i + height, j : j + width], kernel[:, :, tap : tap + 1])
+        out, x_padded = _shift_and_sum(x, kernel, k)
         ctx.save_for_backward(x_padded, kernel)
         ctx.k = k
-        return out.reshape(batch, channels, height, width)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -119,6 +125,8 @@ def dynamic_aggregate(x: Tensor, kernel: Tensor, kernel_size: int) -> Tensor:
         (B, C, H, W): identical to the unfold formulation up to rounding.
     """
     kernel = kernel.to(x.dtype)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # export: plain ops, no autograd.Function
+        return _shift_and_sum(x, kernel, kernel_size)[0]
     return _ShiftAndSum.apply(x.contiguous(), kernel.contiguous(), kernel_size)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,17 @@ from ..files import atomic_write
 from .plan import SlidePlan
 from .store import read_store_attrs
 
-__all__ = ["OBJECT_COLUMNS", "export_objects", "iter_records"]
+__all__ = ["OBJECT_COLUMNS", "QUPATH_MEASUREMENTS", "export_objects", "iter_records", "qupath_feature"]
 
 OBJECT_COLUMNS = ("id", "centroid_x_um", "centroid_y_um", "area_um2", "bbox_x0_um", "bbox_y0_um", "bbox_x1_um",
-                  "bbox_y1_um", "mean_probability")
+                  "bbox_y1_um", "mean_probability", "perimeter_um", "mean_haematoxylin_od")
+QUPATH_MEASUREMENTS = {"area_um2": "Nucleus: Area µm^2", "perimeter_um": "Nucleus: Perimeter µm",
+                       "mean_haematoxylin_od": "Nucleus: Hematoxylin OD mean",
+                       "mean_probability": "Nucleus: Probability mean"}
+"""Table column → the GeoJSON measurement of the same value, named as QuPath's cell detection names them."""
+NUCLEUS_CLASS = {"name": "Nucleus", "color": [255, 0, 255], "colorRGB": -65281}
+"""The detections' QuPath classification: ``color`` is read by QuPath >= 0.4, ``colorRGB`` (packed ARGB) by 0.3."""
+ID_NAMESPACE = uuid.UUID("5d6c0a5e-9b8e-4f57-9a8c-2f4e0c1b7a11")
 
 
 def iter_records(store: Path) -> Iterable[tuple[int, dict]]:
@@ -33,36 +41,73 @@ def iter_records(store: Path) -> Iterable[tuple[int, dict]]:
         offset += int(record["ids"].size)
 
 
+def _objects(store: Path, um: float, level0_um: float) -> Iterator[tuple[int, list, dict]]:
+    """(id, closed polygon ring in level-0 pixels, {column: value}) of every object; the one source of the table
+    and the GeoJSON. The perimeter is the polygon's; the haematoxylin OD is NaN in records written before it was."""
+    for offset, record in iter_records(store):
+        points, offsets = record["poly_xy"], record["poly_offsets"]
+        n = record["ids"].size
+        od = record.get("mean_haematoxylin_od", np.full(n, np.nan))
+        for k in range(n):
+            ring = points[offsets[k]:offsets[k + 1]].astype(np.float64).round(2).tolist()
+            if ring and ring[0] != ring[-1]:
+                ring.append(ring[0])
+            y0, x0, y1, x1 = record["bbox"][k]
+            steps = np.diff(np.asarray(ring).reshape(-1, 2), axis=0)
+            values = {"centroid_x_um": (record["centroid_x"][k] + 0.5) * um,
+                      "centroid_y_um": (record["centroid_y"][k] + 0.5) * um, "area_um2": record["area"][k] * um * um,
+                      "bbox_x0_um": x0 * um, "bbox_y0_um": y0 * um, "bbox_x1_um": x1 * um, "bbox_y1_um": y1 * um,
+                      "mean_probability": record["mean_probability"][k],
+                      "perimeter_um": float(np.hypot(steps[:, 0], steps[:, 1]).sum()) * level0_um,
+                      "mean_haematoxylin_od": od[k]}
+            yield offset + k + 1, ring, {name: float(value) for name, value in values.items()}
+
+
+def qupath_feature(index: int, ring: list, values: dict, store_name: str) -> dict:
+    """One object as a QuPath detection (QuPath >= 0.4 GeoJSON; docs/wholeslide.md, QuPath): a UUID ``id``
+    (stable for the store's name and the object id), a Polygon, ``objectType``, ``classification`` and the
+    `QUPATH_MEASUREMENTS` (4 decimals; a missing value is left out)."""
+    measurements = {label: round(values[column], 4) for column, label in QUPATH_MEASUREMENTS.items()
+                    if np.isfinite(values[column])}
+    return {"type": "Feature", "id": str(uuid.uuid5(ID_NAMESPACE, f"{store_name}/{index}")),
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"objectType": "detection", "name": str(index), "classification": dict(NUCLEUS_CLASS),
+                           "measurements": measurements}}
+
+
 def export_objects(store: str | Path, table: str | Path | None = None, geojson: str | Path | None = None, *,
                    overwrite: bool = False) -> int:
     """Writes the object table (CSV, or Parquet for a ``.parquet`` path: needs pyarrow) and the
     QuPath GeoJSON (detections, polygons in level-0 slide pixels) of a finished store.
 
-    Table columns: `OBJECT_COLUMNS` (µm on the slide, origin at its top-left corner).
-    Streams tile by tile; returns the number of objects.
+    Table columns: `OBJECT_COLUMNS` (µm on the slide, origin at its top-left corner; an empty cell
+    for a value the store's records lack). The GeoJSON holds the same values as measurements
+    (`QUPATH_MEASUREMENTS`). Streams tile by tile; returns the number of objects.
     """
     store = Path(store)
     attrs = read_store_attrs(store)
     if attrs is None or not attrs.get("complete"):
         raise ValueError(f"{store}: not a finished napari-sgdc slide store")
-    um = SlidePlan.from_signature(attrs["plan"], store).working_mpp
+    plan = SlidePlan.from_signature(attrs["plan"], store)
+    um, level0_um = plan.working_mpp, plan.working_mpp / plan.to_level0
     for path in (table, geojson):
         if path is not None and Path(path).exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; not replaced (use overwrite)")
     count = 0
 
     def rows():
-        for offset, record in iter_records(store):
-            for k in range(record["ids"].size):
-                y0, x0, y1, x1 = record["bbox"][k]
-                yield (offset + k + 1, (record["centroid_x"][k] + 0.5) * um, (record["centroid_y"][k] + 0.5) * um,
-                       record["area"][k] * um * um, x0 * um, y0 * um, x1 * um, y1 * um,
-                       record["mean_probability"][k])
+        for index, _, values in _objects(store, um, level0_um):
+            yield (index, *(values[column] for column in OBJECT_COLUMNS[1:]))
 
     if table is not None:
         table = Path(table)
         if table.suffix.lower() == ".parquet":
-            import pandas as pd
+            try:
+                import pandas as pd
+                import pyarrow  # noqa: F401  (pandas writes Parquet with it)
+            except ImportError as error:
+                raise ImportError(f"a .parquet table needs {error.name}: pip install 'napari-sgdc[parquet]' "
+                                  "(or write a .csv)") from None
 
             frame = pd.DataFrame(list(rows()), columns=OBJECT_COLUMNS)
             atomic_write(table, lambda tmp: frame.to_parquet(tmp, index=False))
@@ -74,7 +119,7 @@ def export_objects(store: str | Path, table: str | Path | None = None, geojson: 
                     writer = csv.writer(stream)
                     writer.writerow(OBJECT_COLUMNS)
                     for row in rows():
-                        writer.writerow([row[0]] + [f"{v:.4f}" for v in row[1:]])
+                        writer.writerow([row[0]] + [f"{v:.4f}" if np.isfinite(v) else "" for v in row[1:]])
                         count += 1
 
             atomic_write(table, write_csv)
@@ -82,28 +127,15 @@ def export_objects(store: str | Path, table: str | Path | None = None, geojson: 
         def write_geojson(tmp: Path) -> None:
             nonlocal count
             count = 0
-            with open(tmp, "w") as stream:
+            with open(tmp, "w", encoding="utf-8") as stream:
                 stream.write('{"type": "FeatureCollection", "features": [\n')
-                first = True
-                for offset, record in iter_records(store):
-                    points, offsets = record["poly_xy"], record["poly_offsets"]
-                    for k in range(record["ids"].size):
-                        ring = points[offsets[k]:offsets[k + 1]].astype(np.float64).round(2).tolist()
-                        if len(ring) < 3:
-                            continue
-                        if ring[0] != ring[-1]:
-                            ring.append(ring[0])
-                        feature = {"type": "Feature", "id": f"nucleus-{offset + k + 1}",
-                                   "geometry": {"type": "Polygon", "coordinates": [ring]},
-                                   "properties": {"objectType": "detection", "name": str(offset + k + 1),
-                                                  "classification": {"name": "Nucleus", "color": [255, 0, 255]},
-                                                  "measurements": {
-                                                      "area_um2": round(float(record["area"][k]) * um * um, 3),
-                                                      "mean_probability": round(
-                                                          float(record["mean_probability"][k]), 4)}}}
-                        stream.write(("" if first else ",\n") + json.dumps(feature))
-                        first = False
-                        count += 1
+                for index, ring, values in _objects(store, um, level0_um):
+                    if len(ring) < 4:
+                        continue
+                    feature = qupath_feature(index, ring, values, store.name)
+                    stream.write(("" if count == 0 else ",\n") + json.dumps(feature, ensure_ascii=False,
+                                                                             allow_nan=False))
+                    count += 1
                 stream.write("\n]}\n")
 
         atomic_write(geojson, write_geojson)

@@ -19,7 +19,10 @@ from .plan import SlidePlan, read_working
 from .store import SCRATCH, level_shape, open_group, record_path
 from .workers import resolve_model, worker_slide
 
-__all__ = ["tile_task", "label_chunk_task", "pyramid_task", "drop_collinear", "polygons"]
+__all__ = ["tile_task", "label_chunk_task", "pyramid_task", "drop_collinear", "polygons", "haematoxylin_od"]
+
+HE_STAINS = ((0.65111, 0.70119, 0.29049), (0.2159, 0.8012, 0.5581))
+"""QuPath's default H&E stain vectors (haematoxylin, eosin): the OD a unit of each stain adds to R, G, B."""
 
 
 def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
@@ -63,6 +66,8 @@ def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
         cx = np.bincount(labels.ravel(), weights=cols.ravel(), minlength=n + 1)[1:] / np.maximum(area, 1)
         mean_p = np.bincount(labels.ravel(), weights=prob.ravel().astype(np.float64), minlength=n + 1)[1:] \
             / np.maximum(area, 1)
+        mean_h = np.bincount(labels.ravel(), weights=haematoxylin_od(rgb).ravel(), minlength=n + 1)[1:] \
+            / np.maximum(area, 1)
         gy, gx = cy + wy, cx + wx  # global working coordinates of the centroids
         ry0, rx0, ry1, rx1 = plan.roi
         own = (area > 0) & (gy >= y0) & (gy < y0 + t) & (gx >= x0) & (gx < x0 + t) \
@@ -74,7 +79,8 @@ def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
         too_large = int((own & touching).sum())
         own &= ~touching
         owned_local = ids[own]
-        stats = {"centroid_y": gy[own], "centroid_x": gx[own], "area": area[own], "mean_probability": mean_p[own]}
+        stats = {"centroid_y": gy[own], "centroid_x": gx[own], "area": area[own], "mean_probability": mean_p[own],
+                 "mean_haematoxylin_od": mean_h[own]}
     remap = np.zeros(n + 1, np.int32)
     remap[owned_local] = np.arange(1, owned_local.size + 1, dtype=np.int32)
     owned = remap[labels]
@@ -86,7 +92,7 @@ def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
     points, offsets = polygons(owned, boxes, wy, wx, plan.to_level0)
     arrays = {"ids": np.arange(1, owned_local.size + 1), "bbox": bbox, "poly_xy": points, "poly_offsets": offsets,
               "too_large": np.array(too_large)}
-    for name in ("centroid_y", "centroid_x", "area", "mean_probability"):
+    for name in ("centroid_y", "centroid_x", "area", "mean_probability", "mean_haematoxylin_od"):
         arrays[name] = stats.get(name, np.zeros(0))
 
     def write(tmp: Path) -> None:
@@ -95,6 +101,18 @@ def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
 
     atomic_write(record, write)
     return int(owned_local.size)
+
+
+def haematoxylin_od(rgb: np.ndarray) -> np.ndarray:
+    """(H, W) haematoxylin optical density of a uint8 RGB image by colour deconvolution as QuPath does it
+    (its *Hematoxylin OD*): OD = −log10(max(I, 1) / 255) per channel, unmixed with `HE_STAINS` and a third,
+    residual vector (Ruifrok and Johnston's rule)."""
+    stains = np.array(HE_STAINS, np.float64)
+    stains /= np.linalg.norm(stains, axis=1, keepdims=True)
+    residual = np.sqrt(np.clip(1.0 - (stains ** 2).sum(axis=0), 0.0, None))
+    matrix = np.vstack([stains, residual / np.linalg.norm(residual)])
+    lookup = -np.log10(np.maximum(np.arange(256), 1) / 255.0)
+    return (lookup[np.asarray(rgb)[..., :3]] @ np.linalg.inv(matrix)[:, 0]).astype(np.float32)
 
 
 def drop_collinear(ring: np.ndarray) -> np.ndarray:
