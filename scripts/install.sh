@@ -22,3 +22,11 @@ fi
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[testing]"
+# bioimageio.core (the tests run exported packages through it) pins bioimageio.spec 0.5.12, which
+# refuses every package under pydantic 2.14; core works with the spec 0.5.14 that the export extra
+# installs, so it goes in without its pin, with the two dependencies the spec does not bring.
+python -c "import bioimageio.core" 2>/dev/null || {
+  python -m pip install -q --no-deps "bioimageio.core==0.11.0"
+  python -m pip install -q "xarray>=2023" "imagecodecs>=2023"
+}
+
