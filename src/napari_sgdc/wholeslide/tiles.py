@@ -15,6 +15,7 @@ import numpy as np
 
 from ..files import atomic_write
 from ..postprocess import postprocess
+from ..slide import SlideError
 from .plan import SlidePlan, read_working
 from .store import SCRATCH, level_shape, open_group, record_path
 from .workers import resolve_model, worker_slide
@@ -39,7 +40,11 @@ def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
     t, m = plan.tile, plan.margin
     y0, x0 = i * t, j * t
     wy, wx = y0 - m, x0 - m
-    rgb = read_working(slide, plan, wy, wx, plan.window, plan.window)
+    try:
+        rgb = read_working(slide, plan, wy, wx, plan.window, plan.window)
+    except SlideError as error:  # a corrupted tile stops the run, named (docs/wholeslide.md)
+        raise SlideError(f"{error} [tile {i},{j}: level-0 pixels x {int(wx * plan.to_level0)}, "
+                         f"y {int(wy * plan.to_level0)}]") from None
     prob, separation = predict_maps(model, rgb, tile=None, amp=plan.amp, tta=plan.tta)
     options = plan.options()
     mask, labels = postprocess(prob, separation, options, single_object=False, instances=plan.instances)
