@@ -17,7 +17,7 @@ from ..grid import DEFAULT_MARGIN, DEFAULT_TILE
 from ..postprocess import PostprocessOptions
 from ..slide import Slide, TissueMask, detect_tissue, open_slide
 from .plan import SlidePlan, plan_slide
-from .store import (SCRATCH, StoreExistsError, check_outputs, create_store, incoming_path, mark_complete, n_levels,
+from .store import (SCRATCH, StoreExistsError, check_outputs, create_store, ensure_scratch, incoming_path, mark_complete, n_levels,
                     read_store_attrs, record_path, scratch_present, set_status, slide_stem, swap_in)
 from .tiles import label_chunk_task, pyramid_task, tile_task
 from .workers import DaskExecutor, LocalExecutor, model_config, weights_hash
@@ -158,6 +158,7 @@ def _run_store(plan: SlidePlan, executor, tiles: list, progress, cancel, keep: b
     store = Path(plan.store)
     set_status(store, "running")
     try:
+        ensure_scratch(plan)
         resumed = done_tiles(plan, tiles)
         total, too_large = _run_phases(plan, executor, tiles, resumed, progress, cancel)
     except (Cancelled, KeyboardInterrupt) as error:

@@ -419,6 +419,17 @@ def scratch_present(plan: SlidePlan, i: int, j: int) -> bool:
     return (Path(plan.store) / SCRATCH / "owned" / str(i) / str(j) / "0" / "0").is_file()
 
 
+def ensure_scratch(plan: SlidePlan) -> None:
+    """Creates the scratch array of the tiles' owned labels unless it is there (a cleaned scratch
+    folder is made again; the tiles whose labels it lost run again, `scratch_present`)."""
+    root = open_group(plan.store)
+    if SCRATCH in root and "owned" in root[SCRATCH]:
+        return
+    ny, nx = plan.grid
+    group = root[SCRATCH] if SCRATCH in root else root.create_group(SCRATCH)
+    _array(group, "owned", (ny, nx, plan.window, plan.window), (1, 1, plan.window, plan.window), "int32")
+
+
 def create_store(plan: SlidePlan, tissue: TissueMask, processed: np.ndarray, name: str) -> None:
     """Creates the empty store of `plan` with its tissue mask (2 where `processed` tiles lie) and metadata."""
     root = open_group(plan.store, mode="w")
@@ -433,9 +444,7 @@ def create_store(plan: SlidePlan, tissue: TissueMask, processed: np.ndarray, nam
     tissue_map = tissue.mask.astype(np.uint8)
     _array(tissue_group, "0", tissue_map.shape, tissue_map.shape, "uint8", chunk_keys=False)[...] = \
         tissue_map + processed_on(tissue, processed, plan)
-    ny, nx = plan.grid
-    _array(root.create_group(SCRATCH), "owned", (ny, nx, plan.window, plan.window), (1, 1, plan.window, plan.window),
-           "int32")
+    ensure_scratch(plan)
     (Path(plan.store) / "tiles").mkdir(exist_ok=True)
     um, tissue_um = plan.working_mpp, plan.slide_mpp * tissue.downsample
     axes_yx = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
