@@ -90,3 +90,46 @@ def test_tissue_detection(slides, rgb):
     assert agreement > 0.97, agreement
     assert 0.3 < tissue.mask.mean() < 0.7
     assert not tissue.any_in(0, 0, 40, 40) and tissue.any_in(300, 300, 340, 340)
+
+
+def _gray_pyramid(path, gray, levels=3, tile=256):
+    import tifffile
+
+    with tifffile.TiffWriter(str(path)) as writer:
+        for k in range(levels):
+            writer.write(gray[:: 2 ** k, :: 2 ** k], tile=(tile, tile), photometric="minisblack", compression="zlib",
+                         subfiletype=1 if k else 0, resolution=(1e4 / (0.25 * 2 ** k),) * 2,
+                         resolutionunit="CENTIMETER")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gray8", "rgb12in16", "gray10in16"])
+def test_slides_as_scanners_write_them_give_objects(kind, tmp_path):
+    """Grayscale and 10/12-bit-in-uint16 slides: tissue is found and objects too (issue 26, finding 6)."""
+    from _slides import PixelModel, synthetic_rgb, write_slide
+    from napari_sgdc.wholeslide import segment_slide
+
+    rgb = synthetic_rgb(size=(512, 768), n_nuclei=60)
+    gray = rgb.mean(axis=-1).round().astype(np.uint8)
+    if kind == "gray8":
+        path = _gray_pyramid(tmp_path / "g.tif", gray)
+    elif kind == "gray10in16":
+        path = _gray_pyramid(tmp_path / "g.tif", gray.astype(np.uint16) * 4)
+    else:
+        path = write_slide(tmp_path / "c.ome.tif", rgb.astype(np.uint16) * 16)
+    with open_slide(path) as slide:
+        pixels = slide.read_region(0, 0, 768, 512)
+        expected = np.repeat(gray[..., None], 3, -1) if kind != "rgb12in16" else rgb
+        assert np.abs(pixels.astype(int) - expected).max() <= 2  # the full range, not 1/16 of it
+        tissue = detect_tissue(slide)
+        assert 0.2 < tissue.mask.mean() < 0.8
+    result = segment_slide(PixelModel(), path, tmp_path / "s.ome.zarr", tile=256, margin=32)
+    assert result.n_objects > 30
+
+
+def test_to_float_rgb_reads_sensor_bit_depths_in_uint16():
+    from napari_sgdc.data.transforms import to_float_rgb
+
+    assert np.allclose(to_float_rgb(np.full((2, 2), 4095, np.uint16)), 1.0)   # 12-bit white
+    assert np.allclose(to_float_rgb(np.full((2, 2), 1023, np.uint16)), 1.0)   # 10-bit white
+    assert np.allclose(to_float_rgb(np.full((2, 2), 65535, np.uint16)), 1.0)

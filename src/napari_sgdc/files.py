@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 __all__ = [
-    "IMAGE_SUFFIXES", "MASK_SUFFIXES", "RESULT_FORMATS", "atomic_write", "label_dtype", "read_image", "read_mask",
-    "result_paths", "write_labels", "write_result",
+    "IMAGE_SUFFIXES", "MASK_SUFFIXES", "RESULT_FORMATS", "SENSOR_BITS", "atomic_write", "label_dtype", "read_image",
+    "read_mask", "result_paths", "white_level", "write_labels", "write_result",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -95,6 +95,23 @@ def read_mask(path: str | Path, instance: bool = False) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- writing
+
+
+SENSOR_BITS = (8, 10, 12, 14, 16)
+"""Bit depths scanners and cameras store in uint16 (10, 12 and 14 bits are common)."""
+
+
+def white_level(dtype, peak: float) -> float:
+    """The value that reads as white (1.0) for integer pixels of `dtype` whose largest value is
+    `peak`: 255 for uint8; for uint16 the smallest of `SENSOR_BITS` that holds `peak` (so 12-bit
+    data in uint16 spans [0, 1], not [0, 1/16]); other integers 255, 65535 or `peak`. The one
+    bit-depth rule, for images (`to_float_rgb`) and slides (`napari_sgdc.slide`) alike."""
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8:
+        return 255.0
+    if dtype == np.uint16:
+        return float(next(2 ** bits - 1 for bits in SENSOR_BITS if peak <= 2 ** bits - 1))
+    return 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else float(peak)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:

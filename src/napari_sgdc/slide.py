@@ -128,6 +128,7 @@ class Slide:
         self._handle = handle
         self._arrays: dict[int, object] = {}
         self._lock = threading.Lock()  # OpenSlide handles are thread-safe; zarr-over-tifffile is guarded
+        self._white: float | None = None  # the white level of non-uint8 pixels (`files.white_level`)
 
     def __repr__(self) -> str:
         return (f"Slide({str(self.path)!r}, backend={self.backend!r}, levels={self.level_shapes}, "
@@ -192,10 +193,24 @@ class Slide:
         try:
             with self._lock:
                 data = np.asarray(self._zarr_level(level)[r0:r1, c0:c1])
-            return _to_rgb(data)
+            return _to_rgb(data, self._white_level(data.dtype))
         except Exception as error:  # noqa: BLE001 - a damaged tile or header is a bad slide
             raise SlideError(f"{self.path}: cannot read level {level} ({type(error).__name__}: "
                              f"{_one_line(error)})") from None
+
+    def _white_level(self, dtype) -> float:
+        """One white level for the whole slide (never per tile): `napari_sgdc.files.white_level` of
+        the coarsest level's largest value, so 10/12/14-bit scans in uint16 read as full range."""
+        from .files import white_level
+
+        if np.dtype(dtype) == np.uint8:
+            return 255.0
+        if self._white is None:
+            coarsest = self.level_count - 1
+            with self._lock:
+                peak = float(np.asarray(self._zarr_level(coarsest)[...]).max())
+            self._white = white_level(dtype, peak)
+        return self._white
 
     def level_array(self, level: int = 0, chunk: int = 1024):
         """Level `level` as a lazy dask array (H, W, 3) uint8; nothing is read until computed, and
@@ -245,12 +260,12 @@ def _chunks(length: int, chunk: int) -> tuple[int, ...]:
     return (chunk,) * full + ((rest,) if rest else ())
 
 
-def _to_rgb(data: np.ndarray) -> np.ndarray:
+def _to_rgb(data: np.ndarray, white: float) -> np.ndarray:
+    """uint8 RGB of a level window: gray repeated to 3 channels, other dtypes scaled by `white`."""
     if data.ndim == 2:
         data = np.repeat(data[..., None], 3, axis=-1)
     if data.dtype != np.uint8:
-        data = (data.astype(np.float64) / max(float(np.iinfo(data.dtype).max) if data.dtype.kind in "ui" else 1.0,
-                                             1e-9) * 255).clip(0, 255).astype(np.uint8)
+        data = np.round(data.astype(np.float32) * (255.0 / max(white, 1e-9))).clip(0, 255).astype(np.uint8)
     return data[..., :3]
 
 
@@ -372,7 +387,8 @@ def _open_tifffile(path: Path) -> Slide:
 
 def detect_tissue(slide: Slide, *, max_side: int = 2048, min_saturation: float = 0.04,
                   closing_um: float = 50.0, min_area_um2: float = 5000.0, mpp: float | None = None) -> TissueMask:
-    """Tissue on a low-resolution level: Otsu on the HSV saturation, small holes closed.
+    """Tissue on a low-resolution level: Otsu on the HSV saturation (on a gray slide, where no
+    pixel has colour, on the darkness 1 − value), small holes closed.
 
     The level read is the finest with a longer side of at most `max_side` pixels (a
     thumbnail-sized image). Saturation above max(Otsu, `min_saturation`) is tissue; it
@@ -399,6 +415,8 @@ def detect_tissue(slide: Slide, *, max_side: int = 2048, min_saturation: float =
     rgb = rgb.astype(np.float32)
     high, low = rgb.max(axis=-1), rgb.min(axis=-1)
     saturation = np.where(high > 0, (high - low) / np.maximum(high, 1), 0.0)
+    if float(saturation.max()) < min_saturation:  # a gray slide: no colour anywhere; tissue is darker than glass
+        saturation = 1.0 - high / 255.0
     threshold = min_saturation
     if saturation.max() - saturation.min() > 1e-3:
         threshold = max(float(threshold_otsu(saturation)), min_saturation)
