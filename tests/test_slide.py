@@ -133,3 +133,32 @@ def test_to_float_rgb_reads_sensor_bit_depths_in_uint16():
     assert np.allclose(to_float_rgb(np.full((2, 2), 4095, np.uint16)), 1.0)   # 12-bit white
     assert np.allclose(to_float_rgb(np.full((2, 2), 1023, np.uint16)), 1.0)   # 10-bit white
     assert np.allclose(to_float_rgb(np.full((2, 2), 65535, np.uint16)), 1.0)
+
+
+def test_a_large_untiled_tiff_is_read_in_strips_and_tissue_decodes_each_tile_once(tmp_path, monkeypatch):
+    """Findings 10 and 11: an untiled (strip) TIFF over LARGE_PLAIN_SIDE is a slide read in parts;
+    tissue detection reads bands aligned to the stored tiles (benchmarks/big_tiff.py: 12000²)."""
+    import tifffile
+
+    import napari_sgdc.slide as slide_module
+    from _slides import synthetic_rgb
+
+    monkeypatch.setattr(slide_module, "LARGE_PLAIN_SIDE", 512)
+    rgb = synthetic_rgb(size=(640, 768), n_nuclei=20)
+    strips = tifffile.imwrite(tmp_path / "strips.tif", rgb, rowsperstrip=32, photometric="rgb",
+                              resolution=(4e4, 4e4), resolutionunit="CENTIMETER") or tmp_path / "strips.tif"
+    assert slide_module.is_slide(strips)
+    with open_slide(strips) as slide:
+        np.testing.assert_array_equal(slide.read_region(100, 200, 300, 50), rgb[200:250, 100:400])
+    tiled = tmp_path / "tiled.tif"
+    tifffile.imwrite(tiled, rgb, tile=(128, 128), photometric="rgb", resolution=(4e4, 4e4),
+                     resolutionunit="CENTIMETER")
+    with open_slide(tiled) as slide:
+        band = slide.band_rows(0, 3)
+        assert band % 3 == 0 and band % 128 == 0
+        reads = []
+        real = slide._read_level
+        monkeypatch.setattr(slide, "_read_level", lambda level, r0, r1, c0, c1: reads.append((r0, r1)) or
+                            real(level, r0, r1, c0, c1))
+        detect_tissue(slide, max_side=256)
+        assert all(r0 % 128 == 0 for r0, _ in reads) and len(reads) == len({r for r in reads})

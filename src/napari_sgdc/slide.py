@@ -229,6 +229,20 @@ class Slide:
 
         return da.map_blocks(read_block, chunks=chunks, dtype=np.uint8, meta=np.empty((0, 0, 3), np.uint8))
 
+    def band_rows(self, level: int, step: int, rows: int = 1024) -> int:
+        """Rows to read at once when striding a level by `step`: a multiple of `step` and of the
+        level's tile (chunk) height, so each stored tile is decoded at most once."""
+        import math
+
+        chunk = 1
+        if self.backend == "tifffile":
+            with self._lock:
+                chunk = int(self._zarr_level(level).chunks[0])
+        band = math.lcm(step, chunk)
+        if band > 8 * rows:  # an odd tile height: close to it, a tile may be decoded twice
+            band = step * max(1, rows // step)
+        return band * max(1, rows // band)
+
     def thumbnail_level(self, max_side: int = 2048) -> int:
         """The finest level whose longer side is at most `max_side` (else the coarsest)."""
         for level, (h, w) in enumerate(self.level_shapes):
@@ -269,9 +283,16 @@ def _to_rgb(data: np.ndarray, white: float) -> np.ndarray:
     return data[..., :3]
 
 
+def _large_chunked(page) -> bool:
+    """At least `LARGE_PLAIN_SIDE` on a side and stored in tiles or several strips (readable in parts)."""
+    chunked = page.is_tiled or len(page.dataoffsets) > 1
+    return bool(chunked and max(page.shape[:2]) >= LARGE_PLAIN_SIDE)
+
+
 def is_slide(path: str | Path) -> bool:
     """Whether `path` is read as a whole slide: ``.svs``/``.ndpi``/``.mrxs``, or a TIFF that is
-    pyramidal, or tiled and at least `LARGE_PLAIN_SIDE` px on a side (a plain TIFF is an image)."""
+    tiled and pyramidal, or at least `LARGE_PLAIN_SIDE` px on a side and stored in tiles or
+    strips (read in parts, never whole); a smaller plain TIFF is an image."""
     path = Path(path)
     suffix = _suffix(path)
     if suffix in OPENSLIDE_SUFFIXES:
@@ -285,7 +306,7 @@ def is_slide(path: str | Path) -> bool:
             series = tiff.series[0]
             page = tiff.pages[0]
             pyramidal = len(series.levels) > 1
-            return bool(page.is_tiled and (pyramidal or max(page.shape[:2]) >= LARGE_PLAIN_SIDE))
+            return bool((page.is_tiled and pyramidal) or _large_chunked(page))
     except Exception:  # noqa: BLE001 - unreadable files are not slides here; open_slide explains
         return False
 
@@ -332,7 +353,7 @@ def _check_tiff(path: Path, require_tiled: bool) -> None:
         with tifffile.TiffFile(str(path)) as tiff:
             _check_tiff_extents(path, tiff)
             page = tiff.pages[0]
-            if require_tiled and not page.is_tiled and len(tiff.series[0].levels) < 2:
+            if require_tiled and not page.is_tiled and len(tiff.series[0].levels) < 2 and not _large_chunked(page):
                 raise SlideError(f"{path}: not a whole slide (a plain, untiled TIFF of shape {page.shape}); "
                                  "open it as an image instead")
     except SlideError:
@@ -405,10 +426,11 @@ def detect_tissue(slide: Slide, *, max_side: int = 2048, min_saturation: float =
     level = slide.thumbnail_level(max_side)
     height, width = slide.level_shapes[level]
     downsample = slide.level_downsamples[level]
-    if max(height, width) > max_side:  # the coarsest level is still large: read and stride
+    if max(height, width) > max_side:  # the coarsest level is still large: read in bands and stride
         step = int(np.ceil(max(height, width) / max_side))
-        rows = [slide.read_region(0, int(y * downsample), width, min(step, height - y), level)[::step, ::step]
-                for y in range(0, height, step)]
+        band = slide.band_rows(level, step)
+        rows = [slide.read_region(0, int(y * downsample), width, min(band, height - y), level)[::step, ::step]
+                for y in range(0, height, band)]
         rgb, downsample = np.concatenate(rows), downsample * step
     else:
         rgb = slide.read_region(0, 0, width, height, level)
