@@ -546,3 +546,12 @@ def test_an_absurd_plan_asks_for_yes(slide_path, tmp_path):
     assert asked and not (tmp_path / "syn.ome.zarr").exists()  # answered no
     assert predict_slides(model, [slide_path], tmp_path, None, model_source="x", mpp=2.0, tile=TILE, margin=MARGIN,
                           tissue="none", roi=(0, 0, 20, 20), yes=True) == 0
+
+
+def test_slide_labels_are_uint32(reference):
+    """Finding 17: a slide's labels have one type, uint32, whatever the object count (was int32)."""
+    out, result = reference
+    root = zarr.open_group(str(out), mode="r")
+    levels = len(root["labels/nuclei"].attrs["multiscales"][0]["datasets"])
+    assert all(root[f"labels/nuclei/{level}"].dtype == np.uint32 for level in range(levels))
+    assert read_store_labels(out).dtype == np.uint32 and read_store_labels(out).max() == result.n_objects

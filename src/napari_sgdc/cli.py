@@ -133,7 +133,9 @@ def _add_predict_parser(commands) -> None:
     predict = commands.add_parser(
         "predict", help="segment image files or folders",
         description="Segment images and write, for each input stem S: S_mask.png (uint8 0/255), S_prob.tif "
-                    "(float32), S_boundary.tif (float32) and, for instance models, S_labels.tif (uint8/16/32). "
+                    "(float32), S_boundary.tif (float32) and, for instance models, S_labels.tif (uint16; uint32 "
+                    "when an image has more than 65,535 objects; a slide's labels/nuclei are uint32). "
+                    "Each page of a multi-page TIFF is its own image: S_p0_mask.png, S_p1_mask.png and so on. "
                     "Existing files are never replaced unless --overwrite is given; inputs whose outputs would "
                     "collide (same stem) are refused up front.",
     )
@@ -339,7 +341,7 @@ def _run_predict(args) -> int:
             return 1 if failures else 0
     with tqdm(total=len(files), desc="predict", unit="image", file=sys.stderr) as bar:
         def on_progress(done: int, total: int, status: str) -> None:
-            bar.n = done
+            bar.total, bar.n = total, done  # a multi-page TIFF counts one image per page
             bar.set_postfix_str(status)
 
         summary = predict_files(model, files, args.out, options, overwrite=args.overwrite, tile=args.tile,

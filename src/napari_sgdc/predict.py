@@ -20,8 +20,8 @@ from .grid import DEFAULT_MARGIN, DEFAULT_TILE
 from .wholeslide.store import StorePaths, store_paths
 
 __all__ = [
-    "PredictSummary", "cancel_on_signals", "check_outputs", "collect_inputs", "expand_inputs", "predict_files", "predict_slides",
-    "segment_file",
+    "PredictSummary", "cancel_on_signals", "check_outputs", "collect_inputs", "expand_inputs", "image_targets",
+    "predict_files", "predict_slides", "segment_file",
 ]
 
 ErrorSink = Callable[[str], Any] | None
@@ -75,9 +75,26 @@ def collect_inputs(inputs: Sequence[Path], on_error: ErrorSink = None) -> tuple[
     return [path for path in files if path not in slides], slides, bad
 
 
+def image_targets(files: Sequence[Path]) -> list[tuple[Path, int | None, str]]:
+    """(file, page, output stem) of every image in `files`: the file's stem, or ``S_p0``,
+    ``S_p1``, … for the pages of a multi-page TIFF, each segmented as its own image whatever
+    their sizes (`napari_sgdc.files.image_pages`)."""
+    from .files import image_pages
+
+    targets: list[tuple[Path, int | None, str]] = []
+    for path in map(Path, files):
+        pages = image_pages(path)
+        if pages == 1:
+            targets.append((path, None, path.stem))
+        else:
+            targets.extend((path, page, f"{path.stem}_p{page}") for page in range(pages))
+    return targets
+
+
 def check_outputs(files: Sequence[Path], out_dir: Path, *, instances: bool, uncertainty: bool,
                   overwrite: bool) -> None:
-    """Refuses, before any work, inputs whose outputs collide or would replace existing files.
+    """Refuses, before any work, inputs whose outputs collide or would replace existing files
+    (a multi-page TIFF writes one set per page, `image_targets`).
 
     Raises:
         ValueError: one line naming the two inputs, or the existing file.
@@ -85,9 +102,9 @@ def check_outputs(files: Sequence[Path], out_dir: Path, *, instances: bool, unce
     from .files import result_paths
 
     owners: dict[Path, Path] = {}
-    for path in files:
-        for target in result_paths(out_dir, path.stem, instances=instances, uncertainty=uncertainty):
-            if target in owners:
+    for path, _, stem in image_targets(files):
+        for target in result_paths(out_dir, stem, instances=instances, uncertainty=uncertainty):
+            if target in owners and owners[target] != path:
                 raise ValueError(f"{owners[target]} and {path} would both write {target.name}: "
                                  "rename one or predict them into different --out folders")
             owners[target] = path
@@ -97,12 +114,13 @@ def check_outputs(files: Sequence[Path], out_dir: Path, *, instances: bool, unce
 
 def segment_file(model, path: Path, options=None, *, tile: int | None = 512, overlap: float = 0.25,
                  tta: bool = False, uncertainty: bool = False, mpp: float | None = None, amp: bool = False,
-                 progress: Callable[[int, int], None] | None = None):
-    """`napari_sgdc.inference.segment` of one image file (a ValueError names its shape and dtype)."""
+                 progress: Callable[[int, int], None] | None = None, page: int | None = None):
+    """`napari_sgdc.inference.segment` of one image file, or of one `page` of a multi-page TIFF
+    (a ValueError names its shape and dtype)."""
     from .files import read_image
     from .inference import segment
 
-    image = read_image(path)
+    image = read_image(path, page)
     try:
         return segment(model, image, options, tile=tile or None, overlap=overlap, tta=tta, uncertainty=uncertainty,
                        progress=progress, stack=False, mpp=mpp, amp=amp)
@@ -126,7 +144,8 @@ def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=Non
                   on_error: ErrorSink = None) -> PredictSummary:
     """Segments image files and writes, per stem S, ``S_mask.png``, ``S_prob.tif``,
     ``S_boundary.tif`` (plus ``S_labels.tif`` for instance models and ``S_uncertainty.tif``
-    with `uncertainty`) into `out_dir`.
+    with `uncertainty`) into `out_dir`. Each page of a multi-page TIFF is an image of its own,
+    written as ``S_p0_…``, ``S_p1_…`` (`image_targets`).
 
     Args:
         model: an `SGDCSegmenter`.
@@ -149,22 +168,24 @@ def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=Non
     check_outputs(paths, out_dir, instances=model.config.is_instance, uncertainty=uncertainty, overwrite=overwrite)
     check_mpp(mpp, model.config)  # before any work: one line for a model without a scale
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary, report, advance = PredictSummary(total=len(paths)), on_error or _noop, progress or (lambda *a: None)
-    for index, path in enumerate(paths):
-        advance(index, len(paths), path.name)
+    targets = image_targets(paths)
+    summary, report, advance = PredictSummary(total=len(targets)), on_error or _noop, progress or (lambda *a: None)
+    for index, (path, page, stem) in enumerate(targets):
+        name = path.name if page is None else f"{path.name} page {page}"
+        advance(index, len(targets), name)
 
         def on_tile(tiles_done: int, tiles_total: int) -> None:
-            advance(index, len(paths), f"{path.name} tile {tiles_done}/{tiles_total}")
+            advance(index, len(targets), f"{name} tile {tiles_done}/{tiles_total}")
 
         try:
             result = segment_file(model, path, options, tile=tile, overlap=overlap, tta=tta, uncertainty=uncertainty,
-                                  mpp=mpp, amp=amp, progress=on_tile)
-            write_result(result, out_dir, path.stem, overwrite=overwrite)
+                                  mpp=mpp, amp=amp, progress=on_tile, page=page)
+            write_result(result, out_dir, stem, overwrite=overwrite)
             summary.done += 1
         except (ValueError, OSError) as error:
-            summary.failures.append(f"{path}: {error}")
+            summary.failures.append(f"{path}{'' if page is None else f' (page {page})'}: {error}")
             report(summary.failures[-1])
-    advance(len(paths), len(paths), "")
+    advance(len(targets), len(targets), "")
     return summary
 
 

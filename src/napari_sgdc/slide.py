@@ -27,7 +27,7 @@ import numpy as np
 from .grid import choose_level, mpp_in_range, mpp_problem
 
 __all__ = ["SLIDE_SUFFIXES", "OPENSLIDE_SUFFIXES", "Slide", "SlideError", "TissueMask", "detect_tissue",
-           "is_slide", "open_slide"]
+           "is_slide", "open_slide", "whole_read_problem"]
 
 OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -287,6 +287,16 @@ def _large_chunked(page) -> bool:
     """At least `LARGE_PLAIN_SIDE` on a side and stored in tiles or several strips (readable in parts)."""
     chunked = page.is_tiled or len(page.dataoffsets) > 1
     return bool(chunked and max(page.shape[:2]) >= LARGE_PLAIN_SIDE)
+
+
+def whole_read_problem(page) -> str | None:
+    """Why a TIFF page must not be read whole, or None: at least `LARGE_PLAIN_SIDE` px on a side
+    but stored as one strip, so it can be read neither in parts (as a slide) nor in memory."""
+    height, width = int(page.imagelength), int(page.imagewidth)
+    if page.is_tiled or len(page.dataoffsets) > 1 or max(height, width) < LARGE_PLAIN_SIDE:
+        return None
+    return (f"a {width}×{height} TIFF stored as one strip cannot be read in parts and is too large to load "
+            f"whole; save it tiled (e.g. vips tiffsave IN OUT.tif --tile --pyramid) and run again")
 
 
 def is_slide(path: str | Path) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_sgdc.data.targets import instance_ids
 from napari_sgdc.grid import usable_mpp
 
 __all__ = ["InputError", "PairArrays", "TrainingPair", "collect_pair", "is_pair_list", "pair_arrays", "split_by_model",
@@ -146,7 +147,7 @@ class PairArrays:
 
     Attributes:
         images: (H, W[, C]) planes.
-        labels: int32 instance ids (instance models) or bool masks.
+        labels: int32 instance ids (instance models; `napari_sgdc.data.targets.instance_ids`) or bool masks.
         predictions: what the model wrote, converted alike, or None per plane.
         mpp: the µm/px to fine-tune each plane at (`napari_sgdc.grid.usable_mpp`), or None.
     """
@@ -158,7 +159,7 @@ class PairArrays:
 
 
 def _target(labels: np.ndarray, instances: bool) -> np.ndarray:
-    return labels.astype(np.int32) if instances else labels > 0
+    return instance_ids(labels) if instances else labels > 0
 
 
 def pair_arrays(pairs: Sequence[TrainingPair], config: Any) -> PairArrays:

@@ -6,7 +6,7 @@ Layout (zarr v2, OME-NGFF 0.4)::
 
     S.ome.zarr/            multiscale image, axes (c, y, x): c = probability, boundary (uint8, p·255;
                            the separation map for distance and HoVer models)
-    S.ome.zarr/labels/nuclei   multiscale int32 instance labels (0 = background)
+    S.ome.zarr/labels/nuclei   multiscale uint32 instance labels (0 = background; `SLIDE_LABEL_DTYPE`)
     S.ome.zarr/labels/tissue   uint8 tissue mask (1 = tissue, 2 = tissue and processed) at thumbnail scale
     S.ome.zarr/tiles/i_j.npz   per-tile object records (`napari_sgdc.wholeslide.export_objects` reads them)
 
@@ -42,8 +42,8 @@ import numpy as np
 from ..slide import TissueMask
 from .plan import SlidePlan, stored_signature
 
-__all__ = ["FORMAT", "STATUSES", "StoreExistsError", "ResultStore", "StorePaths", "check_outputs", "open_store", "read_store_attrs",
-           "read_store_labels", "slide_stem", "store_paths", "store_state", "store_status"]
+__all__ = ["FORMAT", "SLIDE_LABEL_DTYPE", "STATUSES", "StoreExistsError", "ResultStore", "StorePaths", "check_outputs",
+           "open_store", "read_store_attrs", "read_store_labels", "slide_stem", "store_paths", "store_state", "store_status"]
 
 FORMAT = "napari-sgdc-wholeslide/1"
 SCRATCH = "_work"
@@ -51,6 +51,9 @@ TWO_PART_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr")
 STATES = ("absent", "foreign", "partial", "complete")
 STATUSES = ("new", "running", "interrupted", "failed", "complete")
 """The lifecycle of a napari-sgdc store (`store_status`); `store_state`'s ``partial`` is any but complete."""
+SLIDE_LABEL_DTYPE = "uint32"
+"""A slide's labels: uint32 always (its object count is not known when the store is created, and a
+slide easily holds more than 65,535 objects; image files follow `napari_sgdc.files.label_dtype`)."""
 INCOMING, OUTGOING = ".incoming", ".outgoing"  # an overwrite's new store, and the old one during the swap
 
 
@@ -439,7 +442,7 @@ def create_store(plan: SlidePlan, tissue: TissueMask, processed: np.ndarray, nam
     for level in range(levels):
         h, w = level_shape(plan, level)
         _array(root, str(level), (2, h, w), (1, plan.tile, plan.tile), "uint8")
-        _array(nuclei, str(level), (h, w), (plan.tile, plan.tile), "int32")
+        _array(nuclei, str(level), (h, w), (plan.tile, plan.tile), SLIDE_LABEL_DTYPE)
     tissue_group = labels.create_group("tissue")
     tissue_map = tissue.mask.astype(np.uint8)
     _array(tissue_group, "0", tissue_map.shape, tissue_map.shape, "uint8", chunk_keys=False)[...] = \
