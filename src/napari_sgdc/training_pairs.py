@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from napari_sgdc.data.targets import instance_ids
 from napari_sgdc.grid import usable_mpp
 
 __all__ = ["InputError", "PairArrays", "TrainingPair", "collect_pair", "is_pair_list", "pair_arrays", "split_by_model",
@@ -159,7 +158,11 @@ class PairArrays:
 
 
 def _target(labels: np.ndarray, instances: bool) -> np.ndarray:
-    return instance_ids(labels) if instances else labels > 0
+    if not instances:
+        return labels > 0
+    from napari_sgdc.data.targets import instance_ids  # here: the autosave imports this module without torch
+
+    return instance_ids(labels)
 
 
 def pair_arrays(pairs: Sequence[TrainingPair], config: Any) -> PairArrays:
