@@ -456,3 +456,13 @@ def test_tune_writes_a_copy_with_the_best_defaults_and_never_touches_the_input(t
     semantic = save_checkpoint(tmp_path / "semantic.safetensors", build_model(tiny_config()))
     assert main(["tune", "--model", str(semantic), "--out", str(tmp_path / "x.safetensors"), *common]) == 1
     assert "instance model" in capsys.readouterr().err
+
+
+def test_predict_help_states_the_label_types_pages_and_mpp_rule(capsys):
+    """Findings 13, 15 and 17: the help says what --mpp does to slides, the label file types and pages."""
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "for slides it overrides their metadata" in out
+    assert "S_labels.tif (uint16; uint32 when an image has more than 65,535 objects" in out
+    assert "labels/nuclei are uint32" in out and "S_p0_mask.png" in out

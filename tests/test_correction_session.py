@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -283,3 +284,39 @@ def test_segment_runs_at_the_settings_scale_else_the_layers_and_the_pair_keeps_i
     semantic = ModelState("plain", build_model(tiny_config()).eval())  # a model without a scale ignores it
     session.models["plain"] = semantic
     assert session.segment(planes, "plain", layer_mpp=0.5)[2].mpp is None
+
+
+def test_training_list_in_the_background_writes_off_the_callers_thread_in_order(tmp_path):
+    """Finding 18: the Fine-tune dock's autosave wrote on the GUI thread; with ``background=True``
+    every write runs on one writer thread, in the order asked, and nothing is lost."""
+    import threading
+
+    from napari_sgdc.autosave import Autosave
+
+    autosave, gate, threads = Autosave(tmp_path / "saved", session="me"), threading.Event(), []
+    real_save = autosave.save
+
+    def slow_save(pairs):
+        threads.append(threading.current_thread())
+        gate.wait(10)  # a large pair: the write takes long
+        return real_save(pairs)
+
+    autosave.save = slow_save
+    problems = []
+    training = TrainingList(autosave, on_problem=problems.append, background=True)
+    first, second = _disk_pair("a"), _disk_pair("b")
+    started = time.perf_counter()
+    training.put(first)
+    training.put(second)
+    training.remove([first.title])  # queued behind the saves: runs after them
+    assert time.perf_counter() - started < 1.0 and [p.image_name for p in training.pairs] == ["b"]
+    assert not training.flush(timeout=0.05)  # still writing
+    gate.set()
+    assert training.flush(timeout=30)
+    assert threads and all(thread is not threading.main_thread() for thread in threads)
+    assert [entry.image_name for entry in autosave.entries()] == ["b"] and problems == []
+    autosave.save = lambda pairs: (_ for _ in ()).throw(OSError("disk full"))
+    training.put(_disk_pair("c"))
+    assert training.flush(timeout=30) and problems == [f"Could not autosave the corrections to {autosave.folder}: "
+                                                       "disk full"]
+    assert [p.image_name for p in training.pairs] == ["b", "c"]  # kept in memory all the same

@@ -90,3 +90,75 @@ def test_tissue_detection(slides, rgb):
     assert agreement > 0.97, agreement
     assert 0.3 < tissue.mask.mean() < 0.7
     assert not tissue.any_in(0, 0, 40, 40) and tissue.any_in(300, 300, 340, 340)
+
+
+def _gray_pyramid(path, gray, levels=3, tile=256):
+    import tifffile
+
+    with tifffile.TiffWriter(str(path)) as writer:
+        for k in range(levels):
+            writer.write(gray[:: 2 ** k, :: 2 ** k], tile=(tile, tile), photometric="minisblack", compression="zlib",
+                         subfiletype=1 if k else 0, resolution=(1e4 / (0.25 * 2 ** k),) * 2,
+                         resolutionunit="CENTIMETER")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gray8", "rgb12in16", "gray10in16"])
+def test_slides_as_scanners_write_them_give_objects(kind, tmp_path):
+    """Grayscale and 10/12-bit-in-uint16 slides: tissue is found and objects too (issue 26, finding 6)."""
+    from _slides import PixelModel, synthetic_rgb, write_slide
+    from napari_sgdc.wholeslide import segment_slide
+
+    rgb = synthetic_rgb(size=(512, 768), n_nuclei=60)
+    gray = rgb.mean(axis=-1).round().astype(np.uint8)
+    if kind == "gray8":
+        path = _gray_pyramid(tmp_path / "g.tif", gray)
+    elif kind == "gray10in16":
+        path = _gray_pyramid(tmp_path / "g.tif", gray.astype(np.uint16) * 4)
+    else:
+        path = write_slide(tmp_path / "c.ome.tif", rgb.astype(np.uint16) * 16)
+    with open_slide(path) as slide:
+        pixels = slide.read_region(0, 0, 768, 512)
+        expected = np.repeat(gray[..., None], 3, -1) if kind != "rgb12in16" else rgb
+        assert np.abs(pixels.astype(int) - expected).max() <= 2  # the full range, not 1/16 of it
+        tissue = detect_tissue(slide)
+        assert 0.2 < tissue.mask.mean() < 0.8
+    result = segment_slide(PixelModel(), path, tmp_path / "s.ome.zarr", tile=256, margin=32)
+    assert result.n_objects > 30
+
+
+def test_to_float_rgb_reads_sensor_bit_depths_in_uint16():
+    from napari_sgdc.data.transforms import to_float_rgb
+
+    assert np.allclose(to_float_rgb(np.full((2, 2), 4095, np.uint16)), 1.0)   # 12-bit white
+    assert np.allclose(to_float_rgb(np.full((2, 2), 1023, np.uint16)), 1.0)   # 10-bit white
+    assert np.allclose(to_float_rgb(np.full((2, 2), 65535, np.uint16)), 1.0)
+
+
+def test_a_large_untiled_tiff_is_read_in_strips_and_tissue_decodes_each_tile_once(tmp_path, monkeypatch):
+    """Findings 10 and 11: an untiled (strip) TIFF over LARGE_PLAIN_SIDE is a slide read in parts;
+    tissue detection reads bands aligned to the stored tiles (benchmarks/big_tiff.py: 12000²)."""
+    import tifffile
+
+    import napari_sgdc.slide as slide_module
+    from _slides import synthetic_rgb
+
+    monkeypatch.setattr(slide_module, "LARGE_PLAIN_SIDE", 512)
+    rgb = synthetic_rgb(size=(640, 768), n_nuclei=20)
+    strips = tifffile.imwrite(tmp_path / "strips.tif", rgb, rowsperstrip=32, photometric="rgb",
+                              resolution=(4e4, 4e4), resolutionunit="CENTIMETER") or tmp_path / "strips.tif"
+    assert slide_module.is_slide(strips)
+    with open_slide(strips) as slide:
+        np.testing.assert_array_equal(slide.read_region(100, 200, 300, 50), rgb[200:250, 100:400])
+    tiled = tmp_path / "tiled.tif"
+    tifffile.imwrite(tiled, rgb, tile=(128, 128), photometric="rgb", resolution=(4e4, 4e4),
+                     resolutionunit="CENTIMETER")
+    with open_slide(tiled) as slide:
+        band = slide.band_rows(0, 3)
+        assert band % 3 == 0 and band % 128 == 0
+        reads = []
+        real = slide._read_level
+        monkeypatch.setattr(slide, "_read_level", lambda level, r0, r1, c0, c1: reads.append((r0, r1)) or
+                            real(level, r0, r1, c0, c1))
+        detect_tissue(slide, max_side=256)
+        assert all(r0 % 128 == 0 for r0, _ in reads) and len(reads) == len({r for r in reads})

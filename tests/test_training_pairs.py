@@ -90,3 +90,36 @@ def test_training_pairs_imports_neither_napari_nor_qt():
             "'PySide2', 'PySide6', 'magicgui')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_instance_ids_of_any_size_stay_distinct_and_positive():
+    """Finding 16: ids of 2**31 and more were cast to int32 (2**32 + 7 merged with 7, 2**31 + 5 turned
+    negative); they are renumbered by rank now, on every path into fine-tuning."""
+    from types import SimpleNamespace
+
+    from napari_sgdc.data.targets import instance_ids
+    from napari_sgdc.train.corrections import edited_pixels
+    from napari_sgdc.train.finetune import _prepare_pairs
+    from napari_sgdc.training_pairs import pair_arrays
+
+    labels = np.zeros((6, 6), np.uint64)
+    labels[0:2, 0:2] = 7
+    labels[3:5, 0:2] = 2**32 + 7
+    labels[0:2, 3:5] = 2**31 + 5
+    labels[3:5, 3:5] = 2**64 - 1
+    for ids in (instance_ids(labels), instance_ids(labels.astype(np.float64))):  # float labels too
+        assert ids.dtype == np.int32 and ids.min() == 0
+        assert len(np.unique(ids[labels > 0])) == 4 and ((ids > 0) == (labels > 0)).all()
+        for value in (7, 2**32 + 7, 2**31 + 5, 2**64 - 1):  # each object one id, its own
+            assert len(np.unique(ids[labels == value])) == 1
+    signed = labels.astype(np.int64)
+    signed[signed < 0] = -3  # 2**64 - 1 as int64 is -1: a negative id counts as background
+    assert instance_ids(signed)[4, 4] == 0 and len(np.unique(instance_ids(signed))) == 4
+    small = np.array([[0, 3], [9, 9]], np.uint32)
+    np.testing.assert_array_equal(instance_ids(small), small)  # ids below 2**31 are kept
+    pair = TrainingPair("img", "img mask", [np.zeros((6, 6, 3), np.uint8)], [labels], SOURCE)
+    target = pair_arrays([pair], SimpleNamespace(is_instance=True, mpp=None)).labels[0]
+    assert target.min() == 0 and len(np.unique(target)) == 5
+    sample = _prepare_pairs([np.zeros((6, 6, 3), np.uint8)], [labels], True, [None])[0]
+    assert sample.mask.min() == 0 and len(np.unique(sample.mask)) == 5
+    assert not edited_pixels(labels, labels, instance=True).any()

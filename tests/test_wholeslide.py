@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 import os
 import threading
 
@@ -570,3 +571,90 @@ def test_records_written_before_a_measurement_existed_export_it_empty(reference,
     for feature in features:
         _check_qupath_object(feature)
         assert "Nucleus: Hematoxylin OD mean" not in feature["properties"]["measurements"]
+
+
+# --------------------------------------------------------------------------- the store lifecycle (issue 26)
+
+LIFECYCLE = {  # state: (plain run, resume, overwrite, export) as in docs/wholeslide.md
+    "absent": ("create", "create", "create", "not a finished"),
+    "new": ("exists", "resume", "replace", "not a finished"),
+    "running": ("exists", "being written", "being written", "not a finished"),
+    "interrupted": ("exists", "resume", "replace", "not a finished"),
+    "failed": ("exists", "resume", "replace", "not a finished"),
+    "complete": ("exists", "nothing", "replace", "export"),
+    "foreign": ("not a napari-sgdc", "not a napari-sgdc", "not a napari-sgdc", "not a finished"),
+}
+
+
+def _store_in_state(state, slide_path, out):
+    import socket
+
+    from napari_sgdc.wholeslide.store import update_attrs
+
+    one_tile = dict(roi=(0, 0, TILE, TILE), tissue="none", tile=TILE, margin=MARGIN)
+    if state == "foreign":
+        out.mkdir()
+        (out / "mine.txt").write_text("x")
+    elif state != "absent":
+        segment_slide(PixelModel(), slide_path, out, **one_tile)
+        if state != "complete":
+            owner = {"pid": os.getpid(), "host": socket.gethostname()} if state == "running" else None
+            update_attrs(out, complete=False, status=state, owner=owner)
+    return one_tile
+
+
+@pytest.mark.parametrize("state", list(LIFECYCLE))
+@pytest.mark.parametrize("command", ["plain", "resume", "overwrite", "export"])
+def test_every_cell_of_the_lifecycle_table(state, command, slide_path, tmp_path):
+    from napari_sgdc.wholeslide import store_status
+
+    out = tmp_path / "s.ome.zarr"
+    one_tile = _store_in_state(state, slide_path, out)
+    assert store_status(out) == state
+    expected = LIFECYCLE[state][["plain", "resume", "overwrite", "export"].index(command)]
+    before = sorted(p.relative_to(out) for p in out.rglob("*")) if out.exists() else []
+    flags = {"resume": {"resume": True}, "overwrite": {"overwrite": True}}.get(command, {})
+    if command == "export":
+        if expected == "export":
+            assert export_objects(out, tmp_path / "t.csv") >= 0
+        else:
+            with pytest.raises(ValueError, match=expected):
+                export_objects(out, tmp_path / "t.csv")
+        return
+    if expected in ("create", "resume", "replace", "nothing"):
+        result = segment_slide(PixelModel(), slide_path, out, **flags, **one_tile)
+        assert store_status(out) == "complete" and result.tiles_run == 1
+        assert result.tiles_resumed == {"create": 0, "replace": 0}.get(expected, 1)
+        if expected == "replace":
+            assert not Path(f"{out}.incoming").exists() and not Path(f"{out}.outgoing").exists()
+    else:
+        with pytest.raises((StoreExistsError, ValueError), match=expected):
+            segment_slide(PixelModel(), slide_path, out, **flags, **one_tile)
+        assert (sorted(p.relative_to(out) for p in out.rglob("*")) if out.exists() else []) == before
+
+
+def test_an_absurd_plan_asks_for_yes(slide_path, tmp_path):
+    from napari_sgdc.predict import predict_slides
+
+    errors = []
+    model = PixelModel()
+    failed = predict_slides(model, [slide_path], tmp_path, None, model_source="x", mpp=50, tile=TILE,
+                            margin=MARGIN, tissue="none", on_error=errors.append)  # a 200x enlarged slide
+    assert failed == 1 and "enlarges the slide 200.0x" in errors[0] and "--yes" in errors[0]
+    assert "tiles" in errors[0] and " h on a CPU" in errors[0]
+    assert not (tmp_path / "syn.ome.zarr").exists()
+    asked = []
+    predict_slides(model, [slide_path], tmp_path, None, model_source="x", mpp=2.0, tile=TILE, margin=MARGIN,
+                   tissue="none", roi=(0, 0, 20, 20), on_error=errors.append, confirm=lambda q: asked.append(q))
+    assert asked and not (tmp_path / "syn.ome.zarr").exists()  # answered no
+    assert predict_slides(model, [slide_path], tmp_path, None, model_source="x", mpp=2.0, tile=TILE, margin=MARGIN,
+                          tissue="none", roi=(0, 0, 20, 20), yes=True) == 0
+
+
+def test_slide_labels_are_uint32(reference):
+    """Finding 17: a slide's labels have one type, uint32, whatever the object count (was int32)."""
+    out, result = reference
+    root = zarr.open_group(str(out), mode="r")
+    levels = len(root["labels/nuclei"].attrs["multiscales"][0]["datasets"])
+    assert all(root[f"labels/nuclei/{level}"].dtype == np.uint32 for level in range(levels))
+    assert read_store_labels(out).dtype == np.uint32 and read_store_labels(out).max() == result.n_objects

@@ -134,7 +134,9 @@ def _add_predict_parser(commands) -> None:
     predict = commands.add_parser(
         "predict", help="segment image files or folders",
         description="Segment images and write, for each input stem S: S_mask.png (uint8 0/255), S_prob.tif "
-                    "(float32), S_boundary.tif (float32) and, for instance models, S_labels.tif (uint8/16/32). "
+                    "(float32), S_boundary.tif (float32) and, for instance models, S_labels.tif (uint16; uint32 "
+                    "when an image has more than 65,535 objects; a slide's labels/nuclei are uint32). "
+                    "Each page of a multi-page TIFF is its own image: S_p0_mask.png, S_p1_mask.png and so on. "
                     "Existing files are never replaced unless --overwrite is given; inputs whose outputs would "
                     "collide (same stem) are refused up front.",
     )
@@ -145,8 +147,8 @@ def _add_predict_parser(commands) -> None:
                          help="also write S_uncertainty.tif, per-pixel uncertainty in [0, 1] (no extra cost)")
     _add_inference_options(predict)
     predict.add_argument("--mpp", type=float,
-                         help="µm per pixel of the inputs: images are resampled to the model's scale (e.g. 0.5 for "
-                              "a 20x image and the 40x nuclei model); slides use it when their metadata has none")
+                         help="µm per pixel of the inputs, resampled to the model's scale (e.g. 0.5 for a 20x image "
+                              "and the 40x nuclei model); for slides it overrides their metadata")
     slides = predict.add_argument_group(
         "whole slides", "Slide inputs (.svs .ndpi .mrxs .ome.tif, and tiled pyramidal .tif) are segmented tile by "
                         "tile into S.ome.zarr, with the object table S_objects.csv and QuPath GeoJSON "
@@ -162,7 +164,15 @@ def _add_predict_parser(commands) -> None:
                         help="run slide tiles on a local Dask cluster of N processes (needs distributed)")
     slides.add_argument("--scheduler", metavar="ADDRESS",
                         help="run slide tiles on an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
-    slides.add_argument("--resume", action="store_true", help="continue an interrupted slide run into its store")
+    slides.add_argument("--resume", action="store_true",
+                        help="continue an interrupted slide run into its store (same settings and model weights; "
+                             "a finished store: nothing to do)")
+    slides.add_argument("--tissue", choices=("auto", "none"), default="auto",
+                        help="auto: skip tiles without tissue (colour or, on gray slides, darkness); none: run every "
+                             "tile (default: auto)")
+    slides.add_argument("--yes", action="store_true",
+                        help="run a slide plan that looks absurd (over 10,000 tiles or 24 h, or a slide enlarged "
+                             "over 4x) without asking")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", type=Path,
                          help="image files or folders of images (.jpg .png .tif .bmp), or slide files")
 
@@ -302,11 +312,29 @@ def _postprocess_options(args, config=None):
                                         min_size=args.min_size)
 
 
+def _resume_command() -> str:
+    """This predict command as typed, with --resume instead of --overwrite (the line after an interrupt)."""
+    import shlex
+
+    words = [word for word in sys.argv[1:] if word != "--overwrite"]
+    if "--resume" not in words:
+        words.insert(words.index("predict") + 1 if "predict" in words else 0, "--resume")
+    return shlex.join([PROG, *words])
+
+
+def _ask(question: str) -> bool:
+    """Asks on the terminal whether to go on (absurd slide plans)."""
+    try:
+        return input(f"{question}. Run it anyway? [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
 def _run_predict(args) -> int:
     from tqdm import tqdm
 
     from .checkpoints import load_model
-    from .predict import collect_inputs, predict_files, predict_slides
+    from .predict import cancel_on_signals, collect_inputs, predict_files, predict_slides
 
     report = _reporter("predict")
     _postprocess_options(args)  # bad flags fail before any work
@@ -317,15 +345,21 @@ def _run_predict(args) -> int:
     model = load_model(args.model, device=args.device)
     options = _postprocess_options(args, model.config)
     if slides:
-        failures += predict_slides(model, slides, args.out, options, model_source=args.model, roi=args.roi,
-                                   mpp=args.mpp, tile=args.slide_tile, margin=args.margin, workers=args.workers,
-                                   scheduler=args.scheduler, resume=args.resume, overwrite=args.overwrite,
-                                   amp=args.amp, tta=args.tta, uncertainty=args.uncertainty, on_error=report)
+        cancel = threading.Event()
+        with cancel_on_signals(cancel, _log):
+            failures += predict_slides(model, slides, args.out, options, model_source=args.model, roi=args.roi,
+                                       mpp=args.mpp, tile=args.slide_tile, margin=args.margin, workers=args.workers,
+                                       scheduler=args.scheduler, resume=args.resume, overwrite=args.overwrite,
+                                       amp=args.amp, tta=args.tta, uncertainty=args.uncertainty, on_error=report,
+                                       tissue=args.tissue, yes=args.yes, confirm=_ask if sys.stdin.isatty() else None,
+                                       cancel=cancel, resume_command=_resume_command())
+        if cancel.is_set():
+            return 130
         if not files:
             return 1 if failures else 0
     with tqdm(total=len(files), desc="predict", unit="image", file=sys.stderr) as bar:
         def on_progress(done: int, total: int, status: str) -> None:
-            bar.n = done
+            bar.total, bar.n = total, done  # a multi-page TIFF counts one image per page
             bar.set_postfix_str(status)
 
         summary = predict_files(model, files, args.out, options, overwrite=args.overwrite, tile=args.tile,

@@ -5,8 +5,9 @@ Reading: `read_image` returns a file's pixels unchanged (uint16 stays uint16);
 
 Writing: `write_result` writes a `SegmentationResult` for the CLI (``data``: mask PNG,
 float32 probability and boundary TIFFs, instance labels TIFF) or the demo (``preview``:
-8-bit PNGs); `write_labels` writes one label array (the napari writer). Label files use
-the smallest unsigned type that holds the ids (`label_dtype`). Every write is atomic,
+8-bit PNGs); `write_labels` writes one label array (the napari writer). Label files are uint16, or
+uint32 when an id exceeds 65,535 (`label_dtype`: the one rule, so the files of one batch have
+one type unless an image holds more than 65,535 objects). Every write is atomic,
 and an existing file is never replaced unless ``overwrite=True``.
 """
 
@@ -20,8 +21,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 __all__ = [
-    "IMAGE_SUFFIXES", "MASK_SUFFIXES", "RESULT_FORMATS", "atomic_write", "label_dtype", "read_image", "read_mask",
-    "result_paths", "write_labels", "write_result",
+    "IMAGE_SUFFIXES", "LABEL_DTYPES", "MASK_SUFFIXES", "RESULT_FORMATS", "SENSOR_BITS", "atomic_write", "image_pages",
+    "label_dtype", "read_image", "read_mask", "result_paths", "white_level", "write_labels", "write_result",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -34,28 +35,81 @@ DATA_FILES = ("mask.png", "prob.tif", "boundary.tif")  # plus labels.tif and unc
 # --------------------------------------------------------------------------- reading
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, page: int | None = None) -> np.ndarray:
     """Reads an image file without changing its dtype or channels.
 
+    Args:
+        path: the image file.
+        page: the image of a multi-page TIFF to read (0 .. `image_pages` − 1); None reads the file
+            as tifffile does (its first series).
+
     Raises:
-        ValueError: naming the file when it cannot be read or holds no pixels.
+        ValueError: naming the file when it cannot be read or holds no pixels, or when it is a
+            huge untiled TIFF stored as one strip (it cannot be read in parts; never loaded whole).
     """
-    path = Path(path)
+    path, refusal = Path(path), None
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
 
-            image = tifffile.imread(str(path))
+            with tifffile.TiffFile(str(path)) as tiff:
+                series, key = (0, None) if page is None else _page_planes(tiff)[page]
+                refusal = _whole_read_refusal(tiff.series[series].pages[key or 0])
+                image = None if refusal else tiff.asarray(series=series, key=key)
         else:
             from skimage import io as skio
 
             image = skio.imread(str(path))
     except Exception as error:  # noqa: BLE001 - any reader failure means a bad file
         raise ValueError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
+    if refusal:
+        raise ValueError(f"{path}: {refusal}")
     image = np.asarray(image)
     if image.dtype == object or image.size == 0:
         raise ValueError(f"{path}: cannot read image: no pixel data (shape {image.shape})")
     return image
+
+
+def _whole_read_refusal(page) -> str | None:
+    """Why a TIFF page is not read whole (`napari_sgdc.slide.whole_read_problem`: a huge page
+    stored as one strip), or None."""
+    from .slide import whole_read_problem
+
+    return whole_read_problem(page)
+
+
+def _page_planes(tiff) -> list[tuple[int, int | None]]:
+    """(series, page key) of every image of a TIFF whose pages are images of their own: a series
+    of one page, or a series that stacks pages along one axis that is not channels. One entry
+    (the whole file) when a series is anything else (z × c hyperstacks, channels as pages, pages
+    at most 4 px wide: the channels of one image)."""
+    planes: list[tuple[int, int | None]] = []
+    for index, series in enumerate(tiff.series):
+        leading = series.axes[:len(series.shape) - len(series.pages[0].shape)] if series.pages else "?"
+        if not leading:
+            planes.append((index, 0))
+        elif (len(leading) == 1 and leading not in "CS" and len(series.pages) == series.shape[0]
+              and series.shape[-1] > 4):  # (H, W, 2) written as H pages of (W, 2): one image's channels
+            planes.extend((index, key) for key in range(series.shape[0]))
+        else:
+            return [(0, None)]
+    return planes or [(0, None)]
+
+
+def image_pages(path: str | Path) -> int:
+    """How many images `path` holds: a multi-page TIFF's pages are each an image of their own
+    (whatever their sizes; ``predict`` writes ``S_p0_…``, ``S_p1_…``); 1 for any other file, and
+    for a TIFF whose pages form a z × c hyperstack or channels (read whole, `read_image`)."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return 1
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(str(path)) as tiff:
+            return len(_page_planes(tiff))
+    except Exception:  # noqa: BLE001 - an unreadable file is one (bad) image: read_image names it
+        return 1
 
 
 def read_mask(path: str | Path, instance: bool = False) -> np.ndarray:
@@ -67,7 +121,8 @@ def read_mask(path: str | Path, instance: bool = False) -> np.ndarray:
         instance: return instance ids; binary masks are split into 4-connected components.
 
     Returns:
-        (H, W) bool mask, or (H, W) int32 instance ids when `instance` is True.
+        (H, W) bool mask, or (H, W) int32 instance ids when `instance` is True (ids of 2**31 and
+        more renumbered by rank, `napari_sgdc.data.targets.instance_ids`).
 
     Raises:
         ValueError: naming the file when it cannot be read or is not 2D.
@@ -91,10 +146,29 @@ def read_mask(path: str | Path, instance: bool = False) -> np.ndarray:
         return raw > 0
     if raw.dtype == bool or np.unique(raw).size <= 2:
         return connected_components(raw > 0, connectivity=1).astype(np.int32)
-    return raw.astype(np.int32)
+    from .data.targets import instance_ids  # ids of 2**31 and more are renumbered, never wrapped
+
+    return instance_ids(raw)
 
 
 # --------------------------------------------------------------------------- writing
+
+
+SENSOR_BITS = (8, 10, 12, 14, 16)
+"""Bit depths scanners and cameras store in uint16 (10, 12 and 14 bits are common)."""
+
+
+def white_level(dtype, peak: float) -> float:
+    """The value that reads as white (1.0) for integer pixels of `dtype` whose largest value is
+    `peak`: 255 for uint8; for uint16 the smallest of `SENSOR_BITS` that holds `peak` (so 12-bit
+    data in uint16 spans [0, 1], not [0, 1/16]); other integers 255, 65535 or `peak`. The one
+    bit-depth rule, for images (`to_float_rgb`) and slides (`napari_sgdc.slide`) alike."""
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8:
+        return 255.0
+    if dtype == np.uint16:
+        return float(next(2 ** bits - 1 for bits in SENSOR_BITS if peak <= 2 ** bits - 1))
+    return 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else float(peak)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -120,8 +194,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+LABEL_DTYPES = (np.uint16, np.uint32)
+"""Label image files are uint16, or uint32 when an id exceeds 65,535 (never uint8, never signed)."""
+
+
 def label_dtype(labels: np.ndarray) -> np.dtype:
-    """Smallest unsigned type holding the labels (uint8, uint16 or uint32).
+    """The type of a label image file: uint16, or uint32 when an id exceeds 65,535.
 
     Raises:
         ValueError: negative labels, or ids above 2**32 - 1.
@@ -130,7 +208,7 @@ def label_dtype(labels: np.ndarray) -> np.dtype:
     if labels.size and labels.min() < 0:
         raise ValueError(f"labels with negative values cannot be exported (shape {labels.shape})")
     top = int(labels.max()) if labels.size else 0
-    for dtype in (np.uint8, np.uint16, np.uint32):
+    for dtype in LABEL_DTYPES:
         if top <= np.iinfo(dtype).max:
             return np.dtype(dtype)
     raise ValueError(f"label value {top} is too large to export")
@@ -198,7 +276,7 @@ def _as_label_array(array: np.ndarray) -> np.ndarray:
     if array.size == 0:
         raise ValueError(f"labels are empty (shape {array.shape})")
     if array.dtype == bool:
-        return array.astype(np.uint8)
+        return array.astype(LABEL_DTYPES[0])
     if np.issubdtype(array.dtype, np.floating):
         not_whole = array[~np.isfinite(array) | (array != np.round(array))]
         if not_whole.size:
@@ -264,7 +342,7 @@ def write_result(result: Any, out_dir: str | Path, stem: str, fmt: str = "data",
         out_dir: output folder (created if needed).
         stem: file name prefix.
         fmt: ``data``: ``_mask.png`` (0/255), ``_prob.tif`` and ``_boundary.tif``
-            (float32), ``_labels.tif`` (instance ids, `label_dtype`) and ``_uncertainty.tif``
+            (float32), ``_labels.tif`` (instance ids: uint16, or uint32 above 65,535 ids, `label_dtype`) and ``_uncertainty.tif``
             (float32) when the result has them; ``preview``: 8-bit
             PNGs of the image (when given), mask, probability, boundary, a label overlay
             and each gate map.

@@ -20,8 +20,8 @@ from .grid import DEFAULT_MARGIN, DEFAULT_TILE
 from .wholeslide.store import StorePaths, store_paths
 
 __all__ = [
-    "PredictSummary", "check_outputs", "collect_inputs", "expand_inputs", "predict_files", "predict_slides",
-    "segment_file",
+    "PredictSummary", "cancel_on_signals", "check_outputs", "collect_inputs", "expand_inputs", "image_targets",
+    "predict_files", "predict_slides", "segment_file",
 ]
 
 ErrorSink = Callable[[str], Any] | None
@@ -75,9 +75,26 @@ def collect_inputs(inputs: Sequence[Path], on_error: ErrorSink = None) -> tuple[
     return [path for path in files if path not in slides], slides, bad
 
 
+def image_targets(files: Sequence[Path]) -> list[tuple[Path, int | None, str]]:
+    """(file, page, output stem) of every image in `files`: the file's stem, or ``S_p0``,
+    ``S_p1``, … for the pages of a multi-page TIFF, each segmented as its own image whatever
+    their sizes (`napari_sgdc.files.image_pages`)."""
+    from .files import image_pages
+
+    targets: list[tuple[Path, int | None, str]] = []
+    for path in map(Path, files):
+        pages = image_pages(path)
+        if pages == 1:
+            targets.append((path, None, path.stem))
+        else:
+            targets.extend((path, page, f"{path.stem}_p{page}") for page in range(pages))
+    return targets
+
+
 def check_outputs(files: Sequence[Path], out_dir: Path, *, instances: bool, uncertainty: bool,
                   overwrite: bool) -> None:
-    """Refuses, before any work, inputs whose outputs collide or would replace existing files.
+    """Refuses, before any work, inputs whose outputs collide or would replace existing files
+    (a multi-page TIFF writes one set per page, `image_targets`).
 
     Raises:
         ValueError: one line naming the two inputs, or the existing file.
@@ -85,9 +102,9 @@ def check_outputs(files: Sequence[Path], out_dir: Path, *, instances: bool, unce
     from .files import result_paths
 
     owners: dict[Path, Path] = {}
-    for path in files:
-        for target in result_paths(out_dir, path.stem, instances=instances, uncertainty=uncertainty):
-            if target in owners:
+    for path, _, stem in image_targets(files):
+        for target in result_paths(out_dir, stem, instances=instances, uncertainty=uncertainty):
+            if target in owners and owners[target] != path:
                 raise ValueError(f"{owners[target]} and {path} would both write {target.name}: "
                                  "rename one or predict them into different --out folders")
             owners[target] = path
@@ -97,12 +114,13 @@ def check_outputs(files: Sequence[Path], out_dir: Path, *, instances: bool, unce
 
 def segment_file(model, path: Path, options=None, *, tile: int | None = 512, overlap: float = 0.25,
                  tta: bool = False, uncertainty: bool = False, mpp: float | None = None, amp: bool = False,
-                 progress: Callable[[int, int], None] | None = None):
-    """`napari_sgdc.inference.segment` of one image file (a ValueError names its shape and dtype)."""
+                 progress: Callable[[int, int], None] | None = None, page: int | None = None):
+    """`napari_sgdc.inference.segment` of one image file, or of one `page` of a multi-page TIFF
+    (a ValueError names its shape and dtype)."""
     from .files import read_image
     from .inference import segment
 
-    image = read_image(path)
+    image = read_image(path, page)
     try:
         return segment(model, image, options, tile=tile or None, overlap=overlap, tta=tta, uncertainty=uncertainty,
                        progress=progress, stack=False, mpp=mpp, amp=amp)
@@ -126,7 +144,8 @@ def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=Non
                   on_error: ErrorSink = None) -> PredictSummary:
     """Segments image files and writes, per stem S, ``S_mask.png``, ``S_prob.tif``,
     ``S_boundary.tif`` (plus ``S_labels.tif`` for instance models and ``S_uncertainty.tif``
-    with `uncertainty`) into `out_dir`.
+    with `uncertainty`) into `out_dir`. Each page of a multi-page TIFF is an image of its own,
+    written as ``S_p0_…``, ``S_p1_…`` (`image_targets`).
 
     Args:
         model: an `SGDCSegmenter`.
@@ -149,22 +168,24 @@ def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=Non
     check_outputs(paths, out_dir, instances=model.config.is_instance, uncertainty=uncertainty, overwrite=overwrite)
     check_mpp(mpp, model.config)  # before any work: one line for a model without a scale
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary, report, advance = PredictSummary(total=len(paths)), on_error or _noop, progress or (lambda *a: None)
-    for index, path in enumerate(paths):
-        advance(index, len(paths), path.name)
+    targets = image_targets(paths)
+    summary, report, advance = PredictSummary(total=len(targets)), on_error or _noop, progress or (lambda *a: None)
+    for index, (path, page, stem) in enumerate(targets):
+        name = path.name if page is None else f"{path.name} page {page}"
+        advance(index, len(targets), name)
 
         def on_tile(tiles_done: int, tiles_total: int) -> None:
-            advance(index, len(paths), f"{path.name} tile {tiles_done}/{tiles_total}")
+            advance(index, len(targets), f"{name} tile {tiles_done}/{tiles_total}")
 
         try:
             result = segment_file(model, path, options, tile=tile, overlap=overlap, tta=tta, uncertainty=uncertainty,
-                                  mpp=mpp, amp=amp, progress=on_tile)
-            write_result(result, out_dir, path.stem, overwrite=overwrite)
+                                  mpp=mpp, amp=amp, progress=on_tile, page=page)
+            write_result(result, out_dir, stem, overwrite=overwrite)
             summary.done += 1
         except (ValueError, OSError) as error:
-            summary.failures.append(f"{path}: {error}")
+            summary.failures.append(f"{path}{'' if page is None else f' (page {page})'}: {error}")
             report(summary.failures[-1])
-    advance(len(paths), len(paths), "")
+    advance(len(targets), len(targets), "")
     return summary
 
 
@@ -206,11 +227,47 @@ def plan_slide_outputs(slides: Sequence[Path], out_dir: Path) -> list[StorePaths
     return outputs
 
 
+def _slide_line(path: Path, error: BaseException) -> str:
+    """One line about a slide's error, naming the slide once (the message may name it already)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if path.name in text else f"{path}: {text}"
+
+
+def _kept(store: Path, resume_command: str | None) -> str:
+    """What a stopped run kept, and how to resume it (empty when nothing was kept)."""
+    from .wholeslide import open_store, store_state
+
+    state = store_state(store)
+    if state == "complete":
+        return f"; the earlier result {store} is kept unchanged"
+    if state != "partial":
+        return ""
+    done, total = open_store(store).tiles_done
+    if not done:
+        return ""
+    how = resume_command or "segment_slide(..., resume=True)"
+    return f"; kept {done} of {total} tiles in {store}; resume with: {how}"
+
+
+def _check_size(path: Path, yes: bool, confirm):
+    """`segment_slide`'s before_start: refuses an absurd plan unless `yes` or `confirm(problem)`."""
+    from .wholeslide.plan import plan_problem
+
+    def check(plan, tiles: int) -> None:
+        problem = plan_problem(plan, tiles)
+        if problem and not yes and not (confirm is not None and confirm(f"{path.name}: {problem}")):
+            raise ValueError(f"{path}: {problem}; not started (pass --yes to run it anyway)")
+
+    return check
+
+
 def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, *, model_source: str,
                    roi: tuple[int, int, int, int] | None = None, mpp: float | None = None,
                    tile: int = DEFAULT_TILE, margin: int = DEFAULT_MARGIN, workers: int = 0,
                    scheduler: str | None = None, resume: bool = False, overwrite: bool = False, amp: bool = False,
-                   tta: bool = False, uncertainty: bool = False, on_error: ErrorSink = None) -> int:
+                   tta: bool = False, uncertainty: bool = False, on_error: ErrorSink = None, tissue: str = "auto",
+                   yes: bool = False, confirm: Callable[[str], bool] | None = None, cancel=None,
+                   resume_command: str | None = None) -> int:
     """The slide branch of predict: ``S.ome.zarr``, ``S_objects.csv`` and ``S_objects.geojson``
     per slide, through `napari_sgdc.wholeslide.segment_slide` and `export_objects`.
 
@@ -220,50 +277,44 @@ def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, 
         out_dir: output folder (created).
         options: the run's `PostprocessOptions`.
         model_source: the model's built-in name or checkpoint path (each cluster worker loads it).
-        roi, mpp, tile, margin, resume, overwrite, amp, tta, uncertainty: as in `segment_slide`
+        roi, mpp, tile, margin, resume, overwrite, amp, tta, uncertainty, tissue: as in `segment_slide`
             (which refuses ``uncertainty`` in one line).
         workers: run tiles on a local Dask cluster of N processes (> 1).
         scheduler: run tiles on an existing Dask cluster at this address.
-        on_error: called with one line per slide that fails.
+        on_error: called with one line per slide that fails (with what was kept and how to resume).
+        yes, confirm: an absurd plan (`napari_sgdc.wholeslide.plan.plan_problem`) runs only with
+            `yes` or when ``confirm(problem)`` returns True; else it is refused before any work.
+        cancel: a `threading.Event` (the CLI sets it on Ctrl-C and SIGTERM): the run stops after
+            the current tile, reports what it kept, and the remaining slides are not started.
+        resume_command: the command that resumes, for the one line after an interrupt or error.
 
     Returns:
-        the number of slides that failed.
+        the number of slides that failed (or were interrupted).
     """
-    from tqdm import tqdm
-
-    from .slide import open_slide
-    from .wholeslide import check_outputs, export_objects, segment_slide
+    from .inference import Cancelled
 
     report, out_dir = on_error or _noop, Path(out_dir)
     failures = 0
     outputs = plan_slide_outputs(slides, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     client = cluster = None
+    settings = dict(roi=roi, mpp=mpp, tile=tile, margin=margin, options=options, resume=resume, overwrite=overwrite,
+                    amp=amp, tta=tta, uncertainty=uncertainty, tissue=tissue, cancel=cancel)
     try:
         if scheduler or workers > 1:
             client, cluster = _dask_client(scheduler, workers)
         threads = max(1, (os.cpu_count() or 1) // workers) if cluster is not None else 0
-        for path, (store, table, geojson) in zip(slides, outputs):
+        # on a cluster each worker loads the model itself, once
+        spec = _model_spec(model_source) if client is not None else model
+        for path, paths in zip(slides, outputs):
             try:
-                check_outputs(store, resume=resume, overwrite=overwrite, others=(table, geojson))
-                with open_slide(path, mpp=mpp) as slide, \
-                        tqdm(total=0, desc=path.name, unit="tile", file=sys.stderr) as bar:
-                    def on_tile(done, total):
-                        bar.total = total
-                        bar.n = done
-                        bar.refresh()
-
-                    # on a cluster each worker loads the model itself, once
-                    spec = _model_spec(model_source) if client is not None else model
-                    result = segment_slide(spec, slide, store, roi=roi, mpp=mpp, tile=tile, margin=margin,
-                                           options=options, progress=on_tile, resume=resume, overwrite=overwrite,
-                                           client=client, threads=threads, amp=amp, tta=tta,
-                                           uncertainty=uncertainty)
-                count = export_objects(store, table, geojson, overwrite=True)
-                print(f"{path}: {count} objects, {result.tiles_run} of {result.tiles_total} tiles with tissue, "
-                      f"{result.seconds:.1f} s -> {store}", file=sys.stderr)
+                _predict_slide(spec, path, paths, client=client, threads=threads,
+                               before_start=_check_size(path, yes, confirm), **settings)
+            except (Cancelled, KeyboardInterrupt):
+                report(f"{path}: interrupted{_kept(paths.store, resume_command)}")
+                return failures + 1
             except (ValueError, OSError) as error:
-                report(str(error) if str(path) in str(error) else f"{path}: {error}")
+                report(_slide_line(path, error) + _kept(paths.store, resume_command))
                 failures += 1
     finally:
         if client is not None:
@@ -271,3 +322,69 @@ def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, 
         if cluster is not None:
             cluster.close()
     return failures
+
+
+def _predict_slide(model, path: Path, paths: StorePaths, *, mpp, resume: bool, overwrite: bool, **settings) -> None:
+    """One slide: its store, then its table and GeoJSON (each recorded in the store once written,
+    so a later resume may replace them and nothing else)."""
+    from tqdm import tqdm
+
+    from .slide import open_slide
+    from .wholeslide import check_outputs, export_objects, segment_slide
+    from .wholeslide.store import record_export
+
+    from .wholeslide.store import store_status, written_by
+
+    store, table, geojson = paths
+    check_outputs(store, resume=resume, overwrite=overwrite, others=(table, geojson))
+    if resume and not overwrite and store_status(store) == "complete":
+        for target in (table, geojson):  # written again only where missing (a disk that filled up)
+            if not written_by(store, target):
+                export_objects(store, target if target == table else None, target if target == geojson else None,
+                               overwrite=True)
+                record_export(store, target)
+        print(f"{path}: {store} is already complete; nothing to do", file=sys.stderr)
+        return
+    with open_slide(path, mpp=mpp) as slide, tqdm(total=0, desc=path.name, unit="tile", file=sys.stderr) as bar:
+        def on_tile(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        result = segment_slide(model, slide, store, mpp=mpp, progress=on_tile, resume=resume, overwrite=overwrite,
+                               **settings)
+    count = export_objects(store, table, overwrite=True)
+    record_export(store, table)
+    export_objects(store, None, geojson, overwrite=True)
+    record_export(store, geojson)
+    print(f"{path}: {count} objects, {result.tiles_run} of {result.tiles_total} tiles with tissue, "
+          f"{result.seconds:.1f} s -> {store}", file=sys.stderr)
+
+
+def cancel_on_signals(cancel, log: Callable[[str], Any]):
+    """A context manager: SIGINT (Ctrl-C) and SIGTERM set `cancel` (the run stops after the current
+    tile and says how to resume); a second Ctrl-C stops at once. Only in the main thread."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def manager():
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum, frame) -> None:
+            if cancel.is_set() and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            cancel.set()
+            log("interrupt: stopping after the current tile (Ctrl-C again to stop at once)")
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    return manager()

@@ -27,7 +27,7 @@ import numpy as np
 from .grid import choose_level, mpp_in_range, mpp_problem
 
 __all__ = ["SLIDE_SUFFIXES", "OPENSLIDE_SUFFIXES", "Slide", "SlideError", "TissueMask", "detect_tissue",
-           "is_slide", "open_slide"]
+           "is_slide", "open_slide", "whole_read_problem"]
 
 OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -128,6 +128,7 @@ class Slide:
         self._handle = handle
         self._arrays: dict[int, object] = {}
         self._lock = threading.Lock()  # OpenSlide handles are thread-safe; zarr-over-tifffile is guarded
+        self._white: float | None = None  # the white level of non-uint8 pixels (`files.white_level`)
 
     def __repr__(self) -> str:
         return (f"Slide({str(self.path)!r}, backend={self.backend!r}, levels={self.level_shapes}, "
@@ -192,10 +193,24 @@ class Slide:
         try:
             with self._lock:
                 data = np.asarray(self._zarr_level(level)[r0:r1, c0:c1])
-            return _to_rgb(data)
+            return _to_rgb(data, self._white_level(data.dtype))
         except Exception as error:  # noqa: BLE001 - a damaged tile or header is a bad slide
             raise SlideError(f"{self.path}: cannot read level {level} ({type(error).__name__}: "
                              f"{_one_line(error)})") from None
+
+    def _white_level(self, dtype) -> float:
+        """One white level for the whole slide (never per tile): `napari_sgdc.files.white_level` of
+        the coarsest level's largest value, so 10/12/14-bit scans in uint16 read as full range."""
+        from .files import white_level
+
+        if np.dtype(dtype) == np.uint8:
+            return 255.0
+        if self._white is None:
+            coarsest = self.level_count - 1
+            with self._lock:
+                peak = float(np.asarray(self._zarr_level(coarsest)[...]).max())
+            self._white = white_level(dtype, peak)
+        return self._white
 
     def level_array(self, level: int = 0, chunk: int = 1024):
         """Level `level` as a lazy dask array (H, W, 3) uint8; nothing is read until computed, and
@@ -213,6 +228,20 @@ class Slide:
             return self.read_region(int(round(c0 * d)), int(round(r0 * d)), c1 - c0, r1 - r0, level)
 
         return da.map_blocks(read_block, chunks=chunks, dtype=np.uint8, meta=np.empty((0, 0, 3), np.uint8))
+
+    def band_rows(self, level: int, step: int, rows: int = 1024) -> int:
+        """Rows to read at once when striding a level by `step`: a multiple of `step` and of the
+        level's tile (chunk) height, so each stored tile is decoded at most once."""
+        import math
+
+        chunk = 1
+        if self.backend == "tifffile":
+            with self._lock:
+                chunk = int(self._zarr_level(level).chunks[0])
+        band = math.lcm(step, chunk)
+        if band > 8 * rows:  # an odd tile height: close to it, a tile may be decoded twice
+            band = step * max(1, rows // step)
+        return band * max(1, rows // band)
 
     def thumbnail_level(self, max_side: int = 2048) -> int:
         """The finest level whose longer side is at most `max_side` (else the coarsest)."""
@@ -245,18 +274,35 @@ def _chunks(length: int, chunk: int) -> tuple[int, ...]:
     return (chunk,) * full + ((rest,) if rest else ())
 
 
-def _to_rgb(data: np.ndarray) -> np.ndarray:
+def _to_rgb(data: np.ndarray, white: float) -> np.ndarray:
+    """uint8 RGB of a level window: gray repeated to 3 channels, other dtypes scaled by `white`."""
     if data.ndim == 2:
         data = np.repeat(data[..., None], 3, axis=-1)
     if data.dtype != np.uint8:
-        data = (data.astype(np.float64) / max(float(np.iinfo(data.dtype).max) if data.dtype.kind in "ui" else 1.0,
-                                             1e-9) * 255).clip(0, 255).astype(np.uint8)
+        data = np.round(data.astype(np.float32) * (255.0 / max(white, 1e-9))).clip(0, 255).astype(np.uint8)
     return data[..., :3]
+
+
+def _large_chunked(page) -> bool:
+    """At least `LARGE_PLAIN_SIDE` on a side and stored in tiles or several strips (readable in parts)."""
+    chunked = page.is_tiled or len(page.dataoffsets) > 1
+    return bool(chunked and max(page.shape[:2]) >= LARGE_PLAIN_SIDE)
+
+
+def whole_read_problem(page) -> str | None:
+    """Why a TIFF page must not be read whole, or None: at least `LARGE_PLAIN_SIDE` px on a side
+    but stored as one strip, so it can be read neither in parts (as a slide) nor in memory."""
+    height, width = int(page.imagelength), int(page.imagewidth)
+    if page.is_tiled or len(page.dataoffsets) > 1 or max(height, width) < LARGE_PLAIN_SIDE:
+        return None
+    return (f"a {width}×{height} TIFF stored as one strip cannot be read in parts and is too large to load "
+            f"whole; save it tiled (e.g. vips tiffsave IN OUT.tif --tile --pyramid) and run again")
 
 
 def is_slide(path: str | Path) -> bool:
     """Whether `path` is read as a whole slide: ``.svs``/``.ndpi``/``.mrxs``, or a TIFF that is
-    pyramidal, or tiled and at least `LARGE_PLAIN_SIDE` px on a side (a plain TIFF is an image)."""
+    tiled and pyramidal, or at least `LARGE_PLAIN_SIDE` px on a side and stored in tiles or
+    strips (read in parts, never whole); a smaller plain TIFF is an image."""
     path = Path(path)
     suffix = _suffix(path)
     if suffix in OPENSLIDE_SUFFIXES:
@@ -270,7 +316,7 @@ def is_slide(path: str | Path) -> bool:
             series = tiff.series[0]
             page = tiff.pages[0]
             pyramidal = len(series.levels) > 1
-            return bool(page.is_tiled and (pyramidal or max(page.shape[:2]) >= LARGE_PLAIN_SIDE))
+            return bool((page.is_tiled and pyramidal) or _large_chunked(page))
     except Exception:  # noqa: BLE001 - unreadable files are not slides here; open_slide explains
         return False
 
@@ -317,7 +363,7 @@ def _check_tiff(path: Path, require_tiled: bool) -> None:
         with tifffile.TiffFile(str(path)) as tiff:
             _check_tiff_extents(path, tiff)
             page = tiff.pages[0]
-            if require_tiled and not page.is_tiled and len(tiff.series[0].levels) < 2:
+            if require_tiled and not page.is_tiled and len(tiff.series[0].levels) < 2 and not _large_chunked(page):
                 raise SlideError(f"{path}: not a whole slide (a plain, untiled TIFF of shape {page.shape}); "
                                  "open it as an image instead")
     except SlideError:
@@ -372,7 +418,8 @@ def _open_tifffile(path: Path) -> Slide:
 
 def detect_tissue(slide: Slide, *, max_side: int = 2048, min_saturation: float = 0.04,
                   closing_um: float = 50.0, min_area_um2: float = 5000.0, mpp: float | None = None) -> TissueMask:
-    """Tissue on a low-resolution level: Otsu on the HSV saturation, small holes closed.
+    """Tissue on a low-resolution level: Otsu on the HSV saturation (on a gray slide, where no
+    pixel has colour, on the darkness 1 − value), small holes closed.
 
     The level read is the finest with a longer side of at most `max_side` pixels (a
     thumbnail-sized image). Saturation above max(Otsu, `min_saturation`) is tissue; it
@@ -389,16 +436,19 @@ def detect_tissue(slide: Slide, *, max_side: int = 2048, min_saturation: float =
     level = slide.thumbnail_level(max_side)
     height, width = slide.level_shapes[level]
     downsample = slide.level_downsamples[level]
-    if max(height, width) > max_side:  # the coarsest level is still large: read and stride
+    if max(height, width) > max_side:  # the coarsest level is still large: read in bands and stride
         step = int(np.ceil(max(height, width) / max_side))
-        rows = [slide.read_region(0, int(y * downsample), width, min(step, height - y), level)[::step, ::step]
-                for y in range(0, height, step)]
+        band = slide.band_rows(level, step)
+        rows = [slide.read_region(0, int(y * downsample), width, min(band, height - y), level)[::step, ::step]
+                for y in range(0, height, band)]
         rgb, downsample = np.concatenate(rows), downsample * step
     else:
         rgb = slide.read_region(0, 0, width, height, level)
     rgb = rgb.astype(np.float32)
     high, low = rgb.max(axis=-1), rgb.min(axis=-1)
     saturation = np.where(high > 0, (high - low) / np.maximum(high, 1), 0.0)
+    if float(saturation.max()) < min_saturation:  # a gray slide: no colour anywhere; tissue is darker than glass
+        saturation = 1.0 - high / 255.0
     threshold = min_saturation
     if saturation.max() - saturation.min() > 1e-3:
         threshold = max(float(threshold_otsu(saturation)), min_saturation)

@@ -146,7 +146,7 @@ class PairArrays:
 
     Attributes:
         images: (H, W[, C]) planes.
-        labels: int32 instance ids (instance models) or bool masks.
+        labels: int32 instance ids (instance models; `napari_sgdc.data.targets.instance_ids`) or bool masks.
         predictions: what the model wrote, converted alike, or None per plane.
         mpp: the µm/px to fine-tune each plane at (`napari_sgdc.grid.usable_mpp`), or None.
     """
@@ -158,7 +158,11 @@ class PairArrays:
 
 
 def _target(labels: np.ndarray, instances: bool) -> np.ndarray:
-    return labels.astype(np.int32) if instances else labels > 0
+    if not instances:
+        return labels > 0
+    from napari_sgdc.data.targets import instance_ids  # here: the autosave imports this module without torch
+
+    return instance_ids(labels)
 
 
 def pair_arrays(pairs: Sequence[TrainingPair], config: Any) -> PairArrays:

@@ -118,6 +118,7 @@ def test_added_pairs_are_autosaved_and_recovered_in_a_new_session(sgdc, wait_seg
     mask.data_setitem(np.nonzero(disk & (np.asarray(mask.data) == 0)), 1)
     assert ft.add_pair()
     [saved] = ft.pairs
+    assert ft.training.flush(timeout=30)  # autosave writes off the GUI thread (finding 18)
     assert [e.image_name for e in Autosave().entries()] == ["lesion"]
     assert str(Autosave().folder).startswith(str(sgdc_cache))
     assert ft.recover_row.native.isHidden()  # this session's own autosave is not offered back
@@ -138,6 +139,7 @@ def test_added_pairs_are_autosaved_and_recovered_in_a_new_session(sgdc, wait_seg
     _, ft3 = make_napari_viewer().window.add_plugin_dock_widget("napari-sgdc", "SGDC Fine-tune")
     assert not ft3.recover_row.native.isHidden()
     ft3.discard()
+    assert ft3.training.flush(timeout=30)
     assert Autosave().entries() == [] and ft3.recover_row.native.isHidden()
 
 
@@ -170,18 +172,22 @@ def test_autosave_lasts_until_a_finetune_is_kept_and_returns_on_undo(sgdc, wait_
     ft.steps.value = 2000
     worker = ft.start_finetune()
     assert worker is not None
+    assert ft.training.flush(timeout=30)
     assert [e.image_name for e in Autosave().entries()] == ["lesion"]  # saved when the run starts
     qtbot.waitUntil(lambda: len(ft.losses) >= 1, timeout=30_000)
     ft.cancel()
     wait_idle(seg._session)
+    assert ft.training.flush(timeout=30)
     assert len(Autosave().entries()) == 1  # a cancelled run keeps the autosave
 
     ft.steps.value = 3
     assert ft.start_finetune() is not None
     wait_idle(seg._session)
+    assert ft.training.flush(timeout=30)
     assert ft.status.value.startswith("fine-tuned 3 steps") and Autosave().entries() == []
     assert ft.undo()
     wait_idle(seg._session)
+    assert ft.training.flush(timeout=30)
     assert [e.image_name for e in Autosave().entries()] == ["lesion"]  # the undone run no longer holds them
 
 
@@ -250,3 +256,40 @@ def test_corrections_survive_napari_killed_during_finetune(make_napari_viewer, t
     assert pair.model_source == str(tiny_checkpoint) and pair.labels_name == "lesion mask"
     for got, want in ((pair.images[0], image), (pair.labels[0], labels), (pair.predictions[0], prediction)):
         assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+
+
+def test_autosave_writes_off_the_gui_thread_and_loses_nothing(sgdc, wait_segment, monkeypatch, notes):
+    """Finding 18: saving a large pair froze the window; now Add returns at once, the write runs on
+    the writer thread, a failure still reaches the user (once, on the GUI thread), and the pair is saved."""
+    import threading
+    import time
+
+    from napari_sgdc.autosave import Autosave
+
+    viewer, seg, ft, image, disk = sgdc
+    mask = _ready(seg, ft, viewer, image, wait_segment)
+    mask.data_setitem(np.nonzero(disk & (np.asarray(mask.data) == 0)), 1)
+    real_save, writers = Autosave.save, []
+
+    def slow_save(self, pairs):
+        writers.append(threading.current_thread())
+        time.sleep(1.5)  # a large label layer
+        return real_save(self, pairs)
+
+    monkeypatch.setattr(Autosave, "save", slow_save)
+    started = time.perf_counter()
+    assert ft.add_pair()
+    assert time.perf_counter() - started < 1.0 and len(ft.pairs) == 1
+    assert ft.training.flush(timeout=30) and writers and threading.main_thread() not in writers
+    assert [e.image_name for e in Autosave().entries()] == ["lesion"]
+    monkeypatch.setattr(Autosave, "save", lambda self, pairs: (_ for _ in ()).throw(OSError("disk full")))
+    mask.data_setitem((np.array([0]), np.array([0])), 1)
+    assert ft.add_pair() and ft.training.flush(timeout=30)
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(50):  # the relay's queued signal needs the event loop
+        QApplication.processEvents()
+        if notes.matching("disk full"):
+            break
+        time.sleep(0.02)
+    assert len(notes.matching("Could not autosave the corrections")) == 1 and len(ft.pairs) == 1

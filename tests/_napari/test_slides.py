@@ -268,3 +268,36 @@ def test_tta_is_offered_and_honoured_for_slides_and_images(slide_viewer, wait_se
     assert _shown(seg.tta)
     assert wait_segment(seg.run_segment()).error is None, notes.messages
     assert calls == [True]
+
+
+def test_multi_dot_names_and_an_incomplete_store_say_so(make_napari_viewer, slide_file, tmp_path, notes):
+    """Finding 14: ``case.01`` keeps its ``.01`` in the slide's and the store's layer names, and a store
+    whose run stopped opens with "incomplete: N of M tiles" in its names, its metadata and a warning."""
+    import shutil
+    import threading
+
+    from napari_sgdc.inference import Cancelled
+    from napari_sgdc.wholeslide import open_store, segment_slide
+
+    path = Path(shutil.copy(slide_file[0], tmp_path / "case.01.ome.tif"))
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        segment_slide(PixelModel(), path, tmp_path / "case.01.ome.zarr", tile=256, margin=32, cancel=cancel,
+                      progress=lambda done, total: done >= 3 and cancel.set())
+    done, total = open_store(tmp_path / "case.01.ome.zarr").tiles_done
+    assert 0 < done < total
+    viewer = make_napari_viewer()
+    [slide_layer] = viewer.open(str(path), plugin="napari-sgdc")
+    assert slide_layer.name == "case.01.ome.tif"
+    layers = viewer.open(str(tmp_path / "case.01.ome.zarr"), plugin="napari-sgdc")
+    note = f"incomplete: {done} of {total} tiles"
+    assert [layer.name for layer in layers] == [f"case.01 {kind} ({note})"
+                                                for kind in ("probability", "boundary", "nuclei", "tissue")]
+    assert all(layer.metadata["sgdc_store"]["incomplete"] == note for layer in layers)
+    assert [layer.metadata["sgdc_store"]["kind"] for layer in layers] == ["probability", "boundary", "nuclei",
+                                                                          "tissue"]
+    assert notes.matching(f"case.01.ome.zarr: {note}")
+    segment_slide(PixelModel(), path, tmp_path / "case.01.ome.zarr", tile=256, margin=32, resume=True)
+    finished = viewer.open(str(tmp_path / "case.01.ome.zarr"), plugin="napari-sgdc")
+    assert [layer.name for layer in finished][2] == "case.01 nuclei"
+    assert finished[2].metadata["sgdc_store"]["incomplete"] == ""

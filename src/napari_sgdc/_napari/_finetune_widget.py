@@ -16,9 +16,9 @@ from napari.utils.notifications import show_info, show_warning
 
 from napari_sgdc._napari._corrections import EditWatcher, RecoveryRow, edits_text, read_pair, region_layer
 from napari_sgdc._napari._loss_plot import LossPlot
-from napari_sgdc._napari._runner import FinetuneJob, JobChain, Outcome, SegmentJob, notify_error
+from napari_sgdc._napari._runner import FinetuneJob, JobChain, Outcome, Relay, SegmentJob, notify_error
 from napari_sgdc._napari._session import get_session, real_viewer
-from napari_sgdc._napari._shared import ImagePicker, button_row, claim, ensure_idle, wrap_status
+from napari_sgdc._napari._shared import ImagePicker, button_row, claim, ensure_idle, scroll_contents, wrap_status
 import napari_sgdc._napari._wholeslide as ws
 from napari_sgdc._napari._layers import image_of_result, mask_layer_of
 from napari_sgdc.session import CorrectionSession, Job, TrainingList, error_line
@@ -122,8 +122,9 @@ class FinetuneWidget(Container):
         self.history: Any = None
         self.job: FinetuneJob | None = None
         self.chain: JobChain | None = None
-        self._warned = False
-        self.training = TrainingList(on_problem=self._warn_once)
+        self._warned, self._relay = False, Relay()  # autosave writes off the GUI thread; warnings come back
+        self._relay.warned.connect(self._warn_once)
+        self.training = TrainingList(on_problem=self._relay.warned.emit, background=True)
         from napari_sgdc.config import PRESETS
 
         self._presets = PRESETS  # name -> TrainConfig
@@ -136,6 +137,7 @@ class FinetuneWidget(Container):
         self._edit_watcher.watch(self.labels_layer.value)
         self.update_edits()
         self._recovery.offer()
+        self.scroll = scroll_contents(self)  # fits a 1366×768 screen
 
     def _build(self) -> None:
         self._image_picker = ImagePicker(self._viewer)

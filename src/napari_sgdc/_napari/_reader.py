@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["get_reader", "read_slide", "read_result_store"]
+__all__ = ["get_reader", "read_slide", "read_result_store", "store_layers"]
 
 
 def get_reader(path):
@@ -50,25 +50,55 @@ def _scale(multiscales: dict) -> tuple[float, float]:
 
 def read_result_store(path):
     """Probability and boundary (multiscale images), nuclei labels (multiscale) and the tissue mask.
+    A store that is not complete says so: ``(incomplete: N of M tiles)`` in every layer name, in
+    the layers' metadata (``sgdc_store``) and in a warning.
+
+    Raises:
+        ValueError: one line naming the folder when its layout or metadata is not a napari-sgdc store's.
+    """
+    path = Path(path[0] if isinstance(path, (list, tuple)) else path)
+    layers = store_layers(path, mark_incomplete=True)
+    note = layers[0][1]["metadata"]["sgdc_store"]["incomplete"]
+    if note:
+        from napari.utils.notifications import show_warning
+
+        show_warning(f"{path.name}: {note}; the rest of the slide is empty (resume the run to finish it)")
+    return layers
+
+
+def store_layers(path, mark_incomplete: bool = False) -> list:
+    """The layer data of a result store (`read_result_store` without the warning); each layer's
+    ``metadata["sgdc_store"]`` holds its ``kind``, the ``store`` and the ``incomplete`` note
+    ("" when complete), which `mark_incomplete` also appends to the names.
 
     Raises:
         ValueError: one line naming the folder when its layout or metadata is not a napari-sgdc store's.
     """
     path = Path(path[0] if isinstance(path, (list, tuple)) else path)
     try:
-        return _store_layers(path)
+        return _store_layers(path, mark_incomplete)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, OSError) as error:
         raise ValueError(f"{path}: not a readable napari-sgdc result store ({type(error).__name__}: "
                          f"{' '.join(str(error).split())})") from None
 
 
-def _store_layers(path: Path) -> list:
+def _incomplete_note(store) -> str:
+    """"incomplete: N of M tiles" for a store that is not complete, else ""."""
+    if store.status == "complete":
+        return ""
+    done, total = store.tiles_done
+    return f"incomplete: {done} of {total} tiles" if total else f"incomplete ({store.status})"
+
+
+def _store_layers(path: Path, mark_incomplete: bool) -> list:
     import dask.array as da
     import zarr
 
     from napari_sgdc.wholeslide import open_store
 
-    stem = open_store(path).stem
+    store = open_store(path)
+    stem, note = store.stem, _incomplete_note(store)
+    suffix = f" ({note})" if note and mark_incomplete else ""
     root = zarr.open_group(str(path), mode="r")
     multiscales = root.attrs["multiscales"][0]
     scale = _scale(multiscales)
@@ -87,4 +117,8 @@ def _store_layers(path: Path) -> list:
     tissue_ms = tissue.attrs["multiscales"][0]
     layers.append((da.from_zarr(tissue["0"]), {"name": f"{stem} tissue", "scale": _scale(tissue_ms),
                                               "opacity": 0.3, "visible": False}, "labels"))
+    for _, meta, _ in layers:
+        kind = meta["name"][len(stem) + 1:]
+        meta["name"] += suffix
+        meta["metadata"] = {"sgdc_store": {"kind": kind, "store": str(path), "incomplete": note}}
     return layers

@@ -27,7 +27,7 @@ from napari_sgdc._napari._layers import mask_layer_of, set_confidence_features, 
 from napari_sgdc._napari._review import NEXT_REGION_SHORTCUT, RegionReview
 from napari_sgdc._napari._runner import SegmentJob, notify_error
 from napari_sgdc._napari._session import get_session, real_viewer
-from napari_sgdc._napari._shared import ImagePicker, button_row, claim, wrap_status
+from napari_sgdc._napari._shared import ImagePicker, button_row, claim, scroll_contents, wrap_status
 from napari_sgdc.device import DEVICES
 from napari_sgdc.grid import MPP_RANGE
 from napari_sgdc.postprocess import PostprocessOptions
@@ -242,6 +242,7 @@ class SegmentWidget(Container):
         self.picker.follow_sample(self.image_layer.value)
         self._show_slide_controls()
         self._bind_shortcut()
+        self.scroll = scroll_contents(self)  # fits a 1366×768 screen
 
     def _build_run_controls(self) -> None:
         self.device = ComboBox(name="device", label="device", choices=DEVICES, value="auto")

@@ -84,3 +84,26 @@ def button_row(*widgets: Any, name: str = "") -> Container:
     row = Container(name=name or None, layout="horizontal", labels=False, label=" ", widgets=list(widgets))
     row.margins = (0, 0, 0, 0)
     return row
+
+
+def scroll_contents(container: Container) -> Any:
+    """Moves a dock's controls into a vertical scroll area (returned), so the dock fits a small
+    screen (1366×768): napari docks ``container.native``, which then holds only the scroll area.
+    magicgui keeps adding to the same layout, now inside the scroll area."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
+
+    outer = container.native
+    inner = QWidget()
+    inner.setLayout(outer.layout())  # Qt moves the layout and its widgets to `inner`
+    scroll = QScrollArea()
+    scroll.setObjectName("sgdc_scroll")
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setWidget(inner)
+    scroll.setMinimumWidth(inner.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
+    layout = QVBoxLayout(outer)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.addWidget(scroll)
+    return scroll

@@ -162,15 +162,15 @@ def add_store_layers(viewer: Any, image: Image, store: Path, target: str, model_
     (s - slide µm/px) / 2 µm further than a slide pixel's: that goes into the translate.
     Earlier layers of the same target are replaced.
     """
-    from napari_sgdc._napari._reader import read_result_store
+    from napari_sgdc._napari._reader import store_layers
 
     remove_store_layers(viewer, image.name, target)
     image_scale = np.asarray(image.scale, dtype=float)[-2:]
     image_translate = np.asarray(image.translate, dtype=float)[-2:]
     layers: dict[str, Layer] = {}
     active = viewer.layers.selection.active
-    for data, meta, kind in read_result_store(store):
-        name = meta["name"].split(" ", 1)[1]
+    for data, meta, kind in store_layers(store):
+        name = meta["metadata"]["sgdc_store"]["kind"]
         scale = np.asarray(meta["scale"], dtype=float)
         meta = dict(meta, name=result_layer_name(image.name, target, name),
                     translate=image_translate + (scale - image_scale) / 2.0,

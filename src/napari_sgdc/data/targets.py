@@ -6,7 +6,27 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
-__all__ = ["annotated_weight", "boundary_target", "distance_target", "hover_target", "instance_map_target"]
+__all__ = ["annotated_weight", "boundary_target", "distance_target", "hover_target", "instance_ids",
+           "instance_map_target"]
+
+
+def instance_ids(labels: np.ndarray) -> np.ndarray:
+    """Instance ids as int32 at any size: the one conversion of user labels into ids to train on.
+
+    Ids below 2**31 are kept; larger ones (uint32, uint64 or int64 ids up to 2**64 - 1) are
+    renumbered by rank, so every object keeps its own id (2**32 + 7 and 7 stay apart) and
+    none turns negative. Negative values count as background (0); a bool mask gives 0/1.
+    """
+    labels = np.asarray(labels)
+    if labels.dtype == bool:
+        return labels.astype(np.int32)
+    if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
+        labels = np.where(labels < 0, 0, labels)
+    if not labels.size or int(labels.max()) < 2**31:
+        return labels.astype(np.int32)
+    values, inverse = np.unique(labels, return_inverse=True)
+    ids = inverse.reshape(labels.shape) + int(values[0] != 0)  # 0 stays background
+    return ids.astype(np.int32 if int(ids.max()) < 2**31 else np.int64)
 
 
 def boundary_target(mask: np.ndarray, width: int = 3, instance: bool = False) -> np.ndarray:

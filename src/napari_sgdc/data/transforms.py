@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 from skimage.color import hed2rgb, rgb2hed
+
+from ..files import white_level
 from skimage.transform import resize
 
 __all__ = [
@@ -51,8 +53,9 @@ def to_float_rgb(image: np.ndarray) -> np.ndarray:
     Accepted inputs:
         * shapes ``(H, W)`` (gray, repeated to 3 channels), ``(H, W, 1)``, ``(H, W, 3)``
           and ``(H, W, 4)`` (RGBA: the alpha channel is dropped); channels must be last;
-        * dtypes bool, uint8 (divided by 255), uint16 (divided by 65535), other integers
-          (divided by 255 when the maximum is at most 255, by 65535 when at most 65535,
+        * dtypes bool, uint8 (divided by 255), uint16 (divided by the white level of the
+          smallest of 8, 10, 12, 14 or 16 bits that holds the maximum, `white_level`), other
+          integers (divided by 255 when the maximum is at most 255, by 65535 when at most 65535,
           else by the maximum) and floats (kept when within [0, 1], divided by 255 when the
           maximum is at most 255, else min-max scaled). NaN becomes 0. The result is
           clipped to [0, 1].
@@ -77,12 +80,8 @@ def to_float_rgb(image: np.ndarray) -> np.ndarray:
         out = array.astype(np.float32)
     elif array.dtype == np.uint8:
         out = array.astype(np.float32) / 255.0
-    elif array.dtype == np.uint16:
-        out = array.astype(np.float32) / 65535.0
     elif np.issubdtype(array.dtype, np.integer):
-        peak = float(array.max())
-        scale = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
-        out = array.astype(np.float32) / scale
+        out = array.astype(np.float32) / white_level(array.dtype, float(array.max()))
     elif np.issubdtype(array.dtype, np.floating):
         out = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         low, high = float(out.min()), float(out.max())

@@ -5,11 +5,17 @@ the same image replaces the older one), autosaves every pair it gets
 (`napari_sgdc.autosave.Autosave`), forgets the autosave of pairs once a kept fine-tune
 holds them, and recovers what earlier sessions left behind. Autosave failures never raise:
 they go to ``on_problem`` (the dock shows a warning once).
+
+With ``background=True`` (the Fine-tune dock) every write runs on one writer thread, in the
+order asked, so a large pair never freezes the window; the pair is in the list (memory) before
+its write starts, reads (`pending`, `recover`) wait for the writes before them (`flush`), and
+the writer thread is joined at exit, so a closing napari finishes writing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from napari_sgdc.autosave import Autosave, SavedPair
@@ -24,17 +30,21 @@ class TrainingList:
 
     Args:
         autosave: where pairs are autosaved (default: `Autosave()` of this session).
-        on_problem: called with one line when the autosave cannot be written or read.
+        on_problem: called with one line when the autosave cannot be written or read (from the
+            writer thread when `background`).
+        background: write on one background thread, in order (`flush` waits for the writes).
 
     Attributes:
         pairs: the pairs, oldest first.
     """
 
     def __init__(self, autosave: Autosave | None = None,
-                 on_problem: Callable[[str], Any] | None = None) -> None:
+                 on_problem: Callable[[str], Any] | None = None, *, background: bool = False) -> None:
         self.autosave = autosave if autosave is not None else Autosave()
         self.on_problem = on_problem
         self.pairs: list[TrainingPair] = []
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sgdc-autosave") if background else None
+        self._writes: list[Future] = []
 
     @property
     def titles(self) -> list[str]:
@@ -49,19 +59,33 @@ class TrainingList:
         else:
             self.on_problem(f"Could not {action} the autosave in {self.autosave.folder}: {exc}")
 
+    def _write(self, action: str, job: Callable[[], Any], now: bool = False) -> None:
+        """Runs `job` now (`now`, or no writer thread), else queues it on the writer thread; a
+        failure goes to ``on_problem``."""
+        def guarded() -> None:
+            try:
+                job()
+            except Exception as exc:  # noqa: BLE001 - e.g. a full disk: keep working
+                self._problem(action, exc)
+
+        if self._writer is None or now:
+            guarded()
+            return
+        self._writes = [write for write in self._writes if not write.done()] + [self._writer.submit(guarded)]
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Waits for the queued writes; True when none is left."""
+        return not wait(self._writes, timeout=timeout).not_done
+
     def save(self, pairs: Iterable[TrainingPair]) -> None:
         """Autosaves `pairs` (a failure goes to ``on_problem``)."""
-        try:
-            self.autosave.save(pairs)
-        except Exception as exc:  # noqa: BLE001 - e.g. a full disk: keep working
-            self._problem("write", exc)
+        pairs = list(pairs)
+        self._write("write", lambda: self.autosave.save(pairs))
 
     def forget(self, keys: Iterable[tuple[str, str]]) -> None:
         """Removes the autosaved pairs with these keys (image name, model source)."""
-        try:
-            self.autosave.remove(list(keys))
-        except Exception as exc:  # noqa: BLE001
-            self._problem("update", exc)
+        keys = list(keys)
+        self._write("update", lambda: self.autosave.remove(keys))
 
     def put(self, pair: TrainingPair) -> None:
         """Adds `pair` (replacing an earlier pair of the same image for the same model) and autosaves it."""
@@ -108,6 +132,7 @@ class TrainingList:
     # -- recovery ------------------------------------------------------------------------
     def pending(self) -> list[SavedPair]:
         """Autosaved pairs of earlier (or other) sessions; [] when the autosave cannot be read."""
+        self.flush()
         try:
             return self.autosave.pending()
         except Exception as exc:  # noqa: BLE001
@@ -125,10 +150,8 @@ class TrainingList:
         for pair in pairs:
             self.pairs = [p for p in self.pairs if p.key != pair.key] + [pair]
         readable = {pair.key for pair in pairs}
-        try:
-            self.autosave.adopt([entry for entry in pending if entry.key in readable])
-        except Exception as exc:  # noqa: BLE001
-            self._problem("update", exc)
+        # at once (`pending` flushed the queue): what was recovered is no longer offered
+        self._write("update", lambda: self.autosave.adopt([entry for entry in pending if entry.key in readable]), now=True)
         return pairs, problems
 
     def discard(self) -> None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..data.targets import instance_ids
+
 __all__ = [
     "EDIT_BAND",
     "EDIT_MARGIN",
@@ -85,16 +87,10 @@ def _check_pair(labels: np.ndarray, prediction: np.ndarray) -> tuple[np.ndarray,
 
 def _as_ids(array: np.ndarray) -> np.ndarray:
     """Non-negative int64 ids below 2**31 (bool → 0/1; negative values count as background;
-    larger ids are renumbered, keeping which pixels share an object)."""
-    if array.dtype == bool:
-        return array.astype(np.int64)
-    if not np.issubdtype(array.dtype, np.integer):
-        array = np.rint(np.nan_to_num(array))
-    ids = np.clip(array.astype(np.int64), 0, None)
-    if ids.size and int(ids.max()) >= 2**31:
-        values, inverse = np.unique(ids, return_inverse=True)
-        ids = inverse.reshape(ids.shape).astype(np.int64) + (values[0] > 0)
-    return ids
+    larger ids are renumbered, keeping which pixels share an object: `instance_ids`)."""
+    if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)):
+        array = np.rint(np.nan_to_num(array)).astype(np.int64)
+    return instance_ids(array).astype(np.int64)
 
 
 def _compare_as_ids(labels: np.ndarray, prediction: np.ndarray, instance: bool | None) -> bool:

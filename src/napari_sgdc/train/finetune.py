@@ -12,6 +12,7 @@ import torch
 
 from ..config import PRESETS, TrainConfig
 from ..data.datasets import Sample, SegmentationDataset
+from ..data.targets import instance_ids
 from ..data.transforms import resize_labels, to_uint8_rgb
 from ..device import model_device
 from ..grid import check_image_mpp, resample_image, working_shape
@@ -73,7 +74,7 @@ def _prepare_pairs(
         if prediction is None and not np.any(label > 0):  # erasing everything is a correction
             raise ValueError(f"labels {index} are all background; paint or correct some objects first")
         if instance and label.dtype != bool:
-            mask = label.astype(np.int32)
+            mask = instance_ids(label)
         else:
             mask = label > 0
         samples.append(Sample(name=f"pair_{index}", image=image_rgb, mask=mask))

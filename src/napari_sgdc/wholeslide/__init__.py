@@ -4,7 +4,7 @@ an object table, QuPath GeoJSON, and optional execution on a Dask cluster.
 
 Modules: `plan` (the working grid on the slide: `SlidePlan`, `plan_slide`, `read_working`),
 `store` (the result store: layout, `slide_stem`, `store_paths`, `open_store` / `ResultStore`,
-`store_state`, and `check_outputs`, the one exists / resume / overwrite policy), `tiles` (the
+`store_state`, `store_status` (the lifecycle: new, running, interrupted, failed, complete), and `check_outputs`, the one exists / resume / overwrite policy), `tiles` (the
 three kinds of task), `workers` (slide and model per process, the local and Dask executors),
 `run` (`segment_slide`) and `export` (`export_objects`).
 
@@ -45,11 +45,11 @@ from ..grid import DEFAULT_MARGIN, DEFAULT_TILE
 from .export import OBJECT_COLUMNS, export_objects
 from .plan import SlidePlan, plan_slide, read_working
 from .run import SlideResult, segment_slide
-from .store import (FORMAT, ResultStore, StoreExistsError, StorePaths, check_outputs, open_store, read_store_attrs,
-                    read_store_labels, slide_stem, store_paths, store_state)
+from .store import (FORMAT, STATUSES, ResultStore, StoreExistsError, StorePaths, check_outputs, open_store,
+                    read_store_attrs, read_store_labels, slide_stem, store_paths, store_state, store_status)
 
 __all__ = ["SlideResult", "StoreExistsError", "export_objects", "read_store_labels", "segment_slide",
            "OBJECT_COLUMNS", "DEFAULT_TILE", "DEFAULT_MARGIN", "FORMAT", "SlidePlan", "plan_slide", "read_working",
            "ResultStore", "StorePaths", "check_outputs", "open_store", "read_store_attrs", "slide_stem", "store_paths",
-           "store_state"]
+           "store_state", "store_status", "STATUSES"]
 

@@ -19,7 +19,16 @@ from ..grid import DEFAULT_MARGIN, DEFAULT_TILE, choose_level, level_factor, mpp
 from ..postprocess import PostprocessOptions
 from ..slide import Slide, SlideError
 
-__all__ = ["SlidePlan", "plan_slide", "read_working", "check_tiling", "roi_box"]
+__all__ = ["SlidePlan", "plan_slide", "read_working", "check_tiling", "roi_box", "plan_problem"]
+
+MAX_TILES = 10_000
+"""A plan with more tiles to run is absurd unless confirmed (`plan_problem`; about a 40x slide of 160,000² px)."""
+MAX_HOURS = 24.0
+"""A plan estimated to take longer is absurd unless confirmed."""
+MAX_UPSAMPLING = 4.0
+"""A working grid this many times finer than the slide's level 0 (a wrong --mpp) is absurd unless confirmed."""
+SECONDS_PER_WINDOW = 2.0
+"""CPU seconds per 1152² window in float32 (docs/performance.md, whole slides), for the estimate only."""
 
 SIGNATURE_DEFAULTS = {"amp": False, "tta": False}
 """Plan fields added after stores were first written, with the value those stores were made with."""
@@ -45,6 +54,7 @@ class SlidePlan:
         threshold, split_level, min_size, instances: post-processing.
         roi: working px (y0, x0, y1, x1) whose objects are kept.
         threads: torch threads per task (0: as is); amp: bf16 autocast; tta: the 8 flips and rotations.
+        weights_sha256: the hash of the model's weights (a resume with other weights is refused).
     """
 
     slide_path: str
@@ -67,6 +77,7 @@ class SlidePlan:
     threads: int = 0
     amp: bool = False  # bf16 autocast where the device runs it natively
     tta: bool = False  # test-time augmentation: 8 forward passes per tile
+    weights_sha256: str | None = None  # the model's weights (`workers.weights_hash`); None: not recorded
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -101,6 +112,21 @@ class SlidePlan:
         values = {k: v for k, v in stored_signature(signature).items() if k in known}
         values["roi"] = tuple(int(v) for v in values["roi"])
         return cls(**values, store=str(store))
+
+
+def plan_problem(plan: SlidePlan, tiles: int) -> str | None:
+    """Why running `tiles` tiles of `plan` looks absurd (one line), or None: more than `MAX_TILES`
+    tiles, an estimate over `MAX_HOURS` hours (CPU, `SECONDS_PER_WINDOW`), or a working grid
+    more than `MAX_UPSAMPLING` times finer than the slide (usually a wrong µm/px)."""
+    hours = tiles * SECONDS_PER_WINDOW * (plan.window / 1152) ** 2 * (8 if plan.tta else 1) / 3600
+    upsampling = 1.0 / plan.to_level0
+    what = f"{tiles:,} tiles of {plan.tile} px (about {hours:,.1f} h on a CPU)"
+    if upsampling > MAX_UPSAMPLING:
+        return (f"the plan enlarges the slide {upsampling:.1f}x (slide {plan.slide_mpp:g} µm/px, model "
+                f"{plan.working_mpp:g} µm/px) into {what}: is the µm/px right?")
+    if tiles > MAX_TILES or hours > MAX_HOURS:
+        return f"the plan has {what}, over the limit of {MAX_TILES:,} tiles or {MAX_HOURS:g} h"
+    return None
 
 
 def check_tiling(tile: int, margin: int) -> None:
@@ -138,7 +164,8 @@ def slide_mpp(slide: Slide, mpp: float | None) -> float:
 
 def plan_slide(config, slide: Slide, out: str | Path, *, roi=None, mpp: float | None = None,
                tile: int = DEFAULT_TILE, margin: int = DEFAULT_MARGIN, options: PostprocessOptions | None = None,
-               threads: int = 0, amp: bool = False, tta: bool = False) -> SlidePlan:
+               threads: int = 0, amp: bool = False, tta: bool = False,
+               weights_sha256: str | None = None) -> SlidePlan:
     """The plan of segmenting `slide` with a model of `config` into the store `out`.
 
     The working grid is the slide at the model's µm/px (the slide's own when the model's is
@@ -167,7 +194,7 @@ def plan_slide(config, slide: Slide, out: str | Path, *, roi=None, mpp: float | 
                      height=height, width=width, tile=tile, margin=margin, store=str(Path(out).resolve()),
                      threshold=options.threshold, split_level=options.split_level,
                      min_size=options.min_size, instances=bool(getattr(config, "is_instance", True)), roi=box,
-                     threads=threads, amp=bool(amp), tta=bool(tta))
+                     threads=threads, amp=bool(amp), tta=bool(tta), weights_sha256=weights_sha256)
 
 
 def read_working(slide: Slide, plan: SlidePlan, y0: int, x0: int, height: int, width: int) -> np.ndarray:

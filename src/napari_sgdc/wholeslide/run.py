@@ -17,10 +17,10 @@ from ..grid import DEFAULT_MARGIN, DEFAULT_TILE
 from ..postprocess import PostprocessOptions
 from ..slide import Slide, TissueMask, detect_tissue, open_slide
 from .plan import SlidePlan, plan_slide
-from .store import (SCRATCH, check_outputs, create_store, mark_complete, n_levels, read_store_attrs, record_path,
-                    slide_stem)
+from .store import (SCRATCH, StoreExistsError, check_outputs, create_store, ensure_scratch, incoming_path, mark_complete, n_levels,
+                    read_store_attrs, record_path, scratch_present, set_status, slide_stem, swap_in)
 from .tiles import label_chunk_task, pyramid_task, tile_task
-from .workers import DaskExecutor, LocalExecutor, model_config
+from .workers import DaskExecutor, LocalExecutor, model_config, weights_hash
 
 __all__ = ["SlideResult", "segment_slide", "tiles_to_run"]
 
@@ -96,6 +96,18 @@ def _tile_count(plan: SlidePlan, i: int, j: int) -> int:
     return int(np.load(record_path(plan, i, j))["ids"].size)
 
 
+def done_tiles(plan: SlidePlan, tiles: list) -> int:
+    """How many of `tiles` are done; a tile whose record holds objects but whose scratch labels are
+    gone (a partly cleaned scratch folder) is not done: its record is removed, so it runs again."""
+    done = 0
+    for i, j in tiles:
+        record = record_path(plan, i, j)
+        if record.exists() and _tile_count(plan, i, j) and not scratch_present(plan, i, j):
+            record.unlink()
+        done += record.exists()
+    return done
+
+
 def _run_phases(plan: SlidePlan, executor, tiles: list, resumed: int, progress, cancel) -> tuple[int, int]:
     """Phases 1-3 over the `tiles` to run; returns (objects, too large)."""
     pending = [(plan, i, j) for i, j in tiles if not record_path(plan, i, j).exists()]
@@ -125,12 +137,71 @@ def _run_phases(plan: SlidePlan, executor, tiles: list, resumed: int, progress, 
     return total, too_large
 
 
+def _target(out: Path, action: str) -> Path:
+    """Where the run writes: the store itself, or (overwrite) a new store beside it, swapped in on success."""
+    if action != "replace":
+        return out
+    target = incoming_path(out)
+    if target.exists():  # left by an overwrite that was killed: ours to replace, never someone else's
+        if read_store_attrs(target) is None:
+            raise StoreExistsError(f"{target} exists and is not a napari-sgdc slide store; not replaced")
+        shutil.rmtree(target)
+    return target
+
+
+def _run_store(plan: SlidePlan, executor, tiles: list, progress, cancel, keep: bool) -> tuple[int, int, int]:
+    """Runs the phases with the store's lifecycle recorded: running, then complete, interrupted
+    (cancel, Ctrl-C) or failed (an error, recorded). A failed or interrupted overwrite (`keep` False)
+    removes its new store: the old one was never touched. Returns (objects, too large, tiles resumed)."""
+    from ..inference import Cancelled
+
+    store = Path(plan.store)
+    set_status(store, "running")
+    try:
+        ensure_scratch(plan)
+        resumed = done_tiles(plan, tiles)
+        total, too_large = _run_phases(plan, executor, tiles, resumed, progress, cancel)
+    except (Cancelled, KeyboardInterrupt) as error:
+        _stopped(store, keep, "interrupted", error=str(error) or "interrupted")
+        raise
+    except BaseException as error:
+        _stopped(store, keep, "failed", error=" ".join(str(error).split()) or type(error).__name__)
+        raise
+    mark_complete(plan, total, too_large)
+    shutil.rmtree(store / SCRATCH, ignore_errors=True)  # after complete: a kill here loses nothing
+    return total, too_large, resumed
+
+
+def _stopped(store: Path, keep: bool, status: str, error: str) -> None:
+    try:
+        if keep:
+            set_status(store, status, error=error)
+        else:
+            shutil.rmtree(store, ignore_errors=True)
+    except OSError:  # a full disk: the store stays "running" with a dead owner, which reads as interrupted
+        pass
+
+
+def _finished(plan: SlidePlan, out: Path, attrs: dict, start: float) -> SlideResult:
+    """The result of a resume of a complete store: nothing to do."""
+    from .store import open_store
+
+    tiles, _ = open_store(out).tiles_done
+    shutil.rmtree(out / SCRATCH, ignore_errors=True)
+    ny, nx = plan.grid
+    return SlideResult(store=out, n_objects=int(attrs["n_objects"]), tiles_total=ny * nx, tiles_run=tiles,
+                       tiles_resumed=tiles, too_large=int(attrs["too_large"]), working_mpp=plan.working_mpp,
+                       shape=(plan.height, plan.width), level=plan.level, tissue_fraction=tiles / max(1, ny * nx),
+                       seconds=time.perf_counter() - start)
+
+
 def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None, tissue="auto",
                   mpp: float | None = None, tile: int = DEFAULT_TILE, margin: int = DEFAULT_MARGIN,
                   options: PostprocessOptions | None = None, progress: Callable[[int, int], None] | None = None,
                   cancel: threading.Event | None = None, resume: bool = False, overwrite: bool = False,
                   client=None, threads: int = 0, amp: bool = False, tta: bool = False,
-                  uncertainty: bool | str = False) -> SlideResult:
+                  uncertainty: bool | str = False,
+                  before_start: Callable[[SlidePlan, int], None] | None = None) -> SlideResult:
     """Segments a whole slide into an OME-Zarr store (see the package docstring).
 
     Args:
@@ -150,8 +221,10 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
         progress: ``progress(done, total)`` after every tile.
         cancel: a `threading.Event`; when set, the run stops after the current tile and raises
             `napari_sgdc.inference.Cancelled`; ``resume=True`` continues it later.
-        resume: continue an interrupted run into an existing store made with the same settings.
-        overwrite: replace an existing store (only one written by this function).
+        resume: continue an interrupted run into an existing store made with the same settings and
+            the same model weights (a complete store: nothing to do).
+        overwrite: replace an existing store (only one written by this function): the new store is
+            written beside it and swapped in only when complete; a failure keeps the old one.
         client: a ``dask.distributed.Client``: tiles run as tasks on its cluster.
         threads: torch threads per task (0 = leave as is).
         amp: bf16 autocast for the network where the device runs bf16 natively (as in
@@ -160,6 +233,8 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
             flips and 90° rotations (8× the network time); part of the settings a resume must match.
         uncertainty: not available for whole slides (the store holds no uncertainty map):
             anything but False is refused with a ValueError before any work.
+        before_start: ``before_start(plan, tiles to run)`` after planning, before anything is
+            written; it may raise to refuse the run (the CLI's check of an absurd plan).
 
     Returns:
         A `SlideResult`.
@@ -168,7 +243,8 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
         SlideError: a slide that cannot be read, or no µm/px; nothing is written.
         StoreExistsError: `out` exists and neither `resume` nor `overwrite` is set (`check_outputs`).
         ValueError: resume with other settings, bad tile/margin/roi, or `uncertainty`.
-        Cancelled: `cancel` was set.
+        Cancelled: `cancel` was set (the store is recorded as interrupted).
+        SlideError: a tile that cannot be read, named (the store is recorded as failed).
     """
     if uncertainty:
         raise ValueError("uncertainty maps are not available for whole slides; segment a region as an image for them")
@@ -178,30 +254,32 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
         slide = open_slide(slide, mpp=mpp)
     try:
         out = Path(out)
-        plan = plan_slide(model_config(model), slide, out, roi=roi, mpp=mpp, tile=int(tile), margin=int(margin),
-                          options=options, threads=int(threads), amp=amp, tta=tta)
+        settings = dict(roi=roi, mpp=mpp, tile=int(tile), margin=int(margin), options=options, threads=int(threads),
+                        amp=amp, tta=tta, weights_sha256=weights_hash(model))
+        plan = plan_slide(model_config(model), slide, out, **settings)
         action = check_outputs(out, plan, resume=resume, overwrite=overwrite)
-        if action == "replace":
-            shutil.rmtree(out)
+        done = read_store_attrs(out) if action == "resume" else None
+        if done and done.get("complete"):  # resuming a finished run: nothing left to do
+            return _finished(plan, out, done, start)
+        target = _target(out, action)
+        if target != out:
+            plan = plan_slide(model_config(model), slide, target, **settings)
         tissue_mask = _tissue_mask(tissue, slide, plan.slide_mpp)
         run = tiles_to_run(plan, tissue_mask)
+        if before_start is not None:
+            before_start(plan, int(run.sum()))
         if action != "resume":
             create_store(plan, tissue_mask, run, slide_stem(out))
         tiles = [(int(i), int(j)) for i, j in zip(*np.nonzero(run))]
-        resumed = sum(record_path(plan, i, j).exists() for i, j in tiles)
         executor = DaskExecutor(client, model) if client is not None else LocalExecutor(model)
-        done = read_store_attrs(out) if action == "resume" else None
-        if done and done.get("complete"):  # resuming a finished run: nothing left to do
-            total, too_large = int(done["n_objects"]), int(done["too_large"])
-        else:
-            total, too_large = _run_phases(plan, executor, tiles, resumed, progress, cancel)
-            shutil.rmtree(out / SCRATCH, ignore_errors=True)  # the scratch labels are no longer needed
-            mark_complete(plan, total, too_large)
+        total, too_large, resumed = _run_store(plan, executor, tiles, progress, cancel, keep=target == out)
+        if target != out:
+            swap_in(target, out)
         ny, nx = plan.grid
         return SlideResult(store=out, n_objects=total, tiles_total=ny * nx, tiles_run=len(tiles),
-                           tiles_resumed=resumed, too_large=too_large, working_mpp=plan.working_mpp, shape=(plan.height, plan.width),
-                           level=plan.level, tissue_fraction=len(tiles) / max(1, ny * nx),
-                           seconds=time.perf_counter() - start)
+                           tiles_resumed=resumed, too_large=too_large, working_mpp=plan.working_mpp,
+                           shape=(plan.height, plan.width), level=plan.level,
+                           tissue_fraction=len(tiles) / max(1, ny * nx), seconds=time.perf_counter() - start)
     finally:
         if owned_slide:
             slide.close()

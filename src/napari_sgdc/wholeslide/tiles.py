@@ -15,8 +15,9 @@ import numpy as np
 
 from ..files import atomic_write
 from ..postprocess import postprocess
+from ..slide import SlideError
 from .plan import SlidePlan, read_working
-from .store import SCRATCH, level_shape, open_group, record_path
+from .store import SCRATCH, SLIDE_LABEL_DTYPE, level_shape, open_group, record_path
 from .workers import resolve_model, worker_slide
 
 __all__ = ["tile_task", "label_chunk_task", "pyramid_task", "drop_collinear", "polygons", "haematoxylin_od"]
@@ -42,7 +43,11 @@ def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
     t, m = plan.tile, plan.margin
     y0, x0 = i * t, j * t
     wy, wx = y0 - m, x0 - m
-    rgb = read_working(slide, plan, wy, wx, plan.window, plan.window)
+    try:
+        rgb = read_working(slide, plan, wy, wx, plan.window, plan.window)
+    except SlideError as error:  # a corrupted tile stops the run, named (docs/wholeslide.md)
+        raise SlideError(f"{error} [tile {i},{j}: level-0 pixels x {int(wx * plan.to_level0)}, "
+                         f"y {int(wy * plan.to_level0)}]") from None
     prob, separation = predict_maps(model, rgb, tile=None, amp=plan.amp, tta=plan.tta)
     options = plan.options()
     mask, labels = postprocess(prob, separation, options, single_object=False, instances=plan.instances)
@@ -158,7 +163,7 @@ def label_chunk_task(plan: SlidePlan, i: int, j: int, offsets: dict) -> None:
     t, m, window = plan.tile, plan.margin, plan.window
     y0, x0 = i * t, j * t
     h, w = min(t, plan.height - y0), min(t, plan.width - x0)
-    out = np.zeros((h, w), np.int32)
+    out = np.zeros((h, w), SLIDE_LABEL_DTYPE)
     owned = root[f"{SCRATCH}/owned"]
     ny, nx = plan.grid
     neighbours = [(i, j)] + [(a, b) for a in range(i - 1, i + 2) for b in range(j - 1, j + 2) if (a, b) != (i, j)]
@@ -173,7 +178,7 @@ def label_chunk_task(plan: SlidePlan, i: int, j: int, offsets: dict) -> None:
         local = np.asarray(owned[a, b, r0 - wy:r1 - wy, c0 - wx:c1 - wx])
         target = out[r0 - y0:r1 - y0, c0 - x0:c1 - x0]
         paint = (local > 0) & (target == 0)
-        target[paint] = local[paint] + offsets[(a, b)][0]
+        target[paint] = local[paint].astype(np.uint64) + offsets[(a, b)][0]
     root["labels/nuclei/0"][y0:y0 + h, x0:x0 + w] = out
 
 

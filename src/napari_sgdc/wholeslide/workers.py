@@ -10,7 +10,7 @@ from pathlib import Path
 from ..slide import Slide, open_slide
 from .plan import SlidePlan
 
-__all__ = ["LocalExecutor", "DaskExecutor", "model_config", "resolve_model", "worker_slide"]
+__all__ = ["LocalExecutor", "DaskExecutor", "model_config", "resolve_model", "weights_hash", "worker_slide"]
 
 _SLIDES: dict[tuple, Slide] = {}
 _SLIDES_LOCK = threading.Lock()
@@ -48,6 +48,23 @@ def resolve_model(model):
             _MODELS[key] = load_model(key, device="cpu")
         return _MODELS[key]
     return model
+
+
+def weights_hash(model) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes, bytes): a fine-tuned copy differs, the
+    same weights loaded from a name, a path or in memory do not."""
+    import hashlib
+
+    import torch
+
+    model = resolve_model(model)
+    digest = hashlib.sha256()
+    state = model.state_dict() if hasattr(model, "state_dict") else {}
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 class LocalExecutor:
