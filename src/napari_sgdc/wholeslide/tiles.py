@@ -20,7 +20,7 @@ from .plan import SlidePlan, read_working
 from .store import SCRATCH, SLIDE_LABEL_DTYPE, level_shape, open_group, record_path
 from .workers import resolve_model, worker_slide
 
-__all__ = ["tile_task", "label_chunk_task", "pyramid_task", "drop_collinear", "polygons", "haematoxylin_od"]
+__all__ = ["tile_task", "owned_objects", "label_chunk_task", "pyramid_task", "drop_collinear", "polygons", "haematoxylin_od"]
 
 HE_STAINS = ((0.65111, 0.70119, 0.29049), (0.2159, 0.8012, 0.5581))
 """QuPath's default H&E stain vectors (haematoxylin, eosin): the OD a unit of each stain adds to R, G, B."""
@@ -60,32 +60,7 @@ def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
     root["0"][:, y0:y0 + core_h, x0:x0 + core_w] = np.round(np.clip(quantised, 0, 1) * 255).astype(np.uint8)
 
     n = int(labels.max())
-    ids = np.arange(1, n + 1)
-    owned_local = np.zeros(0, np.int64)
-    too_large = 0
-    stats = {}
-    if n:
-        rows, cols = np.indices(labels.shape)
-        area = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.float64)
-        cy = np.bincount(labels.ravel(), weights=rows.ravel(), minlength=n + 1)[1:] / np.maximum(area, 1)
-        cx = np.bincount(labels.ravel(), weights=cols.ravel(), minlength=n + 1)[1:] / np.maximum(area, 1)
-        mean_p = np.bincount(labels.ravel(), weights=prob.ravel().astype(np.float64), minlength=n + 1)[1:] \
-            / np.maximum(area, 1)
-        mean_h = np.bincount(labels.ravel(), weights=haematoxylin_od(rgb).ravel(), minlength=n + 1)[1:] \
-            / np.maximum(area, 1)
-        gy, gx = cy + wy, cx + wx  # global working coordinates of the centroids
-        ry0, rx0, ry1, rx1 = plan.roi
-        own = (area > 0) & (gy >= y0) & (gy < y0 + t) & (gx >= x0) & (gx < x0 + t) \
-            & (gy >= ry0) & (gy < ry1) & (gx >= rx0) & (gx < rx1)
-        edge = np.zeros(n + 1, bool)
-        for border in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-            edge[border] = True
-        touching = edge[1:]
-        too_large = int((own & touching).sum())
-        own &= ~touching
-        owned_local = ids[own]
-        stats = {"centroid_y": gy[own], "centroid_x": gx[own], "area": area[own], "mean_probability": mean_p[own],
-                 "mean_haematoxylin_od": mean_h[own]}
+    owned_local, too_large, stats = owned_objects(plan, labels, prob, rgb, i, j)
     remap = np.zeros(n + 1, np.int32)
     remap[owned_local] = np.arange(1, owned_local.size + 1, dtype=np.int32)
     owned = remap[labels]
@@ -106,6 +81,40 @@ def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
 
     atomic_write(record, write)
     return int(owned_local.size)
+
+
+def owned_objects(plan: SlidePlan, labels: np.ndarray, prob: np.ndarray, rgb: np.ndarray, i: int,
+                  j: int) -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
+    """The ownership rule for tile (i, j)'s window labels: the local ids whose centroid lies in the
+    core and the roi and that do not reach the window's edge; how many reached it (too large); and
+    the owned objects' measurements (global working centroids, area, mean probability and
+    haematoxylin OD)."""
+    n = int(labels.max())
+    if not n:
+        return np.zeros(0, np.int64), 0, {}
+    t, m = plan.tile, plan.margin
+    y0, x0 = i * t, j * t
+    wy, wx = y0 - m, x0 - m
+    flat = labels.ravel()
+    rows, cols = np.indices(labels.shape)
+    area = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        return np.bincount(flat, weights=values.ravel().astype(np.float64), minlength=n + 1)[1:] / np.maximum(area, 1)
+
+    gy, gx = mean(rows) + wy, mean(cols) + wx  # global working coordinates of the centroids
+    ry0, rx0, ry1, rx1 = plan.roi
+    own = (area > 0) & (gy >= y0) & (gy < y0 + t) & (gx >= x0) & (gx < x0 + t) \
+        & (gy >= ry0) & (gy < ry1) & (gx >= rx0) & (gx < rx1)
+    edge = np.zeros(n + 1, bool)
+    for border in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        edge[border] = True
+    touching = edge[1:]
+    too_large = int((own & touching).sum())
+    own &= ~touching
+    stats = {"centroid_y": gy[own], "centroid_x": gx[own], "area": area[own], "mean_probability": mean(prob)[own],
+             "mean_haematoxylin_od": mean(haematoxylin_od(rgb))[own]}
+    return np.arange(1, n + 1)[own], too_large, stats
 
 
 def haematoxylin_od(rgb: np.ndarray) -> np.ndarray:
