@@ -61,8 +61,8 @@ def synthetic_plane(size: int, seed: int = 0) -> tuple[PlaneMaps, list, list]:
     return PlaneMaps(probability.astype(np.float32), separation, PostprocessOptions(0.5, 0.5, 10)), faint, pairs
 
 
-def time_tools(maps: PlaneMaps, faint: list, pairs: list, clicks: int) -> dict[str, list[float]]:
-    """Seconds per call of each tool, `clicks` calls each."""
+def time_tools(maps: PlaneMaps, faint: list, pairs: list, n_clicks: int) -> dict[str, list[float]]:
+    """Seconds per call of each tool, `n_clicks` calls each."""
     _, labels = postprocess(maps.probability, maps.separation, maps.options, instances=True)
     mask = (labels > 0).astype(np.uint8)
     times: dict[str, list[float]] = {}
@@ -73,8 +73,8 @@ def time_tools(maps: PlaneMaps, faint: list, pairs: list, clicks: int) -> dict[s
         times.setdefault(name, []).append(time.perf_counter() - start)
 
     pairs = [(a, b) for a, b in pairs if labels[tuple(map(int, a))] and labels[tuple(map(int, b))]
-             and labels[tuple(map(int, a))] != labels[tuple(map(int, b))]][:clicks]
-    for center in faint[:clicks]:
+             and labels[tuple(map(int, a))] != labels[tuple(map(int, b))]][:n_clicks]
+    for center in faint[:n_clicks]:
         clock("add (missed nucleus)", lambda: clicks.add_object(labels, maps, center))
         clock("add region (semantic)", lambda: clicks.add_region(mask, maps, center))
     for a, b in pairs:

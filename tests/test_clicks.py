@@ -146,6 +146,15 @@ def test_split_without_separation_uses_the_distance_peaks():
     assert out[20, 18] != out[20, 40] and out[20, 18] and out[20, 40]
 
 
+def test_split_one_click_refuses_slivers():
+    sliver = np.zeros((20, 40), np.int32)
+    sliver[8:11, 5:13] = 3  # 24 px: its distance transform has two far-apart peaks, but the pieces are tiny
+    maps = PlaneMaps(np.ones(sliver.shape, np.float32), None, PostprocessOptions(min_size=30))
+    with pytest.raises(ClickError, match="no two parts"):
+        split_object(sliver, maps, [(9, 8)])
+    assert split_object(sliver, None, [(9, 6), (9, 12)]).pixels > 0  # two clicks: the user's call
+
+
 def test_split_refuses_clicks_in_two_objects(scene):
     labels, maps, centers = scene
     with pytest.raises(ClickError, match="not in object"):

@@ -381,7 +381,8 @@ def split_object(labels: np.ndarray, maps: PlaneMaps | None, points: Sequence[Se
     separation = None
     if maps is not None and maps.separation is not None:
         separation = np.nan_to_num(np.asarray(maps.separation, np.float32)[window], nan=1.0)
-    min_piece = max(2, int(obj.sum()) // 50)
+    min_size = maps.options.min_size if maps is not None else 0
+    min_piece = max(2, int(obj.sum()) // 8, min_size // 2)  # a stroke's pieces and an automatic split's
     if stroke is not None and len(stroke) >= 2:
         cut = np.zeros(obj.shape, bool)
         rows, cols = rows - window[0].start, cols - window[1].start
@@ -395,13 +396,16 @@ def split_object(labels: np.ndarray, maps: PlaneMaps | None, points: Sequence[Se
             markers[row - window[0].start, col - window[1].start] = index
     else:
         level = maps.options.split_level if maps is not None else 0.5
-        markers = _auto_markers(obj, separation, level, min_piece)
+        markers = _auto_markers(obj, separation, level, max(2, int(obj.sum()) // 25, min_size // 4))
     if markers.max() < 2:
         raise ClickError(f"Split: found no two parts in object {label}; click two points or draw a stroke across it")
     relief = separation if separation is not None else np.zeros(obj.shape, np.float32)
     pieces = marker_watershed(obj, relief, markers)
     sizes = np.bincount(pieces.ravel())
     sizes[0] = 0
+    if len(points) == 1 and stroke is None and sizes[sizes > 0].min() < min_piece:
+        raise ClickError(f"Split: object {label} has no two parts of {min_piece} px or more; click two points "
+                         "or draw a stroke across it")
     order = np.argsort(-sizes[1:]) + 1  # largest piece first: it keeps the id
     first = _next_id(labels, new_id)
     ids = np.zeros(len(sizes), np.int64)

@@ -23,7 +23,7 @@ import weakref
 from typing import Any, Callable
 
 import numpy as np
-from magicgui.widgets import Container, Label, PushButton
+from magicgui.widgets import Container, PushButton
 from napari.layers import Image
 
 from napari_sgdc._napari._clicks import GESTURES, ClickTarget, ClickTools
@@ -38,7 +38,9 @@ __all__ = ["QUEUE_KEYS", "ObjectQueue"]
 QUEUE_KEYS = {"next": "Shift-Right", "previous": "Shift-Left", "accept": "Shift-K", "delete": "Shift-X",
               "split": "Shift-D", "merge": "Shift-M"}
 CONTEXT = 4.0
-"""The view shows an object inside a square this many times its larger side."""
+"""The view shows an object inside a square this many times its larger side, ..."""
+MIN_VIEW = 96
+"""... and at least this many pixels wide."""
 
 
 def _inside_point(labels: np.ndarray, label: int, bbox: tuple[int, int, int, int]) -> tuple[int, int] | None:
@@ -91,12 +93,11 @@ class ObjectQueue:
         self._layer_ref: Callable[[], Any] = lambda: None
         self.review_button = PushButton(name="review_objects", text="Review objects",
                                         tooltip="Rank this plane's objects, most likely wrong first. " + GESTURES)
-        self.note = Label(name="queue_note", value="")
-        buttons = {name: PushButton(name=f"queue_{name}", text=f"{name} ({key})".capitalize())
+        buttons = {name: PushButton(name=f"queue_{name}", text=name.capitalize(), tooltip=f"{name} ({key})")
                    for name, key in QUEUE_KEYS.items()}
         self.buttons = buttons
         self.container = Container(name="object_review", layout="vertical", labels=False, widgets=[
-            self.review_button, self.note,
+            self.review_button,
             Container(layout="horizontal", labels=False, widgets=[buttons["previous"], buttons["next"],
                                                                    buttons["accept"]]),
             Container(layout="horizontal", labels=False, widgets=[buttons["delete"], buttons["split"],
@@ -172,7 +173,6 @@ class ObjectQueue:
             return None
 
     def _say(self, text: str) -> None:
-        self.note.value = text
         self._status(text)
 
     def _show(self, step: int) -> Any:
@@ -192,7 +192,7 @@ class ObjectQueue:
                 return None
         item = self.queue[self.position]
         top, left, bottom, right = item.bbox
-        half = CONTEXT * max(bottom - top, right - left) / 2
+        half = max(CONTEXT * max(bottom - top, right - left), MIN_VIEW) / 2
         row, col = (top + bottom) / 2, (left + right) / 2
         view = Region(int(row - half), int(col - half), int(row + half), int(col + half), item.score)
         image = self._image()
