@@ -87,6 +87,10 @@ def time_tools(maps: PlaneMaps, faint: list, pairs: list, n_clicks: int) -> dict
         middle = (np.asarray(a) + np.asarray(b)) / 2
         stroke = [middle - [14, 0], middle + [14, 0]]
         clock("split (stroke)", lambda: clicks.split_object(merged, maps, stroke=stroke))
+        row, col = (int(v) for v in a)  # out of the top edge of the object at a, and back: a bump
+        edge = row - int(np.argmax(labels[row::-1, col] != labels[row, col]))
+        outline = [(edge + 2, col - 3), (edge - 5, col), (edge + 2, col + 3)]
+        clock("fix outline (stroke)", lambda: clicks.reshape_object(labels, outline))
     uncertainty = np.abs(maps.probability - 0.5).astype(np.float32)
     for _ in range(3):
         clock("review queue (whole plane)", lambda: rank_objects(labels, maps.separation, uncertainty))

@@ -13,6 +13,7 @@ from napari_sgdc.clicks import (
     delete_object,
     merge_objects,
     remove_region,
+    reshape_object,
     split_object,
 )
 from napari_sgdc.postprocess import PostprocessOptions, postprocess
@@ -159,6 +160,45 @@ def test_split_refuses_clicks_in_two_objects(scene):
     labels, maps, centers = scene
     with pytest.raises(ClickError, match="not in object"):
         split_object(labels, maps, [centers["A"], centers["C"]])
+
+
+def _square_with_neighbour():
+    labels = np.zeros((40, 50), np.int32)
+    labels[10:30, 10:30] = 4
+    labels[2:8, 30:40] = 9  # a neighbour the strokes pass by
+    return labels
+
+
+def test_outline_stroke_out_adds_what_it_encloses():
+    labels = _square_with_neighbour()
+    edit = reshape_object(labels, [(10, 14), (3, 20), (10, 26)])
+    out = edit.apply(labels.copy())
+    assert (out[labels == 4] == 4).all()  # nothing removed
+    assert (out[6:10, 18:23] == 4).all() and out[2, 20] == 0  # the enclosed bump, not beyond the stroke
+    assert edit.text.startswith("reshaped object 4 (+") and edit.text.endswith("-0 px)")
+    assert (out == 9).sum() == (labels == 9).sum()
+
+
+def test_outline_stroke_in_cuts_off_a_stretch():
+    labels = _square_with_neighbour()
+    out = reshape_object(labels, [(10, 14), (20, 20), (10, 26)]).apply(labels.copy())
+    assert out[12, 20] == 0 and out[25, 20] == 4 and out[11, 11] == 4  # the notch is gone, the rest stays
+    from scipy import ndimage
+
+    assert ndimage.label(out == 4)[1] == 1
+
+
+def test_outline_stroke_never_takes_a_neighbour_and_refuses_loose_strokes():
+    labels = _square_with_neighbour()
+    out = reshape_object(labels, [(10, 26), (4, 36), (10, 29)]).apply(labels.copy())
+    assert (out == 9).sum() == (labels == 9).sum()
+    with pytest.raises(ClickError, match="edge of object 4"):
+        reshape_object(labels, [(10, 20), (0, 0)])
+    with pytest.raises(ClickError, match="touches no object|start or end"):
+        reshape_object(labels, [(35, 2), (35, 8)])
+    mask = (labels == 4).astype(np.uint8)
+    bumped = reshape_object(mask, [(10, 14), (3, 20), (10, 26)]).apply(mask.copy())
+    assert set(np.unique(bumped)) == {0, 1} and bumped.sum() > mask.sum()
 
 
 def test_semantic_add_and_remove_a_region():

@@ -29,10 +29,14 @@ Semantic models (lesions): `add_region` adds the connected region of the probabi
 thresholded as for `add_object` at the click; `remove_region` removes the clicked
 8-connected region of the mask.
 
-Fix outline: the chosen design is an *outline stroke* (lesions and nuclei alike: the user
-draws the new boundary stretch from the object's edge, out or in, back to its edge; what it
-encloses is added, what it cuts off is removed). It is not built yet: until it is, napari's
-paint brush and eraser fix outlines.
+Fix outline (`reshape_object`, nuclei and lesions alike): an *outline stroke*, not a drag of
+the boundary and not a paint stroke that snaps to the probability. The user draws the new
+boundary stretch from the object's edge, out or in, back to its edge: what the stroke and the
+object enclose is added, what the stroke cuts off (every piece but the largest) is removed,
+and the stroke's pixels join the object. Pixels of other objects are never taken. A stroke
+is one gesture whatever the shape (a drag of the boundary needs handles and moves only
+one stretch's vertices), and it needs no map: where the model's probability is wrong, which
+is where the user corrects, a stroke snapping to it would snap to the wrong edge.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ __all__ = [
     "delete_object",
     "merge_objects",
     "remove_region",
+    "reshape_object",
     "search_radius",
     "split_object",
 ]
@@ -68,6 +73,8 @@ DEFAULT_RADIUS = 12.0
 """The object radius assumed when the plane has no objects yet."""
 MERGE_GAP = 2
 """`merge_objects` joins objects at most this many pixels apart, filling the gap."""
+OUTLINE_REACH = 3
+"""An outline stroke starts and ends within this many pixels of the object it reshapes."""
 
 _CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
 _SQUARE = np.ones((3, 3), bool)
@@ -446,3 +453,57 @@ def remove_region(mask: np.ndarray, point: Sequence[float]) -> Edit:
     rows, cols = np.nonzero(regions == regions[row, col])
     return Edit((rows, cols), mask[rows, cols].copy(), np.zeros(rows.size, mask.dtype),
                 f"removed a region of {rows.size} px")
+
+
+def _stroke_object(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> int:
+    """The object an outline stroke reshapes: the one under its start, else its end, else the
+    one it crosses most."""
+    for index in (0, -1):
+        if labels[rows[index], cols[index]]:
+            return int(labels[rows[index], cols[index]])
+    hit = labels[rows, cols]
+    if not hit.any():
+        raise ClickError("Outline: start or end the stroke on the object to reshape")
+    return int(np.bincount(hit[hit > 0]).argmax())
+
+
+def reshape_object(labels: np.ndarray, stroke: Sequence[Sequence[float]]) -> Edit:
+    """Fix outline: an outline stroke from the object's edge, out or in, back to its edge
+    replaces that stretch of its boundary (module docstring). Works on instance labels and on
+    semantic masks (the region keeps its value).
+
+    Raises:
+        ClickError: a stroke of fewer than two points, or one that touches no object.
+    """
+    from scipy import ndimage
+
+    if stroke is None or len(stroke) < 2:
+        raise ClickError("Outline: draw a stroke from the object's edge and back")
+    rows, cols = _stroke_pixels(stroke, labels.shape)
+    if not rows.size:
+        raise ClickError("Outline: the stroke is outside the image")
+    label = _stroke_object(labels, rows, cols)
+    obj_rows, obj_cols = np.nonzero(labels == label)
+    top, left = min(obj_rows.min(), rows.min()), min(obj_cols.min(), cols.min())
+    bottom, right = max(obj_rows.max(), rows.max()) + 1, max(obj_cols.max(), cols.max()) + 1
+    window = _window(labels.shape, int(top), int(left), int(bottom), int(right), 2)
+    plane = labels[window]
+    free = (plane == 0) | (plane == label)
+    line = np.zeros(plane.shape, bool)
+    line[rows - window[0].start, cols - window[1].start] = True
+    near = ndimage.binary_dilation(plane == label, _SQUARE, iterations=OUTLINE_REACH)
+    for row, col in ((rows[0], cols[0]), (rows[-1], cols[-1])):
+        if not near[row - window[0].start, col - window[1].start]:
+            raise ClickError(f"Outline: start and end the stroke on the edge of object {label}")
+    line = ndimage.binary_dilation(line, _CROSS) & free  # a 4-connected barrier
+    grown = ndimage.binary_fill_holes((plane == label) | line) & free
+    pieces, count = ndimage.label(grown & ~line, structure=_CROSS)
+    if count == 0:
+        raise ClickError(f"Outline: the stroke would leave nothing of object {label}")
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    kept = pieces == int(sizes.argmax())
+    new_obj = kept | (line & ndimage.binary_dilation(kept, _SQUARE))
+    new = np.where(new_obj, label, np.where(plane == label, 0, plane))
+    added, removed = int((new_obj & (plane != label)).sum()), int((~new_obj & (plane == label)).sum())
+    return _diff(labels, window, new, f"reshaped object {label} (+{added} px, -{removed} px)")

@@ -93,6 +93,12 @@ def test_gestures_edit_the_mask_undoably_and_count_as_edits(nuclei, qtbot):
     mask.undo()  # one Ctrl-Z takes one click back
     assert mask.data[CENTRES["C"]] == before[CENTRES["C"]]
 
+    grown = (mask.data == mask.data[CENTRES["E"]]).sum()  # Ctrl-drag out of E's edge and back: a bump
+    _press(mask, tools, ("Control",), [(99, 131), (88, 135), (99, 139)])
+    assert (mask.data == mask.data[CENTRES["E"]]).sum() > grown and mask.data[93, 135] == mask.data[CENTRES["E"]]
+    assert viewer.status.startswith(f"reshaped object {mask.data[CENTRES['E']]} (+")
+    mask.undo()
+
     a, b = CENTRES["A"], CENTRES["B"]  # merge by a drag from A to B
     _press(mask, tools, ("Control", "Shift"), [a, (30, 38), b])
     assert mask.data[a] == mask.data[b]

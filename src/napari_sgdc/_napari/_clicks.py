@@ -6,6 +6,7 @@ With the mask layer selected in pan/zoom mode (napari's **Z**):
 |---|---|---|
 | Ctrl-click (Cmd-click on macOS) on background | add the object the model sees there | add the region the model sees there |
 | Ctrl-click on an object | delete it | remove the clicked region |
+| Ctrl-drag from an object's edge, out or in, back to its edge | fix its outline (`reshape_object`) | fix the region's outline |
 | Shift-click on an object | split it at its own seeds | — |
 | Shift-drag across an object | split it along the stroke | — |
 | Ctrl-Shift-drag from one object to another (or Ctrl-Shift-click one, then the other) | merge them | — |
@@ -33,8 +34,9 @@ from napari_sgdc.session import CorrectionSession
 __all__ = ["GESTURES", "ClickTarget", "ClickTools", "write_edit"]
 
 GESTURES = (
-    "Ctrl-click: add (background) or delete (object); Shift-click: split; Shift-drag across: split along it; "
-    "Ctrl-Shift-drag from one object to another: merge (mask layer in pan/zoom mode)"
+    "Ctrl-click: add (background) or delete (object); Ctrl-drag from an edge and back: fix the outline; "
+    "Shift-click: split; Shift-drag across: split along it; Ctrl-Shift-drag from one object to another: merge "
+    "(mask layer in pan/zoom mode)"
 )
 DRAG_PIXELS = 2.0
 """A press and release farther apart than this many data pixels is a drag (a stroke), else a click."""
@@ -160,6 +162,12 @@ class ClickTools:
             return self.apply(target, lambda: clicks.remove_region(target.labels, point))
         return self.apply(target, lambda: clicks.add_region(target.labels, target.maps, point))
 
+    def outline(self, target: ClickTarget, stroke: Sequence[Sequence[float]]) -> Edit | None:
+        """Ctrl-drag: the stroke replaces a stretch of the object's (region's) outline."""
+        from napari_sgdc import clicks
+
+        return self.apply(target, lambda: clicks.reshape_object(target.labels, stroke))
+
     def split(self, target: ClickTarget, points: Sequence[Sequence[float]] = (), *,
               stroke: Sequence[Sequence[float]] | None = None) -> Edit | None:
         """Shift-click (one point: the object's own seeds; two or more: markers) or Shift-drag (a stroke)."""
@@ -214,7 +222,7 @@ class ClickTools:
         path = [tuple(float(v) for v in point) for point in path]
         dragged = float(np.linalg.norm(np.subtract(path[-1], path[0]))) > DRAG_PIXELS if len(path) > 1 else False
         if modifiers == {"Control"}:
-            return self.add_or_delete(target, path[0])
+            return self.outline(target, path) if dragged else self.add_or_delete(target, path[0])
         if modifiers == {"Shift"}:
             return self.split(target, stroke=path) if dragged else self.split(target, [path[0]])
         if dragged:
