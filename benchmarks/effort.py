@@ -38,8 +38,12 @@ annotated images, predicted objects touching no annotated nucleus are left out, 
     python benchmarks/effort.py --images 2 --budgets 15,30,60,120      # the small run (about a minute)
     python benchmarks/effort.py --images 10 --seeds 0,1,2 --plot docs/images/effort_gbm40.png
 
-Not built yet: fine-tuning (``quick``) after each budget and scoring the other images of the
-domain (docs/results.md says what a full run needs).
+``--finetune`` also fine-tunes the built-in model (``quick``, with the predictions, as the GUI
+does) on each strategy's corrections at the **last** budget and scores ``--others`` other GBM40
+images (as ``benchmarks/finetune.py`` does) against the base model's score. Fine-tuning after every budget, and the random strategy's other seeds, are left to
+a full run (docs/results.md says what it needs).
+
+    python benchmarks/effort.py --images 2 --budgets 60 --finetune --others 4 --strategies queue,random,paint
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class Image:
     maps: object
     uncertainty: np.ndarray
     partial: bool
+    pixels: np.ndarray | None = None
     mistakes: list = field(default_factory=list)
 
 
@@ -266,14 +271,14 @@ def score(labels: np.ndarray, image: Image) -> float:
     return float(aji(labels, image.reference.astype(np.int64)))
 
 
-def walk(image: Image, strategy: str, seed: int, budgets: list[float]) -> list[float]:
-    """AJI of the image corrected along `strategy` at each budget (seconds)."""
+def walk(image: Image, strategy: str, seed: int, budgets: list[float]) -> tuple[list[float], list[np.ndarray]]:
+    """The image corrected along `strategy` at each budget (seconds): its AJI and its labels."""
     labels = image.prediction.astype(np.int32).copy()
     by_anchor = {}
     for mistake in image.mistakes:
         by_anchor.setdefault(mistake.anchor, []).append(mistake)
     fix = fix_by_painting if strategy == "paint" else fix_with_clicks
-    spent, scores, pending = 0.0, [], list(budgets)
+    spent, scores, snapshots, pending = 0.0, [], [], list(budgets)
     for anchor in order(image, strategy, seed):
         step = COSTS["look"]
         trial = labels.copy()
@@ -281,18 +286,40 @@ def walk(image: Image, strategy: str, seed: int, budgets: list[float]) -> list[f
             step += fix(trial, image, mistake)
         while pending and spent + step > pending[0]:
             scores.append(score(labels, image))
+            snapshots.append(labels.copy())
             pending.pop(0)
         if not pending:
             break
         spent, labels = spent + step, trial
     while pending:  # every object looked at within the budget
         scores.append(score(labels, image))
+        snapshots.append(labels.copy())
         pending.pop(0)
-    return scores
+    return scores, snapshots
 
 
-def load_images(count: int) -> list[Image]:
-    """GBM40 images segmented by the built-in nuclei model (partly annotated)."""
+def finetune_gain(model, images: list[Image], labels: list[np.ndarray], others: list) -> float:
+    """AJI on the `others` (GBM40 pairs, scored as benchmarks/finetune.py does) after a ``quick``
+    fine-tune on the corrected `images`; the model is restored afterwards."""
+    import copy
+
+    from finetune import partial_scores
+
+    from napari_sgdc.train import finetune
+    from napari_sgdc.train.finetune import finetune_config
+
+    state = copy.deepcopy(model.state_dict())
+    try:
+        finetune(model, [i.pixels for i in images], labels, finetune_config(model, "quick"),
+                 predictions=[i.prediction for i in images])
+        return partial_scores(model, others)["aji"]
+    finally:
+        model.load_state_dict(state)
+
+
+def load_images(count: int, others: int) -> tuple:
+    """The built-in nuclei model, the first `count` GBM40 images segmented by it (partly
+    annotated), and the next `others` GBM40 (image, annotation) pairs for the fine-tune gain."""
     from finetune import load
 
     from napari_sgdc.checkpoints import load_model
@@ -302,15 +329,16 @@ def load_images(count: int) -> list[Image]:
 
     model = load_model("nuclei", device="cpu")
     options = PostprocessOptions.for_model(model.config)
+    samples = load("gbm40", "train", task="instance")
     images = []
-    for sample in load("gbm40", "train", task="instance")[:count]:
+    for sample in samples[:count]:
         result = segment(model, sample.image, options, device="cpu", uncertainty=True)
         separation = result.separation if result.separation is not None else result.boundary
         image = Image(sample.name, result.labels, np.asarray(sample.mask), PlaneMaps(result.probability, separation,
-                      options), result.uncertainty, partial=True)
+                      options), result.uncertainty, partial=True, pixels=sample.image)
         image.mistakes = find_mistakes(image.prediction, image.reference, image.partial)
         images.append(image)
-    return images
+    return model, images, [(s.image, s.mask) for s in samples[count:count + others]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,21 +347,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="15,30,60,120", help="seconds of effort per image")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the random strategy")
     parser.add_argument("--plot", default=None, help="write the gain-effort curves to this PNG")
+    parser.add_argument("--finetune", action="store_true",
+                        help="also fine-tune (quick) on each strategy's corrections at the last budget and score "
+                             "--others GBM40 images (random: its first seed only)")
+    parser.add_argument("--others", type=int, default=4, help="GBM40 images scored after fine-tuning")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"some of {', '.join(STRATEGIES)}")
     args = parser.parse_args(argv)
     budgets = [float(v) for v in args.budgets.split(",")]
     started = time.perf_counter()
-    images = load_images(args.images)
+    model, images, others = load_images(args.images, args.others if args.finetune else 0)
     kinds = {}
     for image in images:
         for mistake in image.mistakes:
             kinds[mistake.kind] = kinds.get(mistake.kind, 0) + 1
     before = np.mean([score(image.prediction, image) for image in images])
     print(f"{len(images)} GBM40 images ({', '.join(i.name for i in images)}); mistakes {kinds}; AJI before {before:.4f}")
-    rows = {}
-    for strategy in STRATEGIES:
+    tuned_before = None
+    if args.finetune:
+        from finetune import partial_scores
+
+        tuned_before = partial_scores(model, others)["aji"]
+    rows, tuned = {}, {}
+    for strategy in args.strategies.split(","):
         seeds = [int(s) for s in args.seeds.split(",")] if strategy == "random" else [0]
-        runs = [np.mean([walk(image, strategy, seed, budgets) for image in images], axis=0) for seed in seeds]
+        runs, tuned_runs = [], []
+        for seed in seeds:
+            walks = [walk(image, strategy, seed, budgets) for image in images]
+            runs.append(np.mean([scores for scores, _ in walks], axis=0))
+            if args.finetune and seed == seeds[0]:
+                tuned_runs.append(finetune_gain(model, images, [snaps[-1] for _, snaps in walks], others))
         rows[strategy] = (np.mean(runs, axis=0), np.std(runs, axis=0) if len(runs) > 1 else None)
+        if tuned_runs:
+            tuned[strategy] = tuned_runs[0]
     print("\n| strategy | " + " | ".join(f"AJI gain at {b:g} s" for b in budgets) + " |")
     print("|---|" + "---:|" * len(budgets))
     for strategy, (mean, std) in rows.items():
@@ -342,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {strategy} | " + " | ".join(cells) + " |")
     print(f"\n(AJI points over {before:.4f}; click-tool fixes, all strategies: {OUTCOMES}; "
           f"{time.perf_counter() - started:.0f} s)")
+    if tuned:
+        print(f"\nquick fine-tune on the corrections at {budgets[-1]:g} s, AJI on {len(others)} other GBM40 images "
+              f"(the base model: {tuned_before:.4f}):")
+        for strategy, value in tuned.items():
+            print(f"| {strategy} | {value:.4f} | {100 * (value - tuned_before):+.1f} |")
     if args.plot:
         import matplotlib
 
