@@ -17,7 +17,7 @@ from napari_sgdc.clicks import (
     split_object,
 )
 from napari_sgdc.postprocess import PostprocessOptions, postprocess
-from napari_sgdc.review import rank_objects
+from napari_sgdc.review import rank_boundary, rank_objects
 
 
 def _disc(shape, center, radius):
@@ -236,3 +236,17 @@ def test_review_queue_puts_merged_oversized_and_uncertain_objects_first(scene):
     assert [round(x) for x in top.center] == [20, 28]
     assert all(0.0 <= item.score <= 1.0 for item in queue)
     assert rank_objects(np.zeros((5, 5), np.int32)) == []
+
+
+def test_boundary_stretches_rank_the_uncertain_stretch_first():
+    mask = _disc((80, 80), (40, 40), 20)
+    uncertainty = np.zeros(mask.shape, np.float32)
+    uncertainty[15:25, 30:50] = 0.8  # unsure about the top of the outline only
+    stretches = rank_boundary(mask, uncertainty, stretch=16)
+    assert sum(len(item.points) - 1 for item in stretches) >= 110  # the whole outline (2π·20 ≈ 126 px)
+    top = stretches[0]
+    assert top.center[0] < 25 and top.score > 0.5 and stretches[-1].score == 0.0
+    assert top.bbox[0] <= top.center[0] < top.bbox[2] and "uncertainty 0." in top.reason()
+    assert rank_boundary(np.zeros((10, 10), bool), np.zeros((10, 10))) == []
+    with pytest.raises(ValueError, match="one shape"):
+        rank_boundary(mask, uncertainty[:10])

@@ -18,6 +18,11 @@ least suspicious, ties share their mean rank), and
 (`REVIEW_WEIGHTS`; a sign whose map is missing, uncertainty or separation, is left out and
 the other weights are scaled to sum to 1). Ranks make the four signs comparable whatever
 the model's uncertainty scale. The queue is the objects by descending score.
+
+Semantic models (lesions) have no objects to rank: `rank_boundary` cuts the mask's outline
+into stretches of `STRETCH_PX` pixels and ranks them by their mean uncertainty (the map's
+maximum within 2 px of each outline point, since the uncertain band can sit just inside or
+outside the drawn edge). An outline stroke (`napari_sgdc.clicks.reshape_object`) fixes one.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["REVIEW_WEIGHTS", "ObjectReview", "object_signs", "rank_objects"]
+__all__ = ["REVIEW_WEIGHTS", "STRETCH_PX", "BoundaryStretch", "ObjectReview", "object_signs", "rank_boundary",
+           "rank_objects"]
 
 REVIEW_WEIGHTS = {"uncertainty": 0.4, "contrast": 0.2, "size": 0.2, "touching": 0.2}
 """Weights of the four signs' rank fractions in the review score (module docstring)."""
+STRETCH_PX = 32
+"""Length in pixels of the outline stretches `rank_boundary` ranks."""
 
 
 @dataclass(frozen=True)
@@ -177,3 +185,57 @@ def rank_objects(labels: np.ndarray, separation: np.ndarray | None = None, uncer
             bbox=(box[0].start, box[1].start, box[0].stop, box[1].stop),
             signs={name: float(values[label]) for name, values in signs.items() if name != "area"}))
     return queue
+
+
+@dataclass(frozen=True)
+class BoundaryStretch:
+    """One stretch of a semantic mask's outline.
+
+    Attributes:
+        score: its mean uncertainty.
+        points: (N, 2) float (row, column) outline points, in order.
+        center: (row, column) of its middle point.
+        bbox: (top, left, bottom, right), end-exclusive.
+    """
+
+    score: float
+    points: np.ndarray
+    center: tuple[float, float]
+    bbox: tuple[int, int, int, int]
+
+    def reason(self) -> str:
+        """One line for the status bar."""
+        return f"outline stretch of {len(self.points)} px, uncertainty {self.score:.2f}"
+
+
+def rank_boundary(mask: np.ndarray, uncertainty: np.ndarray, *, stretch: int = STRETCH_PX) -> list[BoundaryStretch]:
+    """The outline of a (H, W) semantic mask cut into `stretch`-pixel stretches, most uncertain first.
+
+    Raises:
+        ValueError: maps that are not 2-D or differ in shape, or a stretch under 4 px.
+    """
+    from scipy import ndimage
+    from skimage.measure import find_contours
+
+    mask = np.asarray(mask) > 0
+    uncertainty = np.nan_to_num(np.asarray(uncertainty, np.float32))
+    if mask.ndim != 2 or uncertainty.shape != mask.shape:
+        raise ValueError(f"review: expected 2-D mask and uncertainty of one shape, got {mask.shape}, "
+                         f"{uncertainty.shape}")
+    if stretch < 4:
+        raise ValueError(f"review: a stretch must be at least 4 px, got {stretch}")
+    near = ndimage.maximum_filter(uncertainty, size=5)
+    stretches = []
+    for contour in find_contours(np.pad(mask, 1).astype(np.float32), 0.5):
+        contour = np.clip(contour - 1, 0, np.array(mask.shape) - 1)
+        for start in range(0, len(contour), stretch):
+            points = contour[start:start + stretch + 1]
+            if len(points) < 2:
+                continue
+            rows, cols = np.round(points).astype(int).T
+            low, high = points.min(axis=0), points.max(axis=0)
+            stretches.append(BoundaryStretch(
+                score=float(near[rows, cols].mean()), points=points,
+                center=tuple(float(v) for v in points[len(points) // 2]),
+                bbox=(int(low[0]), int(low[1]), int(high[0]) + 1, int(high[1]) + 1)))
+    return sorted(stretches, key=lambda item: -item.score)

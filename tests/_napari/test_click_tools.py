@@ -170,3 +170,42 @@ def test_review_queue_merge_and_refusals(nuclei):
     while queue.queue[queue.position].label != mask.data[CENTRES["C"]]:
         queue.next()
     assert queue.merge() is None and "touches no other object" in seg.status.value
+
+
+def test_lesion_queue_walks_uncertain_outline_stretches_and_clicks_edit_regions(make_napari_viewer):
+    from napari_sgdc._napari._session import get_session
+    from napari_sgdc.session.results import CachedResult
+
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-sgdc", "SGDC Segment")
+    rows, cols = np.indices((100, 120))
+    probability = np.where(np.hypot(rows - 50, cols - 60) <= 25, 0.9, 0.05).astype(np.float32)
+    probability[np.hypot(rows - 85, cols - 15) <= 6] = 0.3  # a faint second region the threshold missed
+    mask = (probability > 0.5).astype(np.uint8)
+    uncertainty = np.zeros_like(probability)
+    uncertainty[20:30, 50:70] = 0.9  # unsure about the top of the lesion
+    image = viewer.add_image(probability, name="lesion")
+    get_session(viewer).results[image] = CachedResult(
+        probability=probability[None], boundary=np.zeros_like(probability)[None], segmented=np.ones(1, bool),
+        lead_shape=(), instances=False, written_mask=mask[None].copy(), model_source="synthetic",
+        uncertainty=uncertainty[None])
+    layer = viewer.add_labels(mask.copy(), name="lesion mask", metadata={"sgdc": {"image": "lesion"}})
+    layer.mode = "pan_zoom"
+    seg.image_layer.value = image
+    queue = seg.objects
+    assert queue.build() > 4
+    assert queue.queue[0].center[0] < 30 and seg.status.value.startswith("outline: 1/")
+    assert queue.split() is None and "outline stroke" in seg.status.value
+    count = len(queue.queue)
+    queue.accept()
+    assert len(queue.queue) == count - 1
+
+    tools = queue.tools
+    _press(layer, tools, ("Control",), [(85, 15)])  # add the faint region
+    assert layer.data[85, 15] == 1 and viewer.status.startswith("added a region of")
+    _press(layer, tools, ("Control",), [(85, 15)])  # and remove it again
+    assert layer.data[85, 15] == 0
+    _press(layer, tools, ("Control",), [(27, 55), (18, 60), (27, 65)])  # an outline stroke out of the top
+    assert layer.data[22, 60] == 1 and layer.data.max() == 1
+    _press(layer, tools, ("Shift",), [(50, 60)])
+    assert "only for instance" in viewer.status

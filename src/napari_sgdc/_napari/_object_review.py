@@ -15,6 +15,10 @@ Keys (viewer-wide, free in napari's defaults):
 
 Every action is a click-tool edit (`ClickTools`): undoable with Ctrl-Z and counted as an
 edit by the Fine-tune dock. Deleted and merged-away objects leave the queue.
+
+For semantic models (lesions) the queue holds the mask's outline stretches, most uncertain
+first (`napari_sgdc.review.rank_boundary`): next, previous and accept walk them; an outline
+stroke (Ctrl-drag) fixes one.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from napari_sgdc._napari._layers import current_plane, mask_layer_of, show_regio
 from napari_sgdc._napari._review import look_at
 from napari_sgdc.clicks import ClickError
 from napari_sgdc.regions import Region
+from napari_sgdc.review import ObjectReview
 from napari_sgdc.session import CorrectionSession
 
 __all__ = ["QUEUE_KEYS", "ObjectQueue"]
@@ -127,15 +132,22 @@ class ObjectQueue:
         Returns:
             The number of objects queued (0: the status says why).
         """
-        from napari_sgdc.review import rank_objects
+        from napari_sgdc.review import rank_boundary, rank_objects
 
         target = self._target()
         if target is None:
             return 0
-        self.queue = rank_objects(target.labels, target.maps.separation, target.uncertainty)
+        if target.instances:
+            self.queue = rank_objects(target.labels, target.maps.separation, target.uncertainty)
+        elif target.uncertainty is None:
+            self._say("Review objects: lesions are reviewed by their uncertain outline: segment with "
+                      "'uncertainty layer' ticked")
+            return 0
+        else:
+            self.queue = rank_boundary(target.labels, target.uncertainty)
         self.position = -1
         if not self.queue:
-            self._say("Review objects: no objects on this plane")
+            self._say("Review objects: nothing to review on this plane")
             return 0
         self.next()
         return len(self.queue)
@@ -152,9 +164,6 @@ class ObjectQueue:
             target = self.tools.target(layer, lead)
         except ClickError as exc:
             self._say(str(exc))
-            return None
-        if not target.instances:
-            self._say("Review objects: for instance (nuclei) models; on lesions use the click tools or Next region")
             return None
         self._lead, self._layer_ref = lead, weakref.ref(layer)
         return target
@@ -183,7 +192,8 @@ class ObjectQueue:
         for _ in range(len(self.queue)):
             self.position = (self.position + step) % len(self.queue)
             item = self.queue[self.position]
-            if _inside_point(target.labels, item.label, item.bbox) is not None:
+            gone = isinstance(item, ObjectReview) and _inside_point(target.labels, item.label, item.bbox) is None
+            if not gone:
                 break
             del self.queue[self.position]
             self.position -= 1 if step > 0 else 0
@@ -199,8 +209,8 @@ class ObjectQueue:
         if image is not None:
             show_region(self._viewer, image, self._lead, item.bbox)
             look_at(self._viewer, image, self._lead, view)
-        self._say(f"object {item.label}: {self.position + 1}/{len(self.queue)}, score {item.score:.2f} "
-                  f"({item.reason()})")
+        what = f"object {item.label}" if isinstance(item, ObjectReview) else "outline"
+        self._say(f"{what}: {self.position + 1}/{len(self.queue)}, score {item.score:.2f} ({item.reason()})")
         return item
 
     def next(self, *_: Any) -> Any:
@@ -243,6 +253,9 @@ class ObjectQueue:
         if target is None:
             return None
         item = self.queue[self.position]
+        if not isinstance(item, ObjectReview):
+            self._say("Review objects: on a lesion's outline, fix it with an outline stroke (Ctrl-drag), then accept")
+            return None
         point = _inside_point(target.labels, item.label, item.bbox)
         if point is None:
             return self.next()
