@@ -37,7 +37,14 @@ import numpy as np
 
 from .deprecation import rename_keys, renamed_field
 
-__all__ = ["PostprocessOptions", "object_confidence", "postprocess", "separation_map"]
+__all__ = [
+    "PostprocessOptions",
+    "marker_watershed",
+    "object_confidence",
+    "postprocess",
+    "seed_markers",
+    "separation_map",
+]
 
 HOVER_SMOOTHING = 1.0  # σ in pixels of the derivative-of-Gaussian applied to the HoVer maps
 # A fall of this much per pixel in an x or y map is a full border (s = 1). Calibrated with
@@ -134,19 +141,47 @@ def _semantic_plane(mask: np.ndarray, min_size: int, single_object: bool) -> np.
     return ndimage.binary_fill_holes(regions == int(areas.argmax()))
 
 
-def _instance_plane(mask: np.ndarray, boundary: np.ndarray, split_level: float, min_size: int) -> np.ndarray:
-    """Seeded watershed of one plane; int32 labels 1..K."""
-    from scipy import ndimage
-    from skimage.segmentation import relabel_sequential, watershed
+def seed_markers(mask: np.ndarray, separation: np.ndarray, split_level: float) -> tuple[np.ndarray, int]:
+    """The instance seeds of a plane: 4-connected components of (mask and separation ≤ split level).
 
-    seeds = mask & ~(boundary > split_level)
-    markers, n_seeds = ndimage.label(seeds, structure=_CROSS)
-    labels = watershed(boundary, markers, mask=mask, connectivity=1) if n_seeds else np.zeros(mask.shape, np.int32)
+    Returns:
+        ``(markers, n)``: int32 marker ids 1..n (0 = no seed), and n.
+    """
+    from scipy import ndimage
+
+    markers, count = ndimage.label(mask & ~(separation > split_level), structure=_CROSS)
+    return markers.astype(np.int32), int(count)
+
+
+def marker_watershed(mask: np.ndarray, separation: np.ndarray, markers: np.ndarray) -> np.ndarray:
+    """Floods `mask` from `markers` on the separation map (4-connected); mask components that
+    no marker reaches become their own objects, numbered after the markers' largest id.
+
+    Click tools (`napari_sgdc.clicks`) re-run this inside one object with their own markers.
+
+    Returns:
+        int32 labels (0 outside `mask`).
+    """
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    if markers.any():
+        labels = watershed(separation, markers, mask=mask, connectivity=1).astype(np.int32)
+    else:
+        labels = np.zeros(mask.shape, np.int32)
     unseeded = mask & (labels == 0)  # components that are boundary throughout
     if unseeded.any():
         extra, _ = ndimage.label(unseeded, structure=_CROSS)
-        labels = np.where(extra > 0, extra + labels.max(), labels)
-    labels = _remove_small(labels.astype(np.int32), min_size)
+        labels = np.where(extra > 0, extra + max(int(labels.max()), int(markers.max())), labels).astype(np.int32)
+    return labels
+
+
+def _instance_plane(mask: np.ndarray, boundary: np.ndarray, split_level: float, min_size: int) -> np.ndarray:
+    """Seeded watershed of one plane; int32 labels 1..K."""
+    from skimage.segmentation import relabel_sequential
+
+    markers, _ = seed_markers(mask, boundary, split_level)
+    labels = _remove_small(marker_watershed(mask, boundary, markers), min_size)
     return relabel_sequential(labels)[0].astype(np.int32)
 
 

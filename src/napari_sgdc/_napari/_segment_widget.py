@@ -24,6 +24,7 @@ from napari.utils.notifications import show_info
 
 import napari_sgdc._napari._wholeslide as ws
 from napari_sgdc._napari._layers import mask_layer_of, set_confidence_features, unflatten
+from napari_sgdc._napari._object_review import ObjectQueue
 from napari_sgdc._napari._review import NEXT_REGION_SHORTCUT, RegionReview
 from napari_sgdc._napari._runner import SegmentJob, notify_error
 from napari_sgdc._napari._session import get_session, real_viewer
@@ -230,12 +231,14 @@ class SegmentWidget(Container):
         wrap_status(self.status)
         self.review = RegionReview(self._viewer, self._session, self._set_status)
         self.region_size, self.next_region_button = self.review.region_size, self.review.next_region_button
+        self.objects = ObjectQueue(self._viewer, self._session, lambda: self.image_layer.value, self._set_status)
         self.extend([
             self.image_layer, self.model, self.model_note, self.target, self.shapes_layer, self.output,
             self.device, self.tile, self.mpp, self.planes, self.gates, self.uncertainty, self.amp, self.tta,
             button_row(self.segment_button, self.cancel_button, name="buttons"), self.threshold,
             self.split_level, self.min_size, self.region_size, self.next_region_button, self.status,
         ])
+        self.append(self.objects.container)  # the review queue and the click tools (_object_review)
         self._connect()
         self._sync_settings()
         self.picker.start()
