@@ -35,8 +35,10 @@ def test_both_docks_fit_a_1366x768_window_and_scroll(make_napari_viewer, qtbot):
         scroll = dock.scroll
         assert scroll.widget().layout() is not None and dock.native.layout().itemAt(0).widget() is scroll
         assert scroll.mapTo(window, QPoint(0, scroll.height())).y() <= window.height()  # inside the window
-        content, room = scroll.widget().sizeHint().height(), scroll.viewport().height()
         bar = scroll.verticalScrollBar()
+        # the bar's range and visibility settle over a few layout passes (showing it narrows the content)
+        qtbot.waitUntil(lambda: (bar.maximum() > 0) == bar.isVisible(), timeout=5000)
+        content, room = scroll.widget().sizeHint().height(), scroll.viewport().height()
         assert (bar.maximum() > 0 and bar.isVisible()) == (content > room), (content, room)
         scrolled += content > room
         for control in _controls(dock):
