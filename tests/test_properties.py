@@ -799,6 +799,7 @@ def cli_models(tmp_path_factory) -> dict[str, Path]:
        add_folder=st.booleans())
 def test_cli_predict(cli_models, files, flags, model, out_kind, overwrite, add_folder):
     from napari_sgdc.files import read_image
+    from napari_sgdc.predict import image_targets
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -821,16 +822,17 @@ def test_cli_predict(cli_models, files, flags, model, out_kind, overwrite, add_f
             if not (overwrite and Path(path).parent == out):
                 assert after.get(path) == digest, f"{path} was changed"
         assert (code == 0) == (not lines), "exit code and error lines disagree"
-        for path in inputs:  # every result written has the input's pixel size
-            mask_path = out / f"{path.stem}_mask.png"
+        readable = [path for path in inputs if path.is_file()]
+        for path, page, stem in image_targets(readable):  # every result written has its image's pixel size
+            mask_path = out / f"{stem}_mask.png"  # (a multi-page TIFF writes S_p0_…, S_p1_…: one per page)
             if code == 0 or (mask_path.is_file() and str(mask_path) not in before):
-                image = read_image(path)
+                image = read_image(path) if page is None else read_image(path, page)
                 mask = read_png(mask_path)
                 assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 255}
                 if code == 0:
                     import tifffile
 
-                    prob = tifffile.imread(str(out / f"{path.stem}_prob.tif"))
+                    prob = tifffile.imread(str(out / f"{stem}_prob.tif"))
                     assert prob.shape == image.shape[:2] and prob.dtype == np.float32
                     assert np.all((prob >= 0) & (prob <= 1))
 
