@@ -100,13 +100,10 @@ def read_store_attrs(path: str | Path) -> dict | None:
 
 
 def store_state(path: str | Path) -> str:
-    """``"absent"``, ``"foreign"`` (something else is there), ``"partial"`` (a run that stopped) or ``"complete"``."""
-    if not Path(path).exists():
-        return "absent"
-    attrs = read_store_attrs(path)
-    if attrs is None:
-        return "foreign"
-    return "complete" if attrs.get("complete") else "partial"
+    """``"absent"``, ``"foreign"`` (something else is there), ``"partial"`` (a run that has not
+    finished: any lifecycle status but complete) or ``"complete"``; the coarse view of `store_status`."""
+    status = store_status(path)
+    return status if status in ("absent", "foreign", "complete") else "partial"
 
 
 def _alive(pid: int) -> bool:
