@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from .. import metrics as seg_metrics
 from ..device import eval_mode, forward, resolve_device
 from ..model import SGDCSegmenter
-from ..inference import head_maps
+from ..head_maps import head_maps
 from ..postprocess import PostprocessOptions, postprocess, separation_map
 from .losses import total_loss
 
@@ -91,7 +91,8 @@ def validate(
 
     Returns:
         ``{"iou", "dice", "val_loss"}`` plus ``"aji"`` and ``"split_level"`` (its
-        level; the first of ties) when ``model.config.is_instance``; None when cancelled.
+        level; the first of ties) when ``model.config.is_instance``, ``"type_accuracy"``
+        (of the nucleus pixels whose type is known) for a model with types; None when cancelled.
     """
     device = resolve_device(device)
     config = model.config
@@ -99,6 +100,7 @@ def validate(
         raise ValueError("marker_thresholds must hold at least one level")
     scores: dict[str, list[float]] = {"iou": [], "dice": [], "val_loss": []}
     aji = np.zeros((len(dataset), len(marker_thresholds)))  # (images, levels)
+    type_pixels = [0, 0]  # pixels of a known type: typed right, all
     with eval_mode(model):
         for index in range(len(dataset)):
             if cancel is not None and cancel.is_set():
@@ -115,6 +117,11 @@ def validate(
             prediction = probability > threshold
             scores["iou"].append(seg_metrics.iou(prediction, target))
             scores["dice"].append(seg_metrics.dice(prediction, target))
+            if "type" in outputs and "type" in item:
+                typed = item["type"][0].numpy()  # (H, W) type ids, 0 = none
+                predicted = outputs["type"][0].argmax(dim=0).cpu().numpy() + 1  # (H, W)
+                type_pixels[0] += int((predicted == typed)[typed > 0].sum())
+                type_pixels[1] += int((typed > 0).sum())
             if config.is_instance:
                 maps = {name: value.cpu().numpy() for name, value in head_maps(outputs).items()}  # (H, W) each
                 separation = separation_map(maps)  # (H, W)
@@ -125,6 +132,8 @@ def validate(
                                             instances=True)
                     aji[index, level] = seg_metrics.aji(labels, reference)
     means = {key: float(np.mean(values)) for key, values in scores.items()}
+    if type_pixels[1]:
+        means["type_accuracy"] = type_pixels[0] / type_pixels[1]
     if config.is_instance:
         per_level = aji.mean(axis=0)  # (levels,)
         best = int(np.argmax(per_level))
