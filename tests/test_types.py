@@ -150,3 +150,20 @@ def test_warm_start_copies_matching_weights(tmp_path):
     save_checkpoint(tmp_path / "typed.safetensors", typed)
     loaded, _ = load_checkpoint(tmp_path / "typed.safetensors")
     assert loaded.config.type_names == ("round", "long")
+
+
+def test_validation_reports_type_accuracy():
+    from napari_sgdc.train import validate
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**TYPES)).eval()
+    with torch.no_grad():  # every pixel typed "long"
+        model.type_head[1].weight.zero_()
+        model.type_head[1].bias.copy_(torch.tensor([0.0, 5.0]))
+    labels = np.zeros((64, 64), np.int32)
+    labels[5:20, 5:20], labels[30:50, 30:60] = 1, 2
+    table = np.array([0, 2, 1], np.int16)  # object 1 "long" (225 px), object 2 "round" (600 px)
+    sample = Sample("v", np.zeros((64, 64, 3), np.uint8), labels, types=table)
+    data = SegmentationDataset([sample], crop_size=None, augment=False, types=True, instance_map="hover")
+    scores = validate(model, data)
+    assert scores["type_accuracy"] == pytest.approx(225 / 825)

@@ -54,11 +54,11 @@ def _instance_target(item: dict) -> np.ndarray:
 
 
 def _forward(model: SGDCSegmenter, item: dict, device: torch.device, amp: bool) -> dict[str, torch.Tensor]:
-    """The model's float32 outputs for one whole item, padded and cropped back: (1, 1 or 2, H, W) each."""
+    """The model's float32 outputs for one whole item, padded and cropped back: (1, C, H, W) each."""
     image = item["image"][None].to(device)  # (1, 3, H, W)
     height, width = image.shape[-2:]
     outputs = forward(model, _pad_to_multiple(image, model.size_multiple), device, amp)
-    heads = [key for key in ("mask", "edge", "distance", "hover") if key in outputs]
+    heads = [key for key in ("mask", "edge", "distance", "hover", "type") if key in outputs]
     return {key: outputs[key][..., :height, :width].float() for key in heads}
 
 
