@@ -229,3 +229,30 @@ def test_per_class_pq_matches_monai_summed_over_images():
     np.testing.assert_allclose([summary[f"pq_{t}"] for t in range(1, n_types + 1)],
                                iou_sum / (tp + 0.5 * fp + 0.5 * fn), rtol=1e-5)
     assert 0 < summary["mpq"] < 1
+
+
+def test_summary_lines_report_the_pooled_type_scores_with_the_type_names(tmp_path):
+    from napari_sgdc.evaluation import Evaluation, summary_lines, write_csv
+
+    true_labels, true_types = _maps((64, 64), TRUE)
+    pred_labels, pred_types = _maps((64, 64), PRED)
+    scores = TypeScores()
+    f_d = scores.add(pred_labels, pred_types, true_labels, true_types)
+    rows = [{"image": "a.png", "iou": 0.5, "dice": 0.6, "hd95": 1.0, "boundary_f1": 0.7, "aji": 0.4,
+             "object_f1": 0.5, "pq": 0.3, "f_d": f_d}, {"image": "b.png", "iou": 0.5, "pq": 0.5}]
+    evaluation = Evaluation(rows=rows, type_names=("tumour", "immune", "stroma"), types=scores)
+    assert evaluation.keys[-1] == "f_d"
+    lines = summary_lines(evaluation)
+    report = {line[:28].strip(): line[28:].strip() for line in lines if len(line) > 28}
+    # The hand-computed scores of test_hand_computed_scores, under the names of types 1..3.
+    assert report["F_d (detection)"] == "0.8000" and report["F_c tumour"] == "0.6667"
+    assert report["F_c immune"] == "0.3333" and report["F_c stroma"] == "nan"
+    assert report["PQ tumour"] == "0.4000" and report["PQ immune"] == "0.2400" and report["PQ stroma"] == "nan"
+    assert report["mPQ"].startswith("0.3200") and "2 type(s)" in report["mPQ"]
+    assert report["PQ (binary, per image)"] == "0.4000" and report["F_d per image (12 px)"].startswith("0.8000")
+    assert any(line.startswith("Nucleus types, pooled over 1 image(s)") for line in lines)
+    untyped = summary_lines(Evaluation(rows=rows, type_names=("tumour",)))
+    assert untyped[-1].startswith("Nucleus types: not scored")
+    assert not any("Nucleus" in line for line in summary_lines(Evaluation(rows=rows[1:])))
+    header = write_csv(rows, tmp_path / "scores.csv").read_text().splitlines()[0]
+    assert header == "image,iou,dice,hd95,boundary_f1,aji,object_f1,pq,f_d"
