@@ -43,9 +43,10 @@ unpaired objects.
 
 Why not ``monai.metrics.PanopticQualityMetric``: with ``reduction="sum_batch"`` and
 ``smooth_numerator=0`` it computes the same per-class PQ (the tests check it on random
-maps), but it needs torch tensors, builds one full-image mask per object (3.2 s against
-0.4 s here for one 1000² map of 500 nuclei) and sums the IoUs in float32. Here the
-pairwise overlaps come from one bincount (`napari_sgdc.metrics`).
+maps), but it needs torch tensors, builds one full-image mask per object (44 s against
+0.6 s here for the four types of one 1000² map of 500 nuclei, same counts, measured on a
+busy 2-core CPU) and sums the IoUs in float32. Here the pairwise overlaps come from one
+bincount (`napari_sgdc.metrics`).
 """
 
 from __future__ import annotations
