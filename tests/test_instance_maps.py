@@ -10,7 +10,8 @@ from napari_sgdc.config import ModelConfig
 from napari_sgdc.data import SegmentationDataset
 from napari_sgdc.data.datasets import Sample
 from napari_sgdc.data.targets import distance_target, hover_target, instance_map_target
-from napari_sgdc.inference import _dihedral, _dihedral_vectors, head_maps, segment
+from napari_sgdc.head_maps import dihedral as _dihedral, dihedral_vectors as _dihedral_vectors
+from napari_sgdc.inference import head_maps, segment
 from napari_sgdc.model import build_model, tiny_config
 from napari_sgdc.postprocess import PostprocessOptions, postprocess, separation_map
 from napari_sgdc.train.losses import instance_map_loss, total_loss

@@ -419,7 +419,7 @@ def test_tune_postprocess_finds_the_best_combination(tmp_path):
                                for s in synthetic_samples(3, 64, 9)], crop_size=None, augment=False)
     model = tiny_model(task="instance")
     fit(model, train, None, run_config(epochs=1, steps_per_epoch=3))
-    grid = dict(thresholds=(0.3, 0.6), levels=(0.2, 0.7), min_sizes=(0, 60))
+    grid = dict(thresholds=(0.3, 0.6), levels=(0.2, 0.7), min_sizes=(30, 60))
     found = tune_postprocess(model, val, **grid)
     expected = {}
     model.eval()
@@ -434,15 +434,18 @@ def test_tune_postprocess_finds_the_best_combination(tmp_path):
         for level in grid["levels"]:
             for size in grid["min_sizes"]:
                 options = PostprocessOptions(threshold, level, size)
-                expected[(threshold, level, size)] = np.mean([
-                    metrics.aji(postprocess(m["probability"], separation_map(m), options, instances=True)[1], ref)
-                    for m, ref in maps])
+                scored = [metrics.instance_scores(postprocess(m["probability"], separation_map(m), options,
+                                                              instances=True)[1], ref) for m, ref in maps]
+                aji, pq = np.mean([s["aji"] for s in scored]), np.mean([s["pq"] for s in scored])
+                expected[(threshold, level, size)] = (aji + pq) / 2  # AJI and PQ together
     best = max(expected, key=lambda key: expected[key])
     assert (found["threshold"], found["split_level"], found["min_size"]) == best
-    assert found["aji"] == pytest.approx(expected[best])
+    assert found["objective"] == pytest.approx(expected[best])
     assert len(set(np.round(list(expected.values()), 6))) > 1  # the grid matters on this data
     with pytest.raises(ValueError, match="instance model"):
         tune_postprocess(tiny_model(), val)
+    with pytest.raises(ValueError, match="MIN_SIZE_FLOOR"):
+        tune_postprocess(model, val, min_sizes=(10, 60))
 
 
 def test_param_groups_split_encoder_and_skip_frozen():

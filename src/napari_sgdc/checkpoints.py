@@ -26,7 +26,7 @@ from .deprecation import renamed_argument
 from .device import resolve_device
 from .files import atomic_write
 
-__all__ = ["BUILTIN_DIR", "CheckpointError", "FORMAT", "METADATA_KEY", "builtin_models", "load_checkpoint",
+__all__ = ["BUILTIN_DIR", "CheckpointError", "FORMAT", "METADATA_KEY", "builtin_models", "init_from_checkpoint", "load_checkpoint",
            "load_model", "load_state_checked", "model_path", "read_metadata", "read_model_config", "save_checkpoint"]
 
 FORMAT = "napari-sgdc/1"
@@ -149,6 +149,28 @@ def load_state_checked(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
         raise CheckpointError(f"{source} does not fit the model config; " + "; ".join(parts))
     cast = {name: tensor.to(expected[name].dtype) for name, tensor in tensors.items()}
     model.load_state_dict(cast, strict=True)
+
+
+def init_from_checkpoint(model: torch.nn.Module, source: str | Path) -> list[str]:
+    """Copies into `model` every weight of checkpoint `source` (a built-in name or a path)
+    whose name and shape match: a warm start, e.g. a typed model from the untyped one.
+
+    Returns:
+        the names of `model`'s weights that kept their initial values (new layers).
+
+    Raises:
+        FileNotFoundError, CheckpointError: as `load_model`; CheckpointError also when
+            fewer than half of the model's weights match (the wrong checkpoint).
+    """
+    tensors, _ = _read_tensors(model_path(source))
+    expected = model.state_dict()
+    matching = {name: tensor.to(expected[name].dtype) for name, tensor in tensors.items()
+                if name in expected and tuple(tensor.shape) == tuple(expected[name].shape)}
+    if len(matching) < len(expected) / 2:
+        raise CheckpointError(f"{source}: only {len(matching)} of the model's {len(expected)} weights match; "
+                              "is it a checkpoint of the same architecture?")
+    model.load_state_dict(matching, strict=False)
+    return sorted(set(expected) - set(matching))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:

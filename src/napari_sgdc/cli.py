@@ -399,6 +399,8 @@ class _TrainProgress:
             print(f"training {event['encoder']}/{event['block']} ({event['task']}) on {event['n_train']} image(s)"
                   f", validating on {event['n_val']}", file=sys.stderr)
             self.bar = tqdm(total=None, desc="train", unit="step", file=sys.stderr)
+        elif kind == "init":
+            _log(f"started from the weights of {event['source']}; new layers: {len(event['fresh'])} tensors")
         elif kind in ("step", "epoch") and self.bar is not None and self.bar.total != event["total_steps"]:
             self.bar.total = event["total_steps"]
         if kind == "step":

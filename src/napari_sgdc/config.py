@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -109,6 +110,10 @@ class ModelConfig:
         min_size: the model's default `PostprocessOptions.min_size`, in pixels at the model's
             scale. For instance models, `napari_sgdc.train.tune_postprocess` sets both, with
             ``split_level``, to the combination with the best validation AJI.
+        type_names: nucleus types of an instance model's type head (empty: no type head).
+            The type id of ``type_names[i]`` is ``i + 1``; 0 means background or no type, so a
+            model trained on CoNSeP keeps CoNSeP's class ids (see `napari_sgdc.data.datasets`).
+        type_colors: one ``#rrggbb`` colour per type (layers, legend, QuPath classification).
     """
 
     encoder: str = "efficientnet_lite0"
@@ -133,6 +138,8 @@ class ModelConfig:
     split_level: float = 0.5
     threshold: float = 0.5
     min_size: int = 20
+    type_names: tuple[str, ...] = ()
+    type_colors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Checks every field's type and range, so a bad config (or checkpoint metadata)
@@ -181,11 +188,30 @@ class ModelConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
             setattr(self, name, float(value))
         _whole("min_size", self.min_size, 0, 10**9)
+        self._check_types()
+
+    def _check_types(self) -> None:
+        self.type_names = _sequence("type_names", self.type_names, len(self.type_names or ()))
+        self.type_colors = _sequence("type_colors", self.type_colors, len(self.type_names))
+        if self.type_names and self.task != "instance":
+            raise ValueError(f"type_names need task 'instance', got task {self.task!r}")
+        if len(self.type_names) > MAX_CLASSES - 1:
+            raise ValueError(f"at most {MAX_CLASSES - 1} type_names, got {len(self.type_names)}")
+        if not all(isinstance(name, str) and name.strip() for name in self.type_names) or \
+                len(set(self.type_names)) != len(self.type_names):
+            raise ValueError(f"type_names must be distinct non-empty names, got {self.type_names!r}")
+        if not all(isinstance(c, str) and re.fullmatch(r"#[0-9a-fA-F]{6}", c) for c in self.type_colors):
+            raise ValueError(f"type_colors must be '#rrggbb' colours, one per type, got {self.type_colors!r}")
 
     @property
     def is_instance(self) -> bool:
         """Whether the model splits its mask into instances (``task == "instance"``)."""
         return self.task == "instance"
+
+    @property
+    def has_types(self) -> bool:
+        """Whether the model has a type head (``type_names`` not empty)."""
+        return bool(self.type_names)
 
     @property
     def instance_channels(self) -> int:
@@ -235,6 +261,11 @@ class TrainConfig:
         l2sp: L2-SP strength λ: the loss gains ``λ · Σ ‖w − w_start‖²`` over the trainable
             weights, ``w_start`` being their values when the run started (0 = off); keeps a
             fine-tuned model near its base model so it forgets less of its base domain.
+        type_weight: weight λ_type of the type loss (models with nucleus types).
+        type_balance: exponent of the type loss's class weights (inverse pixel frequency
+            to this power; 0 = unweighted): see `napari_sgdc.train.losses.type_class_weights`.
+        init: start from the weights of this checkpoint (layers of the same name and shape;
+            a new head, e.g. the type head, starts fresh); empty: from the config's encoder.
     """
 
     epochs: int = 30
@@ -261,6 +292,9 @@ class TrainConfig:
     device: str = "auto"
     select_metric: str = "auto"
     l2sp: float = 0.0
+    type_weight: float = 1.0
+    type_balance: float = 0.5
+    init: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

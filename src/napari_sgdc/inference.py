@@ -44,7 +44,8 @@ from .grid import check_image_mpp as check_mpp
 from .grid import resample_image, resample_maps, working_shape
 from .locks import model_lock
 from .model import SGDCSegmenter
-from .postprocess import PostprocessOptions, object_confidence, postprocess, separation_map
+from .head_maps import dihedral, head_maps  # noqa: F401  (head_maps: public here too)
+from .postprocess import PostprocessOptions, assign_types, object_confidence, postprocess, separation_map
 
 __all__ = ["SegmentationResult", "GateMap", "Cancelled", "OutOfMemoryFallback", "check_mpp", "working_shape", "head_maps",
            "predict_maps", "segment", "tile_origins"]
@@ -122,6 +123,10 @@ class SegmentationResult:
             semantic models.
         mpp: the image µm/px the network was run at (`segment`'s ``mpp``), None when the
             image was taken as it is; fine-tuning on corrections of this result uses the same.
+        type_probability: for models with nucleus types, float32 (H, W, T) per-pixel type
+            probabilities (type id ``t`` in channel ``t - 1``), else None.
+        object_types, type_confidence: the type table of the instances (`assign_types`):
+            (K + 1,) int16 type id and float32 confidence per label id, else None.
     """
 
     probability: np.ndarray
@@ -133,6 +138,16 @@ class SegmentationResult:
     confidence: np.ndarray | None = None
     separation: np.ndarray | None = None
     mpp: float | None = None
+    type_probability: np.ndarray | None = None
+    object_types: np.ndarray | None = None
+    type_confidence: np.ndarray | None = None
+
+    @property
+    def type_map(self) -> np.ndarray | None:
+        """uint8 (H, W) type id of each pixel's instance (0 = background), or None."""
+        if self.object_types is None or self.labels is None:
+            return None
+        return self.object_types.astype(np.uint8)[self.labels]
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -207,55 +222,6 @@ def _is_stack(image: np.ndarray, stack: bool | None) -> bool:
     return image.ndim == 4 or (image.ndim == 3 and image.shape[-1] > 4)
 
 
-def _dihedral(x: torch.Tensor, index: int, inverse: bool = False) -> torch.Tensor:
-    """The `index`-th of the 8 flips and 90° rotations of (..., H, W), or its inverse."""
-    turns, flip = index % 4, index >= 4
-    if inverse:
-        x = torch.flip(x, dims=(-1,)) if flip else x
-        return torch.rot90(x, -turns, dims=(-2, -1))
-    x = torch.rot90(x, turns, dims=(-2, -1))
-    return torch.flip(x, dims=(-1,)) if flip else x
-
-
-def _dihedral_vectors(vx: torch.Tensor, vy: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Undoes `_dihedral` transform `index` on the components of a vector field.
-
-    A quarter turn (`torch.rot90` from rows to columns) maps an offset (x, y) (column,
-    row) to (y, −x) and the flip maps it to (−x, y); `_dihedral` turns, then flips, so
-    the inverse flips, then turns back with (x, y) → (−y, x) per turn. Apply it after
-    the maps themselves went back through ``_dihedral(..., inverse=True)``.
-    """
-    turns, flip = index % 4, index >= 4
-    if flip:
-        vx = -vx
-    for _ in range(turns):
-        vx, vy = -vy, vx
-    return vx, vy
-
-
-def head_maps(outputs: dict[str, torch.Tensor], index: int = 0) -> dict[str, torch.Tensor]:
-    """Per-pixel maps of the first item of a forward pass, in the untransformed frame.
-
-    Args:
-        outputs: the model's outputs (``mask``, ``edge`` and optionally ``distance`` or
-            ``hover``) for an input seen through `_dihedral` transform `index`.
-        index: the transform to undo (0: none).
-
-    Returns:
-        float32 (H, W) tensors: ``probability``, ``boundary``, and ``distance`` (in [0, 1])
-        or ``hover_x`` and ``hover_y`` (in [-1, 1]) for those ``ModelConfig.instance_map``.
-    """
-    maps = {"probability": torch.sigmoid(outputs["mask"][0, 0].float()),
-            "boundary": torch.sigmoid(outputs["edge"][0, 0].float())}
-    if "distance" in outputs:
-        maps["distance"] = torch.sigmoid(outputs["distance"][0, 0].float())
-    maps = {name: _dihedral(value, index, inverse=True) for name, value in maps.items()}  # (H, W) each
-    if "hover" in outputs:
-        hover = _dihedral(outputs["hover"][0].float().clamp(-1.0, 1.0), index, inverse=True)  # (2, H, W)
-        maps["hover_x"], maps["hover_y"] = _dihedral_vectors(hover[0], hover[1], index)
-    return maps
-
-
 class _PlaneSegmenter:
     """Runs the tiled forward pass of one model over planes, sharing progress state.
 
@@ -319,7 +285,7 @@ class _PlaneSegmenter:
         with torch.inference_mode():
             for index in self.transforms:
                 with_gates = self.return_gates and index == 0
-                out = forward(self.model, _dihedral(batch, index), self.device, self.amp, return_gates=with_gates)
+                out = forward(self.model, dihedral(batch, index), self.device, self.amp, return_gates=with_gates)
                 parts = head_maps(out, index)  # (tile_h, tile_w) each
                 if self.spread:
                     parts["probability_sq"] = parts["probability"] ** 2
@@ -545,6 +511,10 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
         uncertainty_map = _uncertainty(method, probability, maps.get("probability_sq"))
         if labels is not None:
             confidence = object_confidence(labels, uncertainty_map)
+    type_probability = type_table = type_confidence = None
+    if labels is not None and "type_1" in maps:
+        type_probability = np.stack([maps[f"type_{t}"] for t in range(1, len(config.type_names) + 1)], axis=-1)
+        type_table, type_confidence = assign_types(labels, type_probability)
     gates = None
     if return_gates:
         gates = outputs[0][1]
@@ -553,7 +523,8 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
                      for i, g in enumerate(outputs[0][1])]
     return SegmentationResult(probability=probability, mask=mask, boundary=boundary, labels=labels, gates=gates,
                               uncertainty=uncertainty_map, confidence=confidence, separation=separation,
-                              mpp=float(mpp) if mpp else None)
+                              mpp=float(mpp) if mpp else None, type_probability=type_probability,
+                              object_types=type_table, type_confidence=type_confidence)
 
 
 def _uncertainty(method: str, probability: np.ndarray, probability_sq: np.ndarray | None) -> np.ndarray:

@@ -25,6 +25,10 @@ are 1..K, and unique across the planes of a stack (plane i's ids follow plane i 
 The same threshold slider therefore splits nuclei for every instance map. Each model carries
 its own default split level, ``ModelConfig.split_level``, which training tunes on validation
 AJI (`PostprocessOptions.for_model`).
+
+Nucleus types (models with ``ModelConfig.type_names``): each instance takes the type
+with the highest mean probability over its pixels, and that mean is its type confidence
+(`assign_types`); the type map paints each instance with its type id.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from .deprecation import rename_keys, renamed_field
 
 __all__ = [
     "PostprocessOptions",
+    "assign_types",
     "marker_watershed",
     "object_confidence",
     "postprocess",
@@ -271,3 +276,36 @@ def object_confidence(labels: np.ndarray, uncertainty: np.ndarray) -> np.ndarray
     confidence = np.where(counts > 0, 1.0 - sums / np.maximum(counts, 1), 0.0)
     confidence[0] = 0.0
     return confidence.astype(np.float32)
+
+
+def assign_types(labels: np.ndarray, type_probability: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One nucleus type per instance, from the pixels it covers.
+
+    Args:
+        labels: int (…, H, W) instance ids (0 = background).
+        type_probability: float (…, H, W, T) per-pixel type probabilities (softmax over
+            the T types), the same leading shape as `labels`.
+
+    Returns:
+        ``(types, confidence)``, each (K + 1,) with K = labels.max(), indexed by instance id
+        (a *type table*): ``types`` int16 in 1..T (the type with the highest mean
+        probability over the instance; ties go to the lower id), ``confidence`` float32
+        that mean probability. Index 0 (background) and absent ids get type 0, confidence 0.
+
+    Raises:
+        ValueError: the shapes do not fit.
+    """
+    labels = np.asarray(labels)
+    probability = np.asarray(type_probability)
+    if probability.shape[:-1] != labels.shape or probability.ndim != labels.ndim + 1:
+        raise ValueError(f"type probabilities of shape {probability.shape} do not fit labels of shape {labels.shape}")
+    size = int(labels.max()) + 1 if labels.size else 1
+    flat = labels.ravel()
+    counts = np.bincount(flat, minlength=size)
+    means = np.stack([np.bincount(flat, weights=probability[..., t].ravel().astype(np.float64), minlength=size)
+                      for t in range(probability.shape[-1])], axis=1) / np.maximum(counts, 1)[:, None]  # (K+1, T)
+    present = counts > 0
+    present[0] = False
+    types = np.where(present, means.argmax(axis=1) + 1, 0).astype(np.int16)
+    confidence = np.where(present, means.max(axis=1), 0.0).astype(np.float32)
+    return types, confidence

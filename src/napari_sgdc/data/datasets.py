@@ -32,6 +32,7 @@ one `Layout` row of `LAYOUT_TABLE`; the CLI and the training recipe read that ta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ __all__ = [
     "resize_samples",
     "validation_dataset",
     "LAYOUT_TABLE",
+    "CONSEP_TYPES",
+    "CONSEP_TYPE_COLORS",
+    "type_table",
+    "type_pixel_counts",
     "LAYOUTS",
     "SPLITS",
     "CONSEP_VAL_PARENTS",
@@ -79,12 +84,16 @@ class Sample:
         mask: (H, W) bool for semantic samples, or int32 instance ids (0 = background).
         weight: optional (H, W) float32 per-pixel loss weight (0 = ignore), for partly
             annotated data; None = every pixel counts.
+        types: optional type table of an instance sample: a 1-D int array indexed by
+            instance id, ``types[id]`` the nucleus type of that object (1..T; 0 = no type
+            known); None: the sample has no types (its type loss is masked).
     """
 
     name: str
     image: np.ndarray
     mask: np.ndarray
     weight: np.ndarray | None = None
+    types: np.ndarray | None = None
 
     @property
     def is_instance(self) -> bool:
@@ -109,14 +118,41 @@ def read_rgb(path: str | Path) -> np.ndarray:
         raise ValueError(f"bad image {path}: {error}") from None
 
 
-def _make_sample(image_path: Path, mask_path: Path, instance: bool) -> Sample:
+def type_table(labels: np.ndarray, type_map: np.ndarray) -> np.ndarray:
+    """The type table (see `Sample.types`) of an instance map and its per-pixel type map:
+    each object takes the type most of its pixels carry (0 = none).
+
+    Raises:
+        ValueError: the maps differ in shape.
+    """
+    labels, type_map = np.asarray(labels), np.asarray(type_map)
+    if labels.shape != type_map.shape:
+        raise ValueError(f"type map has shape {type_map.shape}, the instance map {labels.shape}")
+    table = np.zeros(int(labels.max(initial=0)) + 1, np.int16)
+    inside = labels > 0
+    if inside.any():
+        ids, types = labels[inside].astype(np.int64), type_map[inside].astype(np.int64)
+        counts = np.zeros((table.size, int(types.max()) + 1), np.int64)
+        np.add.at(counts, (ids, types), 1)
+        counts[:, 0] = 0  # a pixel without a type does not vote
+        table[:] = np.where(counts.max(axis=1) > 0, counts.argmax(axis=1), 0)
+    return table
+
+
+def _make_sample(image_path: Path, mask_path: Path, instance: bool, type_dir: str | None = None) -> Sample:
     image = read_rgb(image_path)
     mask = read_mask(mask_path, instance=instance)
     if mask.shape != image.shape[:2]:
         raise ValueError(
             f"mask {mask_path} has shape {mask.shape} but image {image_path} has {image.shape[:2]}"
         )
-    return Sample(name=image_path.stem, image=image, mask=mask)
+    types = None
+    type_path = mask_path.parent.parent / (type_dir or "") / mask_path.name
+    if type_dir is not None and instance and type_path.parent.is_dir():  # no type folder at all: no types
+        if not type_path.is_file():
+            raise ValueError(f"type map {type_path} is missing")
+        types = type_table(mask, read_image(type_path))
+    return Sample(name=image_path.stem, image=image, mask=mask, types=types)
 
 
 def find_label_file(mask_dirs: Sequence[Path], stem: str) -> Path | None:
@@ -227,6 +263,11 @@ class Layout:
         annotated_ring_px: partly annotated labels: the loss weighs only the annotated
             objects and a ring of this many pixels around them (None: fully annotated).
         pairs: ``pairs(root, split)`` -> the (image, label) file pairs of a split.
+        types: nucleus type names of the per-pixel type maps (id ``i + 1`` is ``types[i]``);
+            None: the layout has no types.
+        type_colors: one ``#rrggbb`` colour per type.
+        type_dir: the folder, beside the label folder, that holds each label file's type
+            map under the same file name.
     """
 
     name: str
@@ -236,6 +277,9 @@ class Layout:
     splits: tuple[str, ...]
     pairs: Callable[[Path, str], list[tuple[Path, Path]]]
     annotated_ring_px: int | None = None
+    types: tuple[str, ...] | None = None
+    type_colors: tuple[str, ...] | None = None
+    type_dir: str | None = None
 
     @property
     def stain_jitter(self) -> bool:
@@ -250,9 +294,13 @@ class Layout:
 
 
 _HE_NUCLEI = dict(classes=("nucleus",), stain="H&E")
+CONSEP_TYPES = ("other", "inflammatory", "epithelial", "spindle-shaped")
+"""CoNSeP's class ids 1-4, read as HoVer-Net's merged classes (see shared/data/README.md)."""
+CONSEP_TYPE_COLORS = ("#ffa500", "#00ff00", "#ff0000", "#0000ff")  # HoVer-Net's CoNSeP colours
 LAYOUT_TABLE: dict[str, Layout] = {layout.name: layout for layout in (
     Layout("ph2", "semantic", ("lesion",), "dermoscopy", ("train", "val", "test"), _pairs_ph2),
-    Layout("consep", "instance", **_HE_NUCLEI, splits=("train", "val", "test"), pairs=_pairs_consep),
+    Layout("consep", "instance", **_HE_NUCLEI, splits=("train", "val", "test"), pairs=_pairs_consep,
+           types=CONSEP_TYPES, type_colors=CONSEP_TYPE_COLORS, type_dir="classes"),
     Layout("monuseg", "instance", **_HE_NUCLEI, splits=("train",), pairs=_pairs_monuseg),
     Layout("monuseg-instances", "instance", **_HE_NUCLEI, splits=("train",), pairs=_pairs_monuseg_instances),
     Layout("monuseg-masks", "instance", **_HE_NUCLEI, splits=("train",), pairs=_pairs_monuseg_masks),
@@ -336,9 +384,9 @@ def load_samples(
             raise ValueError(f"image file {image_path} is missing")
         if not mask_path.is_file():
             raise ValueError(f"mask file {mask_path} is missing")
-    samples = [_make_sample(image_path, mask_path, instance) for image_path, mask_path in pairs]
+    samples = [_make_sample(image_path, mask_path, instance, info.type_dir) for image_path, mask_path in pairs]
     if info.annotated_ring_px is not None:  # partly annotated: only annotated objects and their surroundings count
-        samples = [Sample(s.name, s.image, s.mask, annotated_weight(s.mask, info.annotated_ring_px)) for s in samples]
+        samples = [dataclasses.replace(s, weight=annotated_weight(s.mask, info.annotated_ring_px)) for s in samples]
     return samples
 
 
@@ -372,13 +420,16 @@ class SegmentationDataset(Dataset):
             cropped and augmented with the mask; random crops are then centred on pixels
             weighing more than 1 (see `random_scale_crop`). Default: the samples' own
             ``weight`` maps when any has one (partly annotated data).
+        types: add the ``type`` target (the model has a type head): each object's type
+            from its sample's type table (`Sample.types`), 0 where unknown.
 
     Items:
         dict with ``image`` (3, h, w) float32 in [0, 1], ``mask`` (1, h, w) float32 {0, 1}
         and ``edge`` (1, h, w) float32 {0, 1}; instance datasets add ``instances`` (1, h, w)
         int32 ids (0 = background), e.g. for AJI in validation, and, for ``instance_map``
         ``distance`` or ``hover``, that target ((1, h, w) or (2, h, w) float32); with
-        `weights`, ``weight`` (1, h, w) float32.
+        `weights`, ``weight`` (1, h, w) float32; with `types`, ``type`` (1, h, w) int64
+        (0 = background or no type known: the type loss ignores those pixels).
     """
 
     def __init__(
@@ -397,6 +448,7 @@ class SegmentationDataset(Dataset):
         instance_map: str = "boundary",
         seed: int = 0,
         weights: Sequence[np.ndarray | None] | None = None,
+        types: bool = False,
     ) -> None:
         if not samples:
             raise ValueError("SegmentationDataset needs at least one sample")
@@ -416,6 +468,7 @@ class SegmentationDataset(Dataset):
         self.artifacts = artifacts
         self.instance_map = instance_map
         self.seed = seed
+        self.types = bool(types) and self.instance
         self.epoch = 0
         self.weights = None
         if weights is None and any(sample.weight is not None for sample in self.samples):
@@ -472,9 +525,31 @@ class SegmentationDataset(Dataset):
             target = instance_map_target(mask, self.instance_map)  # (1 or 2, h, w) or None
             if target is not None:
                 item[self.instance_map] = torch.from_numpy(target)
+            if self.types:
+                item["type"] = torch.from_numpy(_type_target(mask, sample.types)[None])  # (1, h, w)
         if weight is not None:
             item["weight"] = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)[None])  # (1, h, w)
         return item
+
+
+def _type_target(labels: np.ndarray, table: np.ndarray | None) -> np.ndarray:
+    """(h, w) int64 type of each pixel's object (0: background, or no type known)."""
+    if table is None:
+        return np.zeros(labels.shape, np.int64)
+    ids = np.clip(labels, 0, None).astype(np.int64)
+    padded = np.zeros(max(int(ids.max(initial=0)) + 1, table.size), np.int64)
+    padded[:table.size] = table
+    return padded[ids]
+
+
+def type_pixel_counts(dataset: "SegmentationDataset", n_types: int) -> np.ndarray:
+    """(n_types + 1,) pixels of each type over the whole training images (index 0: no type)."""
+    counts = np.zeros(n_types + 1, np.int64)
+    for sample in dataset.samples:
+        if sample.types is not None:
+            values = _type_target(sample.mask, sample.types)
+            counts += np.bincount(values[values <= n_types].ravel(), minlength=n_types + 1)
+    return counts
 
 
 def resize_samples(samples: Sequence[Sample], long_side: int) -> list[Sample]:
@@ -492,7 +567,8 @@ def resize_samples(samples: Sequence[Sample], long_side: int) -> list[Sample]:
     for sample in samples:
         size = working_size(*sample.image.shape[:2], long_side)
         weight = None if sample.weight is None else resize_labels(sample.weight, size)
-        resized.append(Sample(sample.name, resize_image(sample.image, size), resize_labels(sample.mask, size), weight))
+        resized.append(Sample(sample.name, resize_image(sample.image, size), resize_labels(sample.mask, size), weight,
+                              sample.types))
     return resized
 
 
@@ -507,4 +583,4 @@ def validation_dataset(samples: Sequence[Sample], config: Any, boundary_width: i
     """
     samples = resize_samples(samples, config.resize_long_side)
     return SegmentationDataset(samples, crop_size=None, augment=False, boundary_width=boundary_width,
-                               task=config.task, instance_map=config.instance_map)
+                               task=config.task, instance_map=config.instance_map, types=config.has_types)

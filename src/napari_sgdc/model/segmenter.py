@@ -11,6 +11,10 @@
     instance maps (cfg.instance_map), instance_head = ConvBNReLU + 3×3 conv on d:
         distance = instance_head(d)                      (B, 1, H, W) logits of the normalised distance
         hover    = instance_head(d)                      (B, 2, H, W) x and y offsets to the centre
+    nucleus types (cfg.type_names, T of them), type_head = ConvBNReLU + 1×1 conv on d4, the
+    decoder's SGDC-guided stride-4 features (a type is a property of the whole nucleus, so a
+    quarter-resolution map with the guided block's context serves; it is upsampled):
+        type     = up(type_head(d4))                     (B, T, H, W) type logits
 
 The edge output is the SGE edge map, upsampled and corrected at full resolution by a
 3×3 head on the last decoder features; for instance models it is the boundary that
@@ -31,6 +35,7 @@ from .sgdc import BLOCK_TYPES, PoolingDynamicConv
 GUIDED_STRIDES = (16, 8, 4)
 DECODER_STRIDES = (16, 8, 4, 2, 1)
 LAYER_SCALE_INIT = 1e-2
+TYPE_STRIDE = 4  # the decoder stride whose features feed the type head
 
 
 class DecoderStage(nn.Module):
@@ -80,6 +85,9 @@ class SGDCSegmenter(nn.Module):
         if cfg.instance_channels:  # regression head of ModelConfig.instance_map (distance or hover)
             self.instance_head = nn.Sequential(ConvBNReLU(in_ch, in_ch),
                                                nn.Conv2d(in_ch, cfg.instance_channels, 3, padding=1))
+        if cfg.has_types:  # nucleus types, from the guided stride-4 features
+            width = cfg.decoder_channels[DECODER_STRIDES.index(TYPE_STRIDE)]
+            self.type_head = nn.Sequential(ConvBNReLU(width, width), nn.Conv2d(width, len(cfg.type_names), 1))
 
     def _make_block(self, dim: int) -> nn.Module:
         cfg = self.config
@@ -106,7 +114,8 @@ class SGDCSegmenter(nn.Module):
         Returns:
             {"mask": (B, n_classes, H, W) logits, "edge": (B, 1, H, W) logits}, plus
             "distance" (B, 1, H, W) logits or "hover" (B, 2, H, W) values for those
-            ``config.instance_map`` settings, and, when
+            ``config.instance_map`` settings, "type" (B, T, H, W) logits for a model with
+            ``config.type_names``, and, when
             `return_gates`, "gates": one dict per guided block (deepest first) with
             "name", "stride", "gate1", "gate2" (B, C, h, w) and "kernel" (B, heads, k*k, h, w).
         """
@@ -116,10 +125,12 @@ class SGDCSegmenter(nn.Module):
         x = (x - self.norm_mean) / self.norm_std
         f2, f4, f8, f16, f32 = self.encoder(x)
         edge_s4, guidance = self.sge(f32, f4)  # (B, 1, H/4, W/4), (B, G, H/4, W/4)
-        decoded, gates = f32, []
+        decoded, gates, type_features = f32, [], None
         for stage, stride, skip in zip(self.decoder, DECODER_STRIDES, (f16, f8, f4, f2, None)):
             size = (height // stride, width // stride)
             decoded, block_gates = stage(decoded, skip, size, guidance, return_gates)
+            if stride == TYPE_STRIDE:
+                type_features = decoded  # (B, C4, H/4, W/4)
             if block_gates is not None:
                 gates.append({"name": f"{self.config.block}@s{stride}", "stride": stride, **block_gates})
         mask_logits = self.mask_head(decoded)  # (B, n_classes, H, W)
@@ -128,6 +139,9 @@ class SGDCSegmenter(nn.Module):
         out = {"mask": mask_logits, "edge": edge_logits}
         if self.config.instance_channels:
             out[self.config.instance_map] = self.instance_head(decoded)  # (B, 1 or 2, H, W)
+        if self.config.has_types:
+            type_logits = self.type_head(type_features)  # (B, T, H/4, W/4)
+            out["type"] = F.interpolate(type_logits, size=(height, width), mode="bilinear", align_corners=False)
         if return_gates:
             out["gates"] = gates
         return out

@@ -36,7 +36,7 @@ from ..device import DEVICES, forward, memory_format, resolve_device
 from ..checkpoints import save_checkpoint
 from ..locks import model_lock
 from ..model import SGDCSegmenter
-from .losses import total_loss
+from .losses import total_loss, type_class_weights
 from .state import (
     last_checkpoint_path_for, load_train_state, remove_stale_temporaries, save_train_state, state_path_for,
 )
@@ -50,7 +50,8 @@ SELECT_METRICS = {"iou": "max", "dice": "max", "aji": "max", "loss": "min"}
 _STREAM_SALT = 7919  # separates the batch-order stream from the per-item augmentation streams
 _COUNTS = {"epochs": 1, "batch_size": 1, "max_steps": 0, "steps_per_epoch": 0, "warmup_steps": 0,
            "val_every": 0, "boundary_width": 1, "num_workers": 0, "seed": 0}  # whole numbers and their minimum
-_RATES = ("lr_decoder", "lr_encoder", "weight_decay", "grad_clip", "edge_weight", "l2sp")  # finite and >= 0
+_RATES = ("lr_decoder", "lr_encoder", "weight_decay", "grad_clip", "edge_weight", "l2sp", "type_weight",
+          "type_balance")  # finite and >= 0
 
 
 @dataclass
@@ -218,6 +219,7 @@ class _Run:
     callbacks: list[Callable[[dict], Any]]
     provenance: dict
     anchor: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list)  # L2-SP: (w, w_start)
+    type_weights: torch.Tensor | None = None  # the type loss's class weights c_t
     started: float = field(default_factory=time.perf_counter)
     steps_this_call: int = 0
 
@@ -254,10 +256,11 @@ class _Run:
 def _train_step(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
     """One optimiser step; returns the loss and its parts."""
     cfg, device = run.cfg, run.device
-    keys = [key for key in ("mask", "edge", "weight", "distance", "hover") if key in batch]
+    keys = [key for key in ("mask", "edge", "weight", "distance", "hover", "type") if key in batch]
     targets = {key: batch[key].to(device, non_blocking=True) for key in keys}  # (B, 1 or 2, h, w)
     outputs = forward(run.model, batch["image"], device, cfg.amp)  # (B, 3, h, w) in
-    loss, parts = total_loss(outputs, targets, cfg.edge_weight, run.model.config.edge_supervision)
+    loss, parts = total_loss(outputs, targets, cfg.edge_weight, run.model.config.edge_supervision,
+                             cfg.type_weight, run.type_weights)
     if run.anchor:
         penalty = cfg.l2sp * sum(((weight - start) ** 2).sum() for weight, start in run.anchor)
         parts["l2sp"] = float(penalty.detach())
@@ -269,6 +272,16 @@ def _train_step(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[float, dict[
     run.optimizer.step()
     run.scheduler.step()
     return float(loss.detach()), parts
+
+
+def _type_weights(model: SGDCSegmenter, train_data: Dataset, cfg: TrainConfig) -> torch.Tensor | None:
+    """The type loss's class weights from the training set's type pixels (None: no types)."""
+    from ..data.datasets import type_pixel_counts
+
+    n_types = len(model.config.type_names)
+    if not n_types or not hasattr(train_data, "samples"):
+        return None
+    return type_class_weights(type_pixel_counts(train_data, n_types), cfg.type_balance)
 
 
 def _run_epoch(run: _Run, train_data: Dataset, epoch: int, cancel: threading.Event | None) -> list[float]:
@@ -399,7 +412,7 @@ def fit(
             if resume is not None:
                 history = _resumed(history, load_train_state(state_path_for(resume), model, optimizer, scheduler))
             run = _Run(model, cfg, device, history, optimizer, scheduler, steps_per_epoch,
-                       list(callbacks or []), dict(provenance or {}), anchor)
+                       list(callbacks or []), dict(provenance or {}), anchor, _type_weights(model, train_data, cfg))
             for epoch in range(history.steps // steps_per_epoch, run.n_epochs):
                 if history.steps >= history.total_steps:
                     break

@@ -19,11 +19,21 @@ patches without foreground do not produce undefined values:
               + L_map                      (instance models with ModelConfig.instance_map
                                             ``distance`` or ``hover``)
 
+              + λ_type · L_type            (models with nucleus types, ModelConfig.type_names;
+                                            λ_type = TrainConfig.type_weight)
+
     L_map (distance) = MSE(σ(d), t_d)                 t_d: normalised distance to border
     L_map (hover)    = MSE(h, t_h) + 2 · MSGE(h, t_h)  t_h: HoVer-Net x/y maps in [-1, 1]
               MSGE = mean over object pixels of the squared difference of the
                      x-gradient of the x map and the y-gradient of the y map (Graham et al.
                      2019, with their weights 1 and 2); gradients by 5×5 Sobel kernels
+
+    L_type = CE_c(z, t) + Dice_T(softmax(z), t)      z: (B, T, H, W) type logits, t: type ids
+              over the pixels whose type is known (t > 0; background, and nuclei of data
+              without types, are ignored); CE_c is cross-entropy with class weights
+              c_t (`type_class_weights`: inverse pixel frequency to the power
+              TrainConfig.type_balance, so rare types such as CoNSeP's "other" count more),
+              Dice_T the soft Dice of each type present in the batch, averaged over them
 
 Boundary pixels are rare (a few percent), hence the weighted BCE: without it the edge
 head learns to predict "no boundary" everywhere.
@@ -44,7 +54,8 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-__all__ = ["mask_loss", "edge_loss", "instance_map_loss", "total_loss", "EDGE_POS_WEIGHT_MAX"]
+__all__ = ["mask_loss", "edge_loss", "instance_map_loss", "type_loss", "type_class_weights", "total_loss",
+           "EDGE_POS_WEIGHT_MAX"]
 
 EDGE_POS_WEIGHT_MAX = 50.0
 
@@ -160,11 +171,67 @@ def instance_map_loss(name: str, output: torch.Tensor, target: torch.Tensor,
     return loss
 
 
+def type_class_weights(pixel_counts, balance: float) -> torch.Tensor:
+    """Class weights c_t of `type_loss`: ``(mean count / count_t) ** balance`` over the types
+    that occur, normalised to a pixel-weighted mean of 1 (absent types get weight 1).
+
+    Args:
+        pixel_counts: (T + 1,) training pixels per type id (index 0, no type, is ignored).
+        balance: 0 = unweighted, 1 = inverse frequency.
+    """
+    counts = torch.as_tensor(pixel_counts, dtype=torch.float64)[1:]
+    weights = torch.ones_like(counts)
+    present = counts > 0
+    if present.any():
+        raw = (counts[present].mean() / counts[present]) ** float(balance)
+        weights[present] = raw / ((raw * counts[present]).sum() / counts[present].sum())
+    return weights.float()
+
+
+def type_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """L_type of the module docstring: class-weighted cross-entropy + soft Dice over the
+    pixels whose type is known.
+
+    Args:
+        logits: (B, T, H, W) type logits.
+        target: (B, 1, H, W) int type ids (0 = ignore, 1..T).
+        class_weights: (T,) c_t, or None for 1.
+        weight: optional (B, 1, H, W) per-pixel weights.
+
+    Returns:
+        scalar loss (0 with a gradient when no pixel has a known type).
+    """
+    if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[2:] or target.shape[1] != 1:
+        raise ValueError(f"type logits have shape {tuple(logits.shape)} but the target has {tuple(target.shape)}")
+    logits = logits.float()
+    ids = target[:, 0].long()  # (B, H, W)
+    known = (ids > 0).float()
+    if weight is not None:
+        known = known * _check_weight(weight, target.float())[:, 0]
+    if not bool(known.sum() > 0):
+        return logits.sum() * 0.0
+    index = (ids - 1).clamp(0, logits.shape[1] - 1)  # (B, H, W)
+    class_weights = None if class_weights is None else class_weights.to(logits.device, torch.float32)
+    per_pixel = F.cross_entropy(logits, index, weight=class_weights, reduction="none")  # (B, H, W)
+    pixel_class_weight = known if class_weights is None else known * class_weights[index]
+    ce = (per_pixel * known).sum() / pixel_class_weight.sum().clamp_min(1e-12)
+    probability = torch.softmax(logits, dim=1)  # (B, T, H, W)
+    one_hot = F.one_hot(index, logits.shape[1]).permute(0, 3, 1, 2).float() * known[:, None]
+    overlap = (probability * one_hot * known[:, None]).sum(dim=(0, 2, 3))  # (T,)
+    total = (probability * known[:, None]).sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3))
+    present = one_hot.sum(dim=(0, 2, 3)) > 0
+    dice = 1.0 - (2.0 * overlap[present] + 1e-5) / (total[present] + 1e-5)
+    return ce + dice.mean()
+
+
 def total_loss(
     outputs: dict[str, torch.Tensor],
     batch: dict[str, torch.Tensor],
     edge_weight: float = 0.5,
     edge_supervision: bool = True,
+    type_weight: float = 1.0,
+    type_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``L_mask + edge_weight * L_edge`` (see the module docstring).
 
@@ -176,6 +243,8 @@ def total_loss(
             weights applied to every term.
         edge_weight: λ_edge.
         edge_supervision: include the edge term.
+        type_weight: λ_type, for outputs with ``type`` logits (the batch then needs ``type``).
+        type_weights: the class weights c_t of `type_loss` (None: 1).
 
     Returns:
         (total scalar loss, {"mask": float, "edge": float} plus ``distance`` or ``hover``)
@@ -193,6 +262,13 @@ def total_loss(
             loss_map = instance_map_loss(name, outputs[name], batch[name], weight)
             parts[name] = float(loss_map.detach())
             loss = loss + loss_map
+    if "type" in outputs and type_weight > 0:
+        if "type" not in batch:
+            raise ValueError("the model has a type head but the batch has no type target "
+                             "(build the dataset with types=True)")
+        loss_type = type_loss(outputs["type"], batch["type"], type_weights, weight)
+        parts["type"] = float(loss_type.detach())
+        loss = loss + type_weight * loss_type
     if edge_supervision and edge_weight > 0 and "edge" in outputs:
         loss_edge = edge_loss(outputs["edge"], batch["edge"], weight)
         parts["edge"] = float(loss_edge.detach())

@@ -72,12 +72,16 @@ def load_config_sections(config: ConfigSource) -> tuple[dict, dict]:
 
 
 def model_config_for(values: Mapping[str, Any], task: str, layout: str) -> ModelConfig:
-    """The `ModelConfig` of `values` for `task`, with the layout's class names by default."""
+    """The `ModelConfig` of `values` for `task`, with the layout's class names by default, and
+    its nucleus types for an instance model on a layout that has them (CoNSeP)."""
     from ..data.datasets import layout_info
     from ..model import tiny_config
 
     values = {**values, "task": task}
-    values.setdefault("class_names", layout_info(layout).class_names(task))
+    info = layout_info(layout)
+    values.setdefault("class_names", info.class_names(task))
+    if task == "instance" and info.types and "type_names" not in values:  # `type_names: []` opts out
+        values.update(type_names=info.types, type_colors=info.type_colors)
     if values.get("encoder") == "mini":
         return tiny_config(**values)
     return ModelConfig.from_dict(values)
@@ -167,6 +171,11 @@ def train_from_config(
 
     seed_everything(train_cfg.seed)  # before build_model, so the seed also fixes the initial weights
     model = build_model(model_cfg)
+    if train_cfg.init and resume_path is None:
+        from ..checkpoints import init_from_checkpoint
+
+        fresh = init_from_checkpoint(model, train_cfg.init)
+        emit({"kind": "init", "source": train_cfg.init, "fresh": fresh})
     emit({"kind": "start", "encoder": model_cfg.encoder, "block": model_cfg.block, "task": task, **sizes})
     record = {"command": "napari_sgdc.train.train_from_config", **dict(provenance or {}), "data": str(data),
               "layout": layout, "train_splits": ",".join(train_splits), "also": [list(map(str, p)) for p in also],
@@ -215,7 +224,8 @@ def _datasets(train_samples, val_samples, model_cfg: ModelConfig, train_cfg: Tra
                                      crop_size=train_cfg.crop_size, augment=True,
                                      boundary_width=train_cfg.boundary_width, stain_jitter=train_cfg.stain_jitter,
                                      task=task, seed=train_cfg.seed, aspect_jitter=train_cfg.aspect_jitter,
-                                     artifacts=train_cfg.artifacts, instance_map=model_cfg.instance_map)
+                                     artifacts=train_cfg.artifacts, instance_map=model_cfg.instance_map,
+                                     types=model_cfg.has_types)
     val_data = None
     if val_samples:
         val_data = validation_dataset(val_samples, model_cfg, boundary_width=train_cfg.boundary_width)

@@ -1,7 +1,7 @@
 """Tuning a finished instance checkpoint's post-processing defaults on validation images.
 
 `tune_checkpoint` is ``napari-sgdc tune``: it searches the mask threshold, separation
-level and smallest-object size with the best mean AJI (`tune_postprocess`) and writes a
+level and smallest-object size with the best mean AJI and PQ together (`tune_postprocess`) and writes a
 copy of the checkpoint that carries them as its defaults; the input is never changed.
 `write_tuned_checkpoint` is the step it shares with the end of `train_from_config`.
 """
