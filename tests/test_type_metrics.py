@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ import pytest
 from napari_sgdc.type_metrics import (
     TypeScores, check_types, detection_radius, object_centroids, pair_centroids, type_pq_counts,
 )
+
+DATA = Path(os.environ.get("NAPARI_SGDC_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def _maps(shape, objects):
@@ -256,3 +260,47 @@ def test_summary_lines_report_the_pooled_type_scores_with_the_type_names(tmp_pat
     assert not any("Nucleus" in line for line in summary_lines(Evaluation(rows=rows[1:])))
     header = write_csv(rows, tmp_path / "scores.csv").read_text().splitlines()[0]
     assert header == "image,iou,dice,hd95,boundary_f1,aji,object_f1,pq,f_d"
+
+
+def _typed_item(name, seed, with_types=True):
+    from napari_sgdc.evaluation import EvaluationItem
+
+    rng = np.random.default_rng(seed)
+    image = (rng.random((48, 40, 3)) * 255).astype(np.uint8)
+    labels, types = _maps((48, 40), {1: (4, 4, 12, 12, 1), 3: (25, 10, 14, 18, 2), 4: (30, 32, 6, 6, 1)})
+    return EvaluationItem(name, lambda: image, lambda: labels > 0, lambda: labels,
+                          load_types=(lambda: types) if with_types else None)
+
+
+def test_evaluate_pools_the_type_scores_of_a_typed_model():
+    import torch
+
+    from napari_sgdc.evaluation import evaluate, layout_items, summary_lines
+    from napari_sgdc.inference import segment
+    from napari_sgdc.model import build_model, tiny_config
+    from napari_sgdc.postprocess import PostprocessOptions
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(task="instance", type_names=("a", "b"), type_colors=("#ff0000", "#00ff00")))
+    with torch.no_grad():
+        model.mask_head.weight.mul_(200.0)  # a random net whose mask is partly on
+    model.eval()
+    items = [_typed_item("t0.png", 0), _typed_item("untyped.png", 1, with_types=False), _typed_item("t2.png", 2)]
+    evaluation = evaluate(model, items, tile=0)
+    assert [row["image"] for row in evaluation.rows] == ["t0.png", "untyped.png", "t2.png"]
+    assert evaluation.type_names == ("a", "b") and evaluation.types.images == 2
+    assert "f_d" not in evaluation.rows[1] and evaluation.keys[-1] == "f_d"
+    # The same pooling by hand, from the model's own segmentations of the typed items.
+    expected = TypeScores()
+    options = PostprocessOptions.for_model(model.config)
+    for item, row in zip(items[::2], evaluation.rows[::2]):
+        result = segment(model, item.load_image(), options, tile=None, stack=False)
+        assert result.object_types is not None
+        assert row["f_d"] == expected.add(result.labels, result.object_types, item.load_instances(), item.load_types())
+    np.testing.assert_equal(evaluation.type_summary, expected.summary(2))
+    lines = summary_lines(evaluation)
+    assert any(line.strip().startswith("F_c b") for line in lines) and any("mPQ" in line for line in lines)
+    consep = layout_items(DATA / "consep", "consep", "test", max_images=1)[0]
+    true_types = consep.load_types()
+    assert true_types.ndim == 1 and true_types.size >= consep.load_instances().max() + 1
+    assert set(np.unique(true_types[1:])) <= {0, 1, 2, 3, 4}

@@ -64,12 +64,9 @@ def layout_items(data: str | Path, layout: str, split: str = "test",
         raise ValueError(f"no images in split {split!r} of {data} (layout {layout})")
     return [EvaluationItem(sample.name, (lambda s=sample: s.image), (lambda s=sample: s.mask > 0),
                            (lambda s=sample: s.mask) if sample.is_instance else None,
-                           load_types=(lambda s=sample: s.types) if _has_types(sample) else None)
+                           load_types=(lambda s=sample: s.types) if sample.is_instance and sample.types is not None
+                           else None)
             for sample in samples]
-
-
-def _has_types(sample) -> bool:
-    return sample.is_instance and getattr(sample, "types", None) is not None
 
 
 def folder_items(images: str | Path, masks: str | Path | None = None, instances: str | Path | None = None,
@@ -172,9 +169,8 @@ def evaluate(model, items: Sequence[EvaluationItem], options=None, *, tile: int 
     from .postprocess import PostprocessOptions
 
     options = options or PostprocessOptions.for_model(model.config)
-    type_names = tuple(getattr(model.config, "type_names", ()) or ())
-    result = Evaluation(type_names=type_names)
-    if type_names:
+    result = Evaluation(type_names=tuple(model.config.type_names))
+    if model.config.has_types:
         from .type_metrics import TypeScores
 
         result.types = TypeScores()
@@ -214,9 +210,8 @@ def _score_item(model, item: EvaluationItem, options, pooled: np.ndarray, types,
         if labels is None:  # a semantic model scored against instances: split its mask
             labels = postprocess(result.probability, result.boundary, options, instances=True)[1]
         row.update(metrics.instance_scores(labels, target_instances))
-        object_types = getattr(result, "object_types", None)
-        if target_types is not None and object_types is not None and result.labels is not None:
-            row["f_d"] = types.add(labels, object_types, target_instances, target_types)
+        if target_types is not None and result.object_types is not None and result.labels is not None:
+            row["f_d"] = types.add(labels, result.object_types, target_instances, target_types)
     reference = np.asarray(target) > 0  # pooled last: an item that fails above adds nothing
     pooled += [np.count_nonzero(result.mask & reference), np.count_nonzero(result.mask), np.count_nonzero(reference)]
     return row
