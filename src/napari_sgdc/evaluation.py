@@ -2,9 +2,11 @@
 
 `layout_items` and `folder_items` list what to score (a dataset layout's split, or
 folders of images and masks matched by stem); `evaluate` segments each image and scores
-it (IoU, Dice, HD95, boundary F1, plus AJI, object F1 and PQ with instance labels);
-`summarize` gives mean ± std, `summary_lines` the printed report, and `write_csv` the
-per-image table through the one atomic writer, never replacing a file unless asked.
+it (IoU, Dice, HD95, boundary F1, plus AJI, object F1 and PQ with instance labels, plus
+the nucleus-type scores of `napari_sgdc.type_metrics` pooled over the images when the
+model has types and the items have reference types); `summarize` gives mean ± std,
+`summary_lines` the printed report, and `write_csv` the per-image table through the one
+atomic writer, never replacing a file unless asked.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .type_metrics import TypeScores
 
 __all__ = [
     "Evaluation", "EvaluationItem", "SCORE_LABELS", "check_csv_target", "evaluate", "folder_items", "layout_items",
@@ -24,26 +29,30 @@ __all__ = [
 
 SEMANTIC_KEYS = ("iou", "dice", "hd95", "boundary_f1")
 INSTANCE_KEYS = ("aji", "object_f1", "pq")
+TYPE_KEYS = ("f_d",)
 SCORE_LABELS = {"iou": "IoU", "dice": "Dice", "hd95": "HD95 (px)", "boundary_f1": "Boundary F1 (tol {tolerance:g} px)",
-                "aji": "AJI", "object_f1": "Object F1 (IoU>0.5)", "pq": "PQ (panoptic quality)"}
+                "aji": "AJI", "object_f1": "Object F1 (IoU>0.5)", "pq": "PQ (panoptic quality)",
+                "f_d": "F_d per image (12 px)"}
 """The printed name of each score (``{tolerance}`` is the boundary F1 tolerance)."""
 
 
 @dataclass
 class EvaluationItem:
     """One image to score: loaders for the image, the reference mask and (optionally) the
-    reference instance labels, or the ``problem`` that keeps it from being scored."""
+    reference instance labels and their types (a 1-D lookup, ``types[id]`` = the type of
+    instance ``id``), or the ``problem`` that keeps it from being scored."""
 
     name: str
     load_image: Callable[[], np.ndarray] | None = None
     load_mask: Callable[[], np.ndarray] | None = None
     load_instances: Callable[[], np.ndarray] | None = None
     problem: str | None = None
+    load_types: Callable[[], np.ndarray] | None = None
 
 
 def layout_items(data: str | Path, layout: str, split: str = "test",
                  max_images: int | None = None) -> list[EvaluationItem]:
-    """The items of a dataset layout's split (instance labels where the layout has them).
+    """The items of a dataset layout's split (instance labels, and their types, where the layout has them).
 
     Raises:
         ValueError: the split holds no images (or the dataset cannot be read).
@@ -54,7 +63,10 @@ def layout_items(data: str | Path, layout: str, split: str = "test",
     if not samples:
         raise ValueError(f"no images in split {split!r} of {data} (layout {layout})")
     return [EvaluationItem(sample.name, (lambda s=sample: s.image), (lambda s=sample: s.mask > 0),
-                           (lambda s=sample: s.mask) if sample.is_instance else None) for sample in samples]
+                           (lambda s=sample: s.mask) if sample.is_instance else None,
+                           load_types=(lambda s=sample: s.types) if sample.is_instance and sample.types is not None
+                           else None)
+            for sample in samples]
 
 
 def folder_items(images: str | Path, masks: str | Path | None = None, instances: str | Path | None = None,
@@ -100,17 +112,31 @@ class Evaluation:
         rows: one dict per scored image: ``image`` and its scores.
         failures: one line per image that could not be scored.
         pooled: (intersection, predicted, reference) foreground pixels summed over the images.
+        type_names: the model's nucleus types (type id i + 1 is ``type_names[i]``); empty
+            for a model without types.
+        types: the type counts pooled over the images with reference types
+            (`napari_sgdc.type_metrics.TypeScores`), None when the model has no types.
     """
 
     rows: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     pooled: np.ndarray = field(default_factory=lambda: np.zeros(3, np.int64))
+    type_names: tuple[str, ...] = ()
+    types: TypeScores | None = None
 
     @property
     def keys(self) -> list[str]:
-        """The score columns: the semantic ones, plus the instance ones when any row has them."""
+        """The score columns: the semantic ones, plus the instance and type ones when any row has them."""
         instance = any("aji" in row for row in self.rows)
-        return [*SEMANTIC_KEYS, *(INSTANCE_KEYS if instance else ())]
+        typed = any("f_d" in row for row in self.rows)
+        return [*SEMANTIC_KEYS, *(INSTANCE_KEYS if instance else ()), *(TYPE_KEYS if typed else ())]
+
+    @property
+    def type_summary(self) -> dict[str, float] | None:
+        """The pooled type scores (`TypeScores.summary`), None without typed images."""
+        if self.types is None or self.types.images == 0:
+            return None
+        return self.types.summary(len(self.type_names))
 
     @property
     def pooled_iou_dice(self) -> tuple[float, float]:
@@ -126,6 +152,11 @@ def evaluate(model, items: Sequence[EvaluationItem], options=None, *, tile: int 
              progress: Callable[[int, int], Any] | None = None) -> Evaluation:
     """Segments and scores every item (a failing item is reported and skipped).
 
+    For a model with nucleus types (``config.type_names``), items with reference types
+    (``load_types``) and instance labels also add the segmentation's ``object_types`` to
+    the pooled type scores (centroid pairing radius 12 px: the images are taken as they
+    are) and their row gets the image's F_d.
+
     Args:
         model: an `SGDCSegmenter`.
         items: what to score (`layout_items`, `folder_items`).
@@ -138,13 +169,17 @@ def evaluate(model, items: Sequence[EvaluationItem], options=None, *, tile: int 
     from .postprocess import PostprocessOptions
 
     options = options or PostprocessOptions.for_model(model.config)
-    result = Evaluation()
+    result = Evaluation(type_names=tuple(model.config.type_names))
+    if model.config.has_types:
+        from .type_metrics import TypeScores
+
+        result.types = TypeScores()
     for index, item in enumerate(items):
         try:
             if item.problem is not None:
                 raise ValueError(item.problem)
-            result.rows.append(_score_item(model, item, options, result.pooled, tile=tile, overlap=overlap, tta=tta,
-                                           amp=amp, tolerance=tolerance))
+            result.rows.append(_score_item(model, item, options, result.pooled, result.types, tile=tile,
+                                           overlap=overlap, tta=tta, amp=amp, tolerance=tolerance))
         except (ValueError, OSError) as error:
             message = str(error) if item.problem is not None else f"{item.name}: {error}"
             result.failures.append(message)
@@ -155,26 +190,30 @@ def evaluate(model, items: Sequence[EvaluationItem], options=None, *, tile: int 
     return result
 
 
-def _score_item(model, item: EvaluationItem, options, pooled: np.ndarray, *, tile, overlap, tta, amp,
+def _score_item(model, item: EvaluationItem, options, pooled: np.ndarray, types, *, tile, overlap, tta, amp,
                 tolerance) -> dict:
-    """The row of one item; adds its pixel counts to `pooled`."""
+    """The row of one item; adds its pixel counts to `pooled` and its type counts to `types` (a
+    `TypeScores`, or None)."""
     from . import metrics
     from .inference import segment
     from .postprocess import postprocess
 
     image, target = item.load_image(), item.load_mask()
     target_instances = item.load_instances() if item.load_instances is not None else None
+    target_types = item.load_types() if types is not None and item.load_types is not None else None
     result = segment(model, image, options, tile=tile or None, overlap=overlap, tta=tta, stack=False, amp=amp)
     if result.mask.shape != target.shape:
         raise ValueError(f"mask shape {target.shape} differs from image shape {result.mask.shape}")
     row = {"image": item.name, **metrics.semantic_scores(result.mask, target, tolerance)}
-    reference = np.asarray(target) > 0
-    pooled += [np.count_nonzero(result.mask & reference), np.count_nonzero(result.mask), np.count_nonzero(reference)]
     if target_instances is not None:
         labels = result.labels
         if labels is None:  # a semantic model scored against instances: split its mask
             labels = postprocess(result.probability, result.boundary, options, instances=True)[1]
         row.update(metrics.instance_scores(labels, target_instances))
+        if target_types is not None and result.object_types is not None and result.labels is not None:
+            row["f_d"] = types.add(labels, result.object_types, target_instances, target_types)
+    reference = np.asarray(target) > 0  # pooled last: an item that fails above adds nothing
+    pooled += [np.count_nonzero(result.mask & reference), np.count_nonzero(result.mask), np.count_nonzero(reference)]
     return row
 
 
@@ -189,12 +228,33 @@ def summarize(rows: list[dict], keys: Sequence[str]) -> dict[str, tuple[float, f
 
 
 def summary_lines(evaluation: Evaluation, tolerance: float = 2.0) -> list[str]:
-    """The report: mean ± std of each score, then the pooled IoU / Dice."""
+    """The report: mean ± std of each score, then the pooled IoU / Dice, then (for a model
+    with types) F_d, F_c and PQ of each type and mPQ, pooled over the typed images."""
     lines = []
     for key, (mean, std) in summarize(evaluation.rows, evaluation.keys).items():
         lines.append(f"{SCORE_LABELS[key].format(tolerance=tolerance):<28} {mean:.4f} ± {std:.4f}")
     iou, dice = evaluation.pooled_iou_dice
     lines.append(f"{'Pooled IoU / Dice':<28} {iou:.4f} / {dice:.4f}  (pixels summed over all images)")
+    if evaluation.type_names:
+        lines.extend(_type_lines(evaluation))
+    return lines
+
+
+def _type_lines(evaluation: Evaluation) -> list[str]:
+    """The nucleus-type part of the report (see `napari_sgdc.type_metrics` for the definitions)."""
+    scores = evaluation.type_summary
+    if scores is None:
+        return ["Nucleus types: not scored (no image had reference types and predicted object types)"]
+    lines = [f"Nucleus types, pooled over {evaluation.types.images} image(s) (pairing radius 12 px):",
+             f"{'  F_d (detection)':<28} {scores['f_d']:.4f}"]
+    for index, name in enumerate(evaluation.type_names, start=1):
+        lines.append(f"{f'  F_c {name}':<28} {scores[f'f_c_{index}']:.4f}")
+    for index, name in enumerate(evaluation.type_names, start=1):
+        lines.append(f"{f'  PQ {name}':<28} {scores[f'pq_{index}']:.4f}")
+    defined = sum(not math.isnan(scores[f"pq_{index}"]) for index in range(1, len(evaluation.type_names) + 1))
+    lines.append(f"{'  mPQ':<28} {scores['mpq']:.4f}  (mean over the {defined} type(s) present)")
+    binary = summarize(evaluation.rows, ["pq"])["pq"][0]
+    lines.append(f"{'  PQ (binary, per image)':<28} {binary:.4f}")
     return lines
 
 
@@ -223,7 +283,7 @@ def write_csv(rows: Sequence[dict], path: str | Path, keys: Sequence[str] | None
 
     check_csv_target(path, overwrite)
     if keys is None:
-        keys = [key for key in (*SEMANTIC_KEYS, *INSTANCE_KEYS) if any(key in row for row in rows)]
+        keys = [key for key in (*SEMANTIC_KEYS, *INSTANCE_KEYS, *TYPE_KEYS) if any(key in row for row in rows)]
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as stream:
