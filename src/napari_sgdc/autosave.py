@@ -9,7 +9,8 @@ Layout of the folder (``$NAPARI_SGDC_CACHE/corrections``, by default the user ca
 folder of `platformdirs`, e.g. ``~/.cache/napari-sgdc/corrections`` on Linux)::
 
     index.json                       # {"version": 1, "pairs": [entry, ...]}
-    pair-<content hash>.npz          # images_<i>, labels_<i>[, predictions_<i>] per plane
+    pair-<content hash>.npz          # images_<i>, labels_<i>[, predictions_<i>][, types_<i>,
+                                     #   predicted_types_<i>: type tables] per plane
 
 Every file is written atomically (`napari_sgdc.files.atomic_write`): a pair file
 first, under a name made from its content, then the index that points to it; files
@@ -92,6 +93,10 @@ def _arrays(pair: TrainingPair) -> dict[str, np.ndarray]:
         arrays[f"labels_{index}"] = np.asarray(labels)
         if pair.predictions is not None:
             arrays[f"predictions_{index}"] = np.asarray(pair.predictions[index])
+        for name in ("types", "predicted_types"):
+            tables = getattr(pair, name)
+            if tables is not None:
+                arrays[f"{name}_{index}"] = np.asarray(tables[index])
     return arrays
 
 
@@ -145,11 +150,14 @@ class Autosave:
                     labels = [np.array(data[f"labels_{i}"]) for i in range(entry.planes)]
                     predictions = ([np.array(data[f"predictions_{i}"]) for i in range(entry.planes)]
                                    if "predictions_0" in data.files else None)
+                    types, predicted_types = ([np.array(data[f"{name}_{i}"]) for i in range(entry.planes)]
+                                              if f"{name}_0" in data.files else None  # older autosaves: none
+                                              for name in ("types", "predicted_types"))
             except (OSError, ValueError, KeyError) as error:
                 problems.append(f"{entry.image_name} ({entry.file}): {error}")
                 continue
             pairs.append(TrainingPair(entry.image_name, entry.labels_name, images, labels, entry.model_source,
-                                      predictions, entry.mpp))
+                                      predictions, entry.mpp, types, predicted_types))
         return pairs, problems
 
     # -- writing -----------------------------------------------------------------------

@@ -151,8 +151,8 @@ class EditWatcher:
                     getattr(event, method)(self.schedule)
         self._watched = labels if isinstance(labels, Labels) else None
 
-    def schedule(self, *_: Any) -> None:
-        """One count after the strokes stop."""
+    def schedule(self, *_: Any, **__: Any) -> None:
+        """One count after the strokes stop (also called by the session's ``types_changed``)."""
         self._timer.start()
 
 

@@ -188,6 +188,7 @@ class FinetuneWidget(Container):
                              (self.save_button, self.save_dialog)):
             button.changed.connect(slot)
         self._session.connect("segmented", self._on_segmented)
+        self._session.connect("types_changed", self._edit_watcher.schedule)  # a type change is an edit
 
     @property
     def pairs(self) -> list[TrainingPair]:

@@ -184,6 +184,14 @@ class ObjectQueue:
     def _say(self, text: str) -> None:
         self._status(text)
 
+    def current_object(self) -> tuple[Any, int] | None:
+        """The mask layer and label id of the object the queue shows, or None (no queue, an outline)."""
+        layer = self._layer_ref()
+        if layer is None or layer not in self._viewer.layers or not 0 <= self.position < len(self.queue):
+            return None
+        item = self.queue[self.position]
+        return (layer, int(item.label)) if isinstance(item, ObjectReview) else None
+
     def _show(self, step: int) -> Any:
         """Moves `step` places (skipping objects that are gone) and centres the view on the object."""
         target = self._current_target(moving=True)

@@ -29,6 +29,7 @@ from napari_sgdc._napari._review import NEXT_REGION_SHORTCUT, RegionReview
 from napari_sgdc._napari._runner import SegmentJob, notify_error
 from napari_sgdc._napari._session import get_session, real_viewer
 from napari_sgdc._napari._shared import ImagePicker, button_row, claim, scroll_contents, wrap_status
+from napari_sgdc._napari._types import TypeLegend
 from napari_sgdc.device import DEVICES
 from napari_sgdc.grid import MPP_RANGE
 from napari_sgdc.postprocess import PostprocessOptions
@@ -239,6 +240,8 @@ class SegmentWidget(Container):
             self.split_level, self.min_size, self.region_size, self.next_region_button, self.status,
         ])
         self.append(self.objects.container)  # the review queue and the click tools (_object_review)
+        self.types = TypeLegend(self._viewer, self._session, self.image_layer, self._set_status, self.objects)
+        self.append(self.types.container)  # nucleus types: legend, colours, T / Shift-T (_types)
         self._connect()
         self._sync_settings()
         self.picker.start()
@@ -446,7 +449,8 @@ class SegmentWidget(Container):
         if outcome.value is not None:
             cache = self._session.results.get(job.image)
             scale = f" at {cache.mpp:g} µm/px" if cache is not None and cache.mpp else ""
-            self.status.value = f"{job.image.name}: segmented in {outcome.seconds:.1f} s{scale}"
+            self.status.value = f"{job.image.name}: segmented in {outcome.seconds:.1f} s{scale}" + \
+                self.types.summary(job.image)
         elif outcome.cancelled:
             self.status.value = "cancelled"
         else:
@@ -503,6 +507,7 @@ class SegmentWidget(Container):
             return False
         mask_layer.data = unflatten(cache.written_mask.copy(), cache.lead_shape)
         set_confidence_features(mask_layer, cache.confidence())
+        self.types.refresh(image)
         return True
 
     # -- review: the most uncertain regions first ---------------------------------------

@@ -22,6 +22,7 @@ from napari_sgdc.postprocess import PostprocessOptions
 from napari_sgdc.session.edits import EditCount, count_edits
 from napari_sgdc.session.models import FinetuneRun, ModelState, load_state
 from napari_sgdc.session.results import CachedResult, PlaneInput, merge_result
+from napari_sgdc.session.types import TypeChange
 from napari_sgdc.grid import usable_mpp
 from napari_sgdc.training_pairs import InputError, TrainingPair, collect_pair, pair_arrays
 
@@ -145,7 +146,7 @@ class CorrectionSession:
     # -- events ----------------------------------------------------------------------------
     def connect(self, event: str, callback: Callable[..., None]) -> None:
         """Calls `callback(**kwargs)` whenever `event` is emitted (``segmented``, ``model_changed``,
-        ``options_changed``). Bound methods are held weakly, so a closed widget is not kept alive."""
+        ``options_changed``, ``types_changed``). Bound methods are held weakly, so a closed widget is not kept alive."""
         ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else (lambda: callback)
         self._listeners.setdefault(event, []).append(ref)
 
@@ -258,6 +259,8 @@ class CorrectionSession:
                              instances=config.is_instance, single_object=config.single_object,
                              used=used, options=self.options)
         cache.mpp = result.mpp
+        cache.type_names, cache.type_colors = tuple(config.type_names), tuple(config.type_colors)
+        cache.retype()
         self.results[key] = cache
         return cache
 
@@ -270,7 +273,53 @@ class CorrectionSession:
         cache = self.results.get(key)
         if cache is not None:
             cache.written_mask = cache.postprocessed(self.options)
+            cache.retype()
         return cache
+
+    # -- nucleus types ---------------------------------------------------------------------
+    def object_types(self, key: Any, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The type table of `labels` (default: the written mask) of image `key`
+        (`CachedResult.types_of`: the user's types win), or None without a typed result."""
+        cache = self.results.get(key)
+        if cache is None or (labels is not None and np.size(labels) != cache.written_mask.size):
+            return None
+        return cache.types_of(labels)
+
+    def set_object_type(self, key: Any, label_id: int, type_id: int, labels: np.ndarray | None = None) -> TypeChange:
+        """Sets the type of object `label_id` of `labels` (default: the written mask) of image
+        `key` to `type_id` (1-based): an edit (counted, and weighted in fine-tuning), undone by
+        `undo_type_change`. Emits ``types_changed`` (``key``).
+
+        Raises:
+            InputError: no typed result, an unknown type, or no such object.
+        """
+        cache = self.results.get(key)
+        table = self.object_types(key, labels)
+        if cache is None or table is None:
+            raise InputError("Types: segment the image with a model that has nucleus types first")
+        if not 1 <= int(type_id) <= len(cache.type_names):
+            raise InputError(f"Types: no type {type_id}; the model has {len(cache.type_names)}")
+        types = table[0]
+        label_id = int(label_id)
+        present = labels if labels is not None else cache.written_mask
+        if not 0 < label_id < types.size or not np.any(np.asarray(present) == label_id):
+            raise InputError(f"Types: there is no object {label_id}")
+        change = TypeChange(label_id, int(types[label_id]), int(type_id), cache.type_names)
+        cache.overrides.set(change)
+        self.emit("types_changed", key=key)
+        return change
+
+    def undo_type_change(self, key: Any) -> TypeChange | None:
+        """Takes back the latest type change of image `key`; emits ``types_changed``.
+
+        Returns:
+            The change undone, or None when there is none.
+        """
+        cache = self.results.get(key)
+        change = cache.overrides.undo() if cache is not None else None
+        if change is not None:
+            self.emit("types_changed", key=key)
+        return change
 
     # -- corrections -----------------------------------------------------------------------
     def mask_edits(self, key: Any, labels: np.ndarray) -> EditCount | None:
@@ -278,7 +327,9 @@ class CorrectionSession:
         cache = self.results.get(key)
         if cache is None or np.size(labels) != cache.written_mask.size:
             return None
-        return count_edits(labels, cache.written_mask, instances=cache.instances, stack=bool(cache.lead_shape))
+        table = cache.types_of(labels)
+        return count_edits(labels, cache.written_mask, instances=cache.instances, stack=bool(cache.lead_shape),
+                           types=None if table is None else table[0], written_types=cache.object_types)
 
     @staticmethod
     def region_edits(labels: np.ndarray, written: np.ndarray) -> EditCount:
@@ -302,8 +353,11 @@ class CorrectionSession:
             raise InputError(NO_MODEL)
         mpp = cache.mpp if cache is not None else (self.settings.mpp or image_mpp)
         predicted = cache.written_mask if own_mask and cache is not None else None
+        table = cache.types_of(labels) if predicted is not None and np.size(labels) == predicted.size else None
         return collect_pair(planes, labels, image_shape=image_shape, image_name=image_name, labels_name=labels_name,
-                            model_source=source, predicted=predicted, mpp=mpp)
+                            model_source=source, predicted=predicted, mpp=mpp,
+                            types=None if table is None else table[0],
+                            predicted_types=None if table is None else cache.object_types)
 
     def region_pair(self, crop: np.ndarray, labels: np.ndarray, written: np.ndarray, *, image_name: str,
                     labels_name: str, model_source: str | None) -> TrainingPair:
@@ -332,8 +386,8 @@ class CorrectionSession:
 
         arrays = pair_arrays(run.pairs, run.state.model.config)
         return train.finetune(run.state.model, arrays.images, arrays.labels, preset=run.config,
-                              predictions=arrays.predictions, mpp=arrays.mpp, callbacks=list(callbacks),
-                              cancel=cancel)
+                              predictions=arrays.predictions, mpp=arrays.mpp, types=arrays.types,
+                              predicted_types=arrays.predicted_types, callbacks=list(callbacks), cancel=cancel)
 
     def keep_finetune(self, run: FinetuneRun, history: Any) -> dict[str, Any]:
         """Keeps a finished run (undoable) and emits ``model_changed``.

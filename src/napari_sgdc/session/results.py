@@ -11,12 +11,13 @@ when the options changed while the network ran).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from napari_sgdc.postprocess import PostprocessOptions
+from napari_sgdc.session.types import TypeOverrides, type_table_of
 
 __all__ = ["CachedResult", "PlaneInput", "as_planes", "merge_result", "renumber_planes"]
 
@@ -62,6 +63,12 @@ class CachedResult:
             ``instance_map`` is ``distance`` or ``hover``; None when it is the boundary.
         mpp: the image's µm per pixel the model was run with (`segment(mpp=...)`), so
             fine-tuning on corrections of this image resamples it alike; None: as given.
+        type_probability: (N, H, W, T) float32 per-pixel type probabilities of a typed model
+            (``ModelConfig.type_names``), else None.
+        type_names, type_colors: the model's types (empty: an untyped model).
+        object_types, type_confidence: the type table of `written_mask` (`retype`), or None.
+        overrides: the types the user set, by label id (undoable; cleared when the mask is
+            written anew).
     """
 
     probability: np.ndarray
@@ -75,6 +82,12 @@ class CachedResult:
     uncertainty: np.ndarray | None = None
     separation: np.ndarray | None = None
     mpp: float | None = None
+    type_probability: np.ndarray | None = None
+    type_names: tuple[str, ...] = ()
+    type_colors: tuple[str, ...] = ()
+    object_types: np.ndarray | None = None
+    type_confidence: np.ndarray | None = None
+    overrides: TypeOverrides = field(default_factory=TypeOverrides)
 
     @classmethod
     def empty(cls, planes: PlaneInput, instances: bool, model_source: str) -> "CachedResult":
@@ -105,6 +118,36 @@ class CachedResult:
         labels = self.written_mask if mask is None else mask
         indices = np.flatnonzero(self.segmented)
         return object_confidence(labels[indices], self.uncertainty[indices])
+
+    @property
+    def has_types(self) -> bool:
+        """Whether the result has nucleus types (a typed instance model made it)."""
+        return self.instances and self.type_probability is not None and bool(self.type_names)
+
+    def retype(self) -> None:
+        """The type table of the written mask from the type probabilities; the user's
+        overrides are dropped (the mask was written anew: its ids changed)."""
+        self.overrides.clear()
+        self.object_types = self.type_confidence = None
+        if self.has_types:
+            self.object_types, self.type_confidence = type_table_of(self.written_mask, self.type_probability)
+
+    def types_of(self, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The type table of `labels` (default: the written mask), of the shape of the written
+        mask: each object's type from its pixels' probabilities, unless the user set it.
+
+        Returns:
+            ``(types, confidence)`` (K + 1,) indexed by label id (confidence 1 where the user set
+            the type), or None for a result without types.
+        """
+        if not self.has_types:
+            return None
+        if labels is None and self.object_types is not None:
+            labels, types, confidence = self.written_mask, self.object_types, self.type_confidence
+        else:
+            labels = self.written_mask if labels is None else np.asarray(labels).reshape(self.written_mask.shape)
+            types, confidence = type_table_of(labels, self.type_probability)
+        return self.overrides.apply(labels, types, confidence)
 
     def postprocessed(self, options: PostprocessOptions) -> np.ndarray:
         """The mask of every segmented plane from the cached probabilities (no network call).
@@ -162,12 +205,27 @@ def _merge_maps(cache: CachedResult, planes: PlaneInput, result: Any, reuse: boo
     elif cache.separation is not None:
         cache.separation[planes.indices] = cache.boundary[planes.indices]
     cache.segmented[planes.indices] = True
+    _merge_types(cache, planes, result, reuse)
     if result.uncertainty is None:
         cache.uncertainty = None  # stale for the planes segmented now
     else:
         if cache.uncertainty is None or not reuse:
             cache.uncertainty = np.zeros(cache.probability.shape, np.float32)
         cache.uncertainty[planes.indices] = as_planes(result.uncertainty, n_new)
+
+
+def _merge_types(cache: CachedResult, planes: PlaneInput, result: Any, reuse: bool) -> None:
+    """The result's type probabilities (H, W, T) into the cache planes `planes.indices`."""
+    probability = getattr(result, "type_probability", None)
+    if probability is None:
+        cache.type_probability = None
+        return
+    probability = np.asarray(probability, np.float32)
+    probability = probability[None] if probability.ndim == 3 else probability  # (n, H, W, T)
+    shape = (*cache.probability.shape, probability.shape[-1])
+    if cache.type_probability is None or not reuse or cache.type_probability.shape != shape:
+        cache.type_probability = np.zeros(shape, np.float32)
+    cache.type_probability[planes.indices] = probability
 
 
 def merge_result(old: CachedResult | None, planes: PlaneInput, result: Any, *, model_source: str,

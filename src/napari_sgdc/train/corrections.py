@@ -7,7 +7,9 @@ most from it:
 
 * **edited pixels** — where the corrected labels differ from the prediction (as
   foreground for semantic models; as objects for instance models, so splitting,
-  merging or relabelling an object counts, but renumbering does not);
+  merging or relabelling an object counts, but renumbering does not); for models with
+  nucleus types also the objects whose type differs from the type the model gave the
+  object there (`retyped_pixels`): a changed type is weighted like a corrected outline;
 * **weights** — edited pixels and a band of ``band`` pixels around them weigh
   ``weight`` in the loss, every other pixel 1;
 * **crop** — on a large image only the edited bounding box plus a margin is used for
@@ -34,6 +36,7 @@ __all__ = [
     "edit_summary",
     "edited_pixels",
     "loss_weight_map",
+    "retyped_pixels",
 ]
 
 EDIT_WEIGHT = 4.0
@@ -164,6 +167,35 @@ def edited_pixels(labels: np.ndarray, prediction: np.ndarray, *, instance: bool 
     return edited
 
 
+def _lookup(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``table[ids]`` with 0 for ids beyond the table."""
+    table = np.asarray(table, np.int64).ravel()
+    inside = ids < table.size
+    return np.where(inside, table[np.where(inside, ids, 0)], 0)
+
+
+def retyped_pixels(labels: np.ndarray, prediction: np.ndarray, types: np.ndarray | None,
+                   predicted_types: np.ndarray | None) -> np.ndarray:
+    """The pixels of objects whose type the user changed.
+
+    Args:
+        labels: (H, W) the corrected instance labels.
+        prediction: (H, W) the labels the model wrote.
+        types: the type table of `labels` (indexed by its ids; 0 = no type), or None.
+        predicted_types: the type table of `prediction`, or None.
+
+    Returns:
+        (H, W) bool: pixels in both foregrounds whose type in `labels` is known and differs from
+        their type in `prediction` (all False when a table is missing).
+    """
+    labels, prediction = _check_pair(labels, prediction)
+    if types is None or predicted_types is None:
+        return np.zeros(labels.shape, bool)
+    ids, predicted = _as_ids(labels), _as_ids(prediction)
+    now, before = _lookup(types, ids), _lookup(predicted_types, predicted)
+    return (ids > 0) & (predicted > 0) & (now > 0) & (now != before)
+
+
 def _object_ids(array: np.ndarray, as_ids: bool) -> np.ndarray:
     if as_ids:
         return _as_ids(array)
@@ -278,6 +310,7 @@ def crop_to_edits(
     *,
     min_size: int = 256,
     instance: bool | None = None,
+    also: np.ndarray | None = None,
 ) -> Crop:
     """The edited bounding box plus `margin`, at least `min_size` square, within the image.
 
@@ -291,6 +324,7 @@ def crop_to_edits(
         min_size: the crop is at least this many pixels along each axis (the training
             patch size), or the whole axis when the image is smaller.
         instance: as in `edited_pixels`.
+        also: (H, W) bool, more edited pixels (e.g. `retyped_pixels`), or None.
 
     Returns:
         a `Crop` of views into the inputs.
@@ -302,7 +336,8 @@ def crop_to_edits(
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     height, width = labels.shape
-    box = _bbox(edited_pixels(labels, prediction, instance=instance))
+    edited = edited_pixels(labels, prediction, instance=instance)
+    box = _bbox(edited if also is None else edited | np.asarray(also, bool))
     if box is None:
         top, left, bottom, right = 0, 0, height, width
     else:

@@ -18,8 +18,9 @@ from ..device import model_device
 from ..grid import check_image_mpp, resample_image, working_shape
 from ..locks import model_lock
 from ..model import SGDCSegmenter
-from ..training_pairs import TrainingPair, is_pair_list, pair_arrays
-from .corrections import EDIT_BAND, EDIT_MARGIN, EDIT_WEIGHT, crop_to_edits, edited_pixels, loss_weight_map
+from ..training_pairs import TrainingPair, converted_types, is_pair_list, pair_arrays
+from .corrections import (EDIT_BAND, EDIT_MARGIN, EDIT_WEIGHT, crop_to_edits, edited_pixels, loss_weight_map,
+                          retyped_pixels)
 from .fit import History, fit
 
 __all__ = ["finetune", "finetune_config", "override_preset", "FOCUS_PROBABILITY"]
@@ -49,14 +50,15 @@ def _check_predictions(
 
 def _prepare_pairs(
     images: Sequence[np.ndarray], labels: Sequence[np.ndarray], instance: bool,
-    predictions: Sequence[np.ndarray | None],
+    predictions: Sequence[np.ndarray | None], types: Sequence[np.ndarray | None] | None = None,
 ) -> list[Sample]:
     if len(images) == 0 or len(labels) == 0:
         raise ValueError("finetune needs at least one (image, labels) pair; got none")
     if len(images) != len(labels):
         raise ValueError(f"finetune got {len(images)} images but {len(labels)} label arrays")
     samples = []
-    for index, (image, label, prediction) in enumerate(zip(images, labels, predictions)):
+    types = types if types is not None else [None] * len(labels)
+    for index, (image, label, prediction, table) in enumerate(zip(images, labels, predictions, types)):
         try:
             image_rgb = to_uint8_rgb(image)
         except ValueError as error:
@@ -77,8 +79,18 @@ def _prepare_pairs(
             mask = instance_ids(label)
         else:
             mask = label > 0
-        samples.append(Sample(name=f"pair_{index}", image=image_rgb, mask=mask))
+        table = converted_types(label, mask, table) if instance and label.dtype != bool else None
+        samples.append(Sample(name=f"pair_{index}", image=image_rgb, mask=mask, types=table))
     return samples
+
+
+def _check_tables(tables: Sequence[np.ndarray | None] | None, count: int, name: str) -> list[np.ndarray | None]:
+    """One type table (or None) per image."""
+    if tables is None:
+        return [None] * count
+    if len(tables) != count:
+        raise ValueError(f"finetune got {len(tables)} {name} for {count} images")
+    return [None if table is None else np.asarray(table).ravel() for table in tables]
 
 
 def _to_working_size(sample: Sample, prediction: np.ndarray | None, config,
@@ -88,7 +100,7 @@ def _to_working_size(sample: Sample, prediction: np.ndarray | None, config,
     size = working_shape(*sample.image.shape[:2], config, mpp)
     if size == sample.image.shape[:2]:
         return sample, prediction
-    resized = Sample(sample.name, resample_image(sample.image, size), resize_labels(sample.mask, size))
+    resized = dataclasses.replace(sample, image=resample_image(sample.image, size), mask=resize_labels(sample.mask, size))
     return resized, None if prediction is None else resize_labels(prediction, size)
 
 
@@ -103,24 +115,32 @@ def _check_mpps(mpp: float | Sequence[float | None] | None, count: int, config) 
 
 
 def _focus_on_edits(
-    samples: Sequence[Sample], predictions: Sequence[np.ndarray | None], instance: bool, crop_size: int
+    samples: Sequence[Sample], predictions: Sequence[np.ndarray | None], instance: bool, crop_size: int,
+    predicted_types: Sequence[np.ndarray | None] | None = None,
 ) -> tuple[list[Sample], list[np.ndarray | None]]:
-    """Crops each sample with a prediction to its edits (plus `EDIT_MARGIN`) and weights them.
+    """Crops each sample with a prediction to its edits (plus `EDIT_MARGIN`) and weights them;
+    an object whose type differs from its predicted type (`retyped_pixels`) is an edit too.
 
     Returns the samples and their loss-weight maps (None where there is no prediction).
     """
     kept, weights = [], []
-    for index, (sample, prediction) in enumerate(zip(samples, predictions)):
+    predicted_types = predicted_types or [None] * len(samples)
+    for index, (sample, prediction, predicted_table) in enumerate(zip(samples, predictions, predicted_types)):
         if prediction is None:
             kept.append(sample)
             weights.append(None)
             continue
+        retyped = retyped_pixels(sample.mask, prediction, sample.types, predicted_table) if instance else None
         crop = crop_to_edits(sample.image, sample.mask, prediction, EDIT_MARGIN, min_size=crop_size,
-                             instance=instance)
+                             instance=instance, also=retyped)
         edited = edited_pixels(crop.labels, crop.prediction, instance=instance)
+        if retyped is not None:
+            top, left, bottom, right = crop.box
+            edited |= retyped[top:bottom, left:right]
         if not edited.any():
             raise ValueError(f"labels {index} equal the model's prediction: nothing was corrected")
-        kept.append(Sample(sample.name, np.ascontiguousarray(crop.image), np.ascontiguousarray(crop.labels)))
+        kept.append(dataclasses.replace(sample, image=np.ascontiguousarray(crop.image),
+                                        mask=np.ascontiguousarray(crop.labels)))
         weights.append(loss_weight_map(edited, EDIT_BAND, EDIT_WEIGHT))
     return kept, weights
 
@@ -170,13 +190,13 @@ def override_preset(preset: TrainConfig, *, steps: int, learning_rate: float, fr
                                freeze_encoder=bool(freeze_encoder), device=device)
 
 
-def _from_pairs(model: SGDCSegmenter, pairs: Sequence[TrainingPair], labels, predictions, mpp):  # noqa: ANN001, ANN202
+def _from_pairs(model: SGDCSegmenter, pairs: Sequence[TrainingPair], *given):  # noqa: ANN001, ANN202
     """`finetune(model, pairs)`: the arrays of the pairs (`napari_sgdc.training_pairs.pair_arrays`)."""
-    if labels is not None or predictions is not None or mpp is not None:
-        raise ValueError("finetune got TrainingPair objects and labels, predictions or mpp: the pairs carry "
+    if any(value is not None for value in given):
+        raise ValueError("finetune got TrainingPair objects and labels, predictions, mpp or types: the pairs carry "
                          "their own; pass the preset as preset=...")
     arrays = pair_arrays(pairs, model.config)
-    return arrays.images, arrays.labels, arrays.predictions, arrays.mpp
+    return arrays.images, arrays.labels, arrays.predictions, arrays.mpp, arrays.types, arrays.predicted_types
 
 
 @contextlib.contextmanager
@@ -213,6 +233,8 @@ def finetune(
     *,
     predictions: Sequence[np.ndarray | None] | None = None,
     mpp: float | Sequence[float | None] | None = None,
+    types: Sequence[np.ndarray | None] | None = None,
+    predicted_types: Sequence[np.ndarray | None] | None = None,
     callbacks: Sequence[Callable[[dict], Any]] | None = None,
     cancel=None,
 ) -> History:
@@ -259,6 +281,11 @@ def finetune(
         mpp: the images' µm per pixel (one value, or one per image; None: the model's own
             scale), as `segment(mpp=...)` takes it, so a correction made on a 20× image
             teaches a 40× model nuclei at the size it sees them.
+        types: for a model with nucleus types (``ModelConfig.type_names``), per image the type
+            table of its labels (indexed by label id, 1..T; 0 = unknown: no type loss there),
+            or None (types unknown); ignored by models without types.
+        predicted_types: per image the type table of its prediction: objects whose type
+            differs from it are edits, weighted (and focused on) like corrected outlines.
         callbacks: forwarded to `fit` (step and epoch events).
         cancel: `threading.Event`; honoured within one step.
 
@@ -275,22 +302,28 @@ def finetune(
     cfg = finetune_config(model, preset)
     instance = model.config.is_instance
     if is_pair_list(images):
-        images, labels, predictions, mpp = _from_pairs(model, images, labels, predictions, mpp)
+        images, labels, predictions, mpp, types, predicted_types = _from_pairs(
+            model, images, labels, predictions, mpp, types, predicted_types)
     elif labels is None:
         raise ValueError("finetune needs labels for the images (or a list of TrainingPair as images)")
     predictions = _check_predictions(predictions, labels)
-    samples = _prepare_pairs(images, labels, instance, predictions)
+    typed = model.config.has_types
+    types = _check_tables(types if typed else None, len(labels), "type tables")
+    predicted_types = _check_tables(predicted_types if typed else None, len(labels), "predicted type tables")
+    predicted_types = [None if table is None or prediction is None else converted_types(prediction,
+                       instance_ids(prediction), table) for table, prediction in zip(predicted_types, predictions)]
+    samples = _prepare_pairs(images, labels, instance, predictions, types)
     mpps = _check_mpps(mpp, len(samples), model.config)
     resized = [_to_working_size(sample, prediction, model.config, image_mpp)
                for sample, prediction, image_mpp in zip(samples, predictions, mpps)]
     samples, predictions = [pair[0] for pair in resized], [pair[1] for pair in resized]
-    samples, weights = _focus_on_edits(samples, predictions, instance, cfg.crop_size)
+    samples, weights = _focus_on_edits(samples, predictions, instance, cfg.crop_size, predicted_types)
     dataset = SegmentationDataset(
         samples, crop_size=cfg.crop_size, augment=True, boundary_width=cfg.boundary_width,
         stain_jitter=cfg.stain_jitter, task="instance" if instance else "semantic",
         scale_range=(0.85, 1.18), foreground_prob=FOCUS_PROBABILITY, seed=cfg.seed,
         aspect_jitter=cfg.aspect_jitter, artifacts=cfg.artifacts, instance_map=model.config.instance_map,
-        weights=weights if any(weight is not None for weight in weights) else None,
+        weights=weights if any(weight is not None for weight in weights) else None, types=typed,
     )
     device = model_device(model) if cfg.device == "auto" else None
     with model_lock(model), _restore_on_failure(model) as rollback:
