@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write
+from ..files import CLASS_COLUMNS, atomic_write
 from .plan import SlidePlan
 from .store import read_store_attrs
 
@@ -25,9 +25,6 @@ QUPATH_MEASUREMENTS = {"area_um2": "Nucleus: Area µm^2", "perimeter_um": "Nucle
 """Table column → the GeoJSON measurement of the same value, named as QuPath's cell detection names them."""
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [255, 0, 255], "colorRGB": -65281}
 """The detections' QuPath classification: ``color`` is read by QuPath >= 0.4, ``colorRGB`` (packed ARGB) by 0.3."""
-CLASS_COLUMNS = ("class", "class_id", "class_confidence")
-"""The table's columns for a model with nucleus types: the type's name, its id (1..T, `ModelConfig.type_names`)
-and the object's mean probability of that type (`napari_sgdc.postprocess.assign_types`)."""
 CLASS_MEASUREMENT = "Nucleus: Class confidence"
 """The GeoJSON measurement of ``class_confidence`` (models with types)."""
 ID_NAMESPACE = uuid.UUID("5d6c0a5e-9b8e-4f57-9a8c-2f4e0c1b7a11")
