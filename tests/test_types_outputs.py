@@ -243,3 +243,33 @@ def test_a_store_written_before_types_existed_opens_resumes_and_exports(slide_pa
     features = json.loads(geojson.read_text(encoding="utf-8"))["features"]
     assert {f["properties"]["classification"]["name"] for f in features} == {"Nucleus"}
     assert all("Nucleus: Class confidence" not in f["properties"]["measurements"] for f in features)
+
+
+def test_cli_predict_with_a_typed_checkpoint(slide_path, tmp_path, capsys):
+    """``napari-sgdc predict`` with a typed checkpoint writes the class map; an image and a slide of one stem
+    in one --out folder are refused in one line before any work (both would write S_objects.csv)."""
+    from napari_sgdc.checkpoints import save_checkpoint
+    from napari_sgdc.cli import main
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(task="instance", instance_map="hover", type_names=("a", "b"),
+                                    type_colors=("#ff0000", "#00ff00"))).eval()
+    with torch.no_grad():
+        model.mask_head.bias.fill_(20.0)
+        model.type_head[1].weight.zero_()
+        model.type_head[1].bias.copy_(torch.tensor([5.0, 0.0]))  # every nucleus type "a"
+    checkpoint = save_checkpoint(tmp_path / "typed.safetensors", model)
+    image = tmp_path / "in" / "typed.png"
+    image.parent.mkdir()
+    skio.imsave(str(image), np.zeros((64, 64, 3), np.uint8), check_contrast=False)
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--tile", "64"]
+    assert main([*args, str(image), str(slide_path)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "would both write typed_objects.csv" in errors[0]
+    assert not out.exists() or not any(out.iterdir())
+    assert main([*args, str(image)]) == 0
+    labels = tifffile.imread(str(out / "typed_labels.tif"))
+    classes = tifffile.imread(str(out / "typed_classes.tif"))
+    assert labels.max() >= 1 and np.array_equal(classes, np.where(labels > 0, 1, 0))
+    assert {row["class"] for row in _rows(out / "typed_objects.csv")} == {"a"}

@@ -147,8 +147,8 @@ def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=Non
     """Segments image files and writes, per stem S, ``S_mask.png``, ``S_prob.tif``,
     ``S_boundary.tif`` (plus ``S_labels.tif`` and the object table ``S_objects.csv`` for instance
     models, ``S_classes.tif`` for models with nucleus types, and ``S_uncertainty.tif`` with
-    `uncertainty`) into `out_dir` (`napari_sgdc.files.write_result`). Each page of a multi-page TIFF is an image of its own,
-    written as ``S_p0_…``, ``S_p1_…`` (`image_targets`).
+    `uncertainty`) into `out_dir` (`napari_sgdc.files.write_result`). Each page of a multi-page
+    TIFF is an image of its own, written as ``S_p0_…``, ``S_p1_…`` (`image_targets`).
 
     Args:
         model: an `SGDCSegmenter`.
