@@ -96,3 +96,20 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
         return False
     pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
     return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+class TypedPixelModel(PixelModel):
+    """`PixelModel` with two nucleus types, pixel-wise by the red channel: ``dark`` (type 1) where red is below
+    55/255 (the interior of the second disc of a touching pair), ``red`` (type 2) elsewhere (single discs, rims)."""
+
+    TYPES = dict(type_names=("dark", "red"), type_colors=("#1e90ff", "#ff8000"))
+
+    def __init__(self, mpp=0.25):
+        super().__init__(mpp)
+        self.config = ModelConfig(encoder="mini", pretrained=False, task="instance", mpp=mpp, **self.TYPES)
+
+    def forward(self, x, return_gates=False):
+        out = super().forward(x, return_gates)
+        red = 200 * (x[:, :1] - 55 / 255)
+        out["type"] = torch.cat([-red, red], dim=1)
+        return out

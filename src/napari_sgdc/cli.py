@@ -334,7 +334,7 @@ def _run_predict(args) -> int:
     from tqdm import tqdm
 
     from .checkpoints import load_model
-    from .predict import cancel_on_signals, collect_inputs, predict_files, predict_slides
+    from .predict import cancel_on_signals, check_outputs, collect_inputs, predict_files, predict_slides
 
     report = _reporter("predict")
     _postprocess_options(args)  # bad flags fail before any work
@@ -344,6 +344,9 @@ def _run_predict(args) -> int:
         return 1
     model = load_model(args.model, device=args.device)
     options = _postprocess_options(args, model.config)
+    if slides and files:  # an image and a slide of one stem would both write S_objects.csv: refused before any work
+        check_outputs(files, args.out, instances=model.config.is_instance, uncertainty=args.uncertainty,
+                      overwrite=args.overwrite, types=model.config.has_types, slides=slides)
     if slides:
         cancel = threading.Event()
         with cancel_on_signals(cancel, _log):

@@ -4,7 +4,8 @@ Reading: `read_image` returns a file's pixels unchanged (uint16 stays uint16);
 `read_mask` reads a label file as a mask or an instance map.
 
 Writing: `write_result` writes a `SegmentationResult` for the CLI (``data``: mask PNG,
-float32 probability and boundary TIFFs, instance labels TIFF) or the demo (``preview``:
+float32 probability and boundary TIFFs, instance labels TIFF, the object table CSV and, for a
+model with nucleus types, the class map TIFF) or the demo (``preview``:
 8-bit PNGs); `write_labels` writes one label array (the napari writer). Label files are uint16, or
 uint32 when an id exceeds 65,535 (`label_dtype`: the one rule, so the files of one batch have
 one type unless an image holds more than 65,535 objects). Every write is atomic,
@@ -13,6 +14,7 @@ and an existing file is never replaced unless ``overwrite=True``.
 
 from __future__ import annotations
 
+import csv
 import os
 import tempfile
 from pathlib import Path
@@ -21,15 +23,22 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 __all__ = [
-    "IMAGE_SUFFIXES", "LABEL_DTYPES", "MASK_SUFFIXES", "RESULT_FORMATS", "SENSOR_BITS", "atomic_write", "image_pages",
-    "label_dtype", "read_image", "read_mask", "result_paths", "white_level", "write_labels", "write_result",
+    "CLASS_COLUMNS", "IMAGE_SUFFIXES", "LABEL_DTYPES", "MASK_SUFFIXES", "OBJECT_COLUMNS_PX", "RESULT_FORMATS",
+    "SENSOR_BITS", "atomic_write", "image_pages", "label_dtype", "object_table", "read_image", "read_mask",
+    "result_paths", "white_level", "write_labels", "write_result",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
 RESULT_FORMATS = ("data", "preview")
-DATA_FILES = ("mask.png", "prob.tif", "boundary.tif")  # plus labels.tif and uncertainty.tif when present
+DATA_FILES = ("mask.png", "prob.tif", "boundary.tif")  # plus labels.tif, objects.csv, classes.tif, uncertainty.tif
+OBJECT_COLUMNS_PX = ("id", "centroid_x_px", "centroid_y_px", "area_px", "mean_probability")
+"""The object table of an image (``S_objects.csv``): pixels of the image, centroids with pixel centres at whole
+numbers (x = column, y = row); ``confidence`` follows with ``uncertainty``, then `CLASS_COLUMNS` with types."""
+CLASS_COLUMNS = ("class", "class_id", "class_confidence")
+"""An object table's columns for a model with nucleus types (images and slides): the type's name, its id (1..T,
+``ModelConfig.type_names``) and the object's mean probability of that type (`napari_sgdc.postprocess.assign_types`)."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -226,9 +235,24 @@ def _save_tiff(path: Path, array: np.ndarray) -> None:
     tifffile.imwrite(path, np.ascontiguousarray(array), compression="zlib")
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    """Writes `array` atomically as PNG or TIFF, chosen by the suffix."""
-    saver = _save_tiff if path.suffix.lower() in TIFF_SUFFIXES else _save_png
+def _save_csv(path: Path, table: dict) -> None:
+    """A table ({column: values}) as plain CSV: whole numbers and text as they are, other numbers with 4
+    decimals, a NaN as an empty cell."""
+    def cell(value) -> str:
+        if isinstance(value, (str, int, np.integer)):
+            return str(value)
+        return f"{value:.4f}" if np.isfinite(value) else ""
+
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(list(table))
+        writer.writerows([cell(v) for v in row] for row in zip(*table.values()))
+
+
+def _save(path: Path, array: Any) -> None:
+    """Writes `array` atomically as PNG or TIFF, or a table ({column: values}) as CSV, chosen by the suffix."""
+    suffix = path.suffix.lower()
+    saver = _save_csv if suffix == ".csv" else _save_tiff if suffix in TIFF_SUFFIXES else _save_png
     atomic_write(path, lambda tmp: saver(tmp, array))
 
 
@@ -292,15 +316,41 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return (np.clip(np.nan_to_num(np.asarray(array, np.float32)), 0, 1) * 255).round().astype(np.uint8)
 
 
-def _result_arrays(result: Any, stem: str, fmt: str, image: np.ndarray | None) -> dict[str, Callable[[], np.ndarray]]:
-    """File name → a function making its array, for one result in one format."""
+def object_table(result: Any, type_names: tuple[str, ...] = ()) -> dict[str, list]:
+    """The objects of a 2-D instance result as table columns: `OBJECT_COLUMNS_PX`, ``confidence`` (the
+    object confidence of an ``uncertainty`` run), then `CLASS_COLUMNS` for a result with nucleus types
+    (``class``: ``type_names[class_id - 1]``, or the id as text without names). One row per object id present."""
+    from skimage.measure import regionprops_table
+
+    props = regionprops_table(np.asarray(result.labels), np.asarray(result.probability, np.float32),
+                              properties=("label", "area", "centroid", "intensity_mean"))
+    ids = props["label"].astype(np.int64)
+    table = {"id": ids.tolist(), "centroid_x_px": props["centroid-1"].tolist(),
+             "centroid_y_px": props["centroid-0"].tolist(), "area_px": props["area"].astype(np.int64).tolist(),
+             "mean_probability": props["intensity_mean"].tolist()}
+    if result.confidence is not None:
+        table["confidence"] = np.asarray(result.confidence)[ids].tolist()
+    if result.object_types is not None:
+        class_ids = np.asarray(result.object_types)[ids].astype(np.int64)
+        table["class"] = [type_names[c - 1] if c and len(type_names) >= c else str(c) for c in class_ids]
+        table["class_id"] = class_ids.tolist()
+        table["class_confidence"] = np.asarray(result.type_confidence)[ids].tolist()
+    return table
+
+
+def _result_arrays(result: Any, stem: str, fmt: str, image: np.ndarray | None,
+                   type_names: tuple[str, ...] = ()) -> dict[str, Callable[[], Any]]:
+    """File name → a function making its array (or table), for one result in one format."""
     if fmt == "data":
         makers = {"mask.png": lambda: result.mask.astype(np.uint8) * 255,
                   "prob.tif": lambda: np.asarray(result.probability, np.float32),
                   "boundary.tif": lambda: np.asarray(result.boundary, np.float32),
                   "labels.tif": lambda: result.labels.astype(label_dtype(result.labels)),
+                  "objects.csv": lambda: object_table(result, type_names),
+                  "classes.tif": lambda: result.type_map,
                   "uncertainty.tif": lambda: np.asarray(result.uncertainty, np.float32)}
-        kinds = _data_kinds(result.labels is not None, result.uncertainty is not None)
+        kinds = _data_kinds(result.labels is not None, result.uncertainty is not None,
+                            getattr(result, "object_types", None) is not None)
         return {f"{stem}_{kind}": makers[kind] for kind in kinds}
     if fmt != "preview":
         raise ValueError(f"unknown result format {fmt!r}; choose from {RESULT_FORMATS}")
@@ -324,17 +374,21 @@ def _result_arrays(result: Any, stem: str, fmt: str, image: np.ndarray | None) -
     return files
 
 
-def _data_kinds(instances: bool, uncertainty: bool) -> list[str]:
-    return [*DATA_FILES, *(["labels.tif"] if instances else []), *(["uncertainty.tif"] if uncertainty else [])]
+def _data_kinds(instances: bool, uncertainty: bool, types: bool = False) -> list[str]:
+    return [*DATA_FILES, *(["labels.tif", "objects.csv"] if instances else []),
+            *(["classes.tif"] if instances and types else []), *(["uncertainty.tif"] if uncertainty else [])]
 
 
-def result_paths(out_dir: str | Path, stem: str, *, instances: bool, uncertainty: bool = False) -> list[Path]:
-    """The files `write_result` writes in the ``data`` format, without writing anything."""
-    return [Path(out_dir) / f"{stem}_{kind}" for kind in _data_kinds(instances, uncertainty)]
+def result_paths(out_dir: str | Path, stem: str, *, instances: bool, uncertainty: bool = False,
+                 types: bool = False) -> list[Path]:
+    """The files `write_result` writes in the ``data`` format, without writing anything (`types`: a
+    model with nucleus types)."""
+    return [Path(out_dir) / f"{stem}_{kind}" for kind in _data_kinds(instances, uncertainty, types)]
 
 
 def write_result(result: Any, out_dir: str | Path, stem: str, fmt: str = "data", *,
-                 image: np.ndarray | None = None, overwrite: bool = False) -> list[Path]:
+                 image: np.ndarray | None = None, overwrite: bool = False,
+                 type_names: tuple[str, ...] = ()) -> list[Path]:
     """Writes a `SegmentationResult` as files named ``<stem>_<kind>.<ext>`` in `out_dir`.
 
     Args:
@@ -342,13 +396,17 @@ def write_result(result: Any, out_dir: str | Path, stem: str, fmt: str = "data",
         out_dir: output folder (created if needed).
         stem: file name prefix.
         fmt: ``data``: ``_mask.png`` (0/255), ``_prob.tif`` and ``_boundary.tif``
-            (float32), ``_labels.tif`` (instance ids: uint16, or uint32 above 65,535 ids, `label_dtype`) and ``_uncertainty.tif``
-            (float32) when the result has them; ``preview``: 8-bit
+            (float32), ``_labels.tif`` (instance ids: uint16, or uint32 above 65,535 ids, `label_dtype`),
+            ``_objects.csv`` (one row per instance, `object_table`), ``_classes.tif`` (uint8 class id
+            of each pixel's instance, 0 = background: `SegmentationResult.type_map`, for a model with
+            nucleus types) and ``_uncertainty.tif`` (float32) when the result has them; ``preview``: 8-bit
             PNGs of the image (when given), mask, probability, boundary, a label overlay
             and each gate map.
         image: the segmented image (``preview`` only).
         overwrite: replace existing files; otherwise any existing target is refused
             before anything is written.
+        type_names: the model's nucleus type names (``ModelConfig.type_names``), for the object
+            table's ``class`` column.
 
     Returns:
         The written paths.
@@ -356,7 +414,7 @@ def write_result(result: Any, out_dir: str | Path, stem: str, fmt: str = "data",
     Raises:
         FileExistsError: a target exists and `overwrite` is False (nothing is written).
     """
-    files = _result_arrays(result, stem, fmt, image)
+    files = _result_arrays(result, stem, fmt, image, tuple(type_names))
     out_dir = Path(out_dir)
     paths = [out_dir / name for name in files]
     _refuse_existing(paths, overwrite)

@@ -373,7 +373,7 @@ def _tile_layout(height: int, width: int, tile: int | None, overlap: float):
 
 def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = None, overlap: float = 0.25,
                  device: str | torch.device | None = None, tta: bool = False, amp: bool = False,
-                 cancel: threading.Event | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 cancel: threading.Event | None = None, types: bool = False) -> tuple[np.ndarray, ...]:
     """The model's blended probability and separation maps of one 2-D image, without post-processing.
 
     The same forward pass as `segment` (tiles, Gaussian blending, working resolution, TTA),
@@ -385,10 +385,13 @@ def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = 
         image: (H, W[, C]) uint8, uint16 or float image.
         tile, overlap, device, tta, amp, cancel: as in `segment`; ``tile=None`` runs one pass, whose
             maps are not blended (so a pixel-wise model gives the same value whatever the crop).
+        types: also return the nucleus type probabilities.
 
     Returns:
         ``(probability, separation)``, float32 (H, W) each; the separation map
-        (`napari_sgdc.postprocess.separation_map`) is the boundary for boundary models.
+        (`napari_sgdc.postprocess.separation_map`) is the boundary for boundary models. With
+        `types`, a third item: float32 (H, W, T) type probabilities (type id ``t`` in channel
+        ``t - 1``, as `SegmentationResult.type_probability`), or None for a model without types.
     """
     array = np.asarray(image)
     check_image(array.shape, array.dtype)
@@ -399,7 +402,11 @@ def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = 
                                  amp=amp)
         runner.gaussian = bool(tile)  # one pass: no blending, so every pixel is exactly the model's output
         maps, _ = runner.run(array)
-    return maps["probability"], separation_map(maps)
+    if not types:
+        return maps["probability"], separation_map(maps)
+    names = [f"type_{t}" for t in range(1, len(getattr(model.config, "type_names", ()) or ()) + 1)]
+    typed = np.stack([maps[name] for name in names], axis=-1) if names and names[0] in maps else None
+    return maps["probability"], separation_map(maps), typed
 
 
 def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions | None = None, *,

@@ -92,18 +92,20 @@ def image_targets(files: Sequence[Path]) -> list[tuple[Path, int | None, str]]:
 
 
 def check_outputs(files: Sequence[Path], out_dir: Path, *, instances: bool, uncertainty: bool,
-                  overwrite: bool) -> None:
+                  overwrite: bool, types: bool = False, slides: Sequence[Path] = ()) -> None:
     """Refuses, before any work, inputs whose outputs collide or would replace existing files
-    (a multi-page TIFF writes one set per page, `image_targets`).
+    (a multi-page TIFF writes one set per page, `image_targets`; `types`: the model has nucleus
+    types). `slides` predicted into the same folder own their outputs too (`store_paths`): an image
+    ``S.png`` and a slide ``S.svs`` would both write ``S_objects.csv``.
 
     Raises:
         ValueError: one line naming the two inputs, or the existing file.
     """
     from .files import result_paths
 
-    owners: dict[Path, Path] = {}
+    owners: dict[Path, Path] = {target: Path(slide) for slide in slides for target in store_paths(out_dir, slide)}
     for path, _, stem in image_targets(files):
-        for target in result_paths(out_dir, stem, instances=instances, uncertainty=uncertainty):
+        for target in result_paths(out_dir, stem, instances=instances, uncertainty=uncertainty, types=types):
             if target in owners and owners[target] != path:
                 raise ValueError(f"{owners[target]} and {path} would both write {target.name}: "
                                  "rename one or predict them into different --out folders")
@@ -143,9 +145,10 @@ def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=Non
                   progress: Callable[[int, int, str], Any] | None = None,
                   on_error: ErrorSink = None) -> PredictSummary:
     """Segments image files and writes, per stem S, ``S_mask.png``, ``S_prob.tif``,
-    ``S_boundary.tif`` (plus ``S_labels.tif`` for instance models and ``S_uncertainty.tif``
-    with `uncertainty`) into `out_dir`. Each page of a multi-page TIFF is an image of its own,
-    written as ``S_p0_…``, ``S_p1_…`` (`image_targets`).
+    ``S_boundary.tif`` (plus ``S_labels.tif`` and the object table ``S_objects.csv`` for instance
+    models, ``S_classes.tif`` for models with nucleus types, and ``S_uncertainty.tif`` with
+    `uncertainty`) into `out_dir` (`napari_sgdc.files.write_result`). Each page of a multi-page
+    TIFF is an image of its own, written as ``S_p0_…``, ``S_p1_…`` (`image_targets`).
 
     Args:
         model: an `SGDCSegmenter`.
@@ -165,7 +168,9 @@ def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=Non
     from .inference import check_mpp
 
     out_dir = Path(out_dir)
-    check_outputs(paths, out_dir, instances=model.config.is_instance, uncertainty=uncertainty, overwrite=overwrite)
+    type_names = tuple(getattr(model.config, "type_names", ()) or ())
+    check_outputs(paths, out_dir, instances=model.config.is_instance, uncertainty=uncertainty, overwrite=overwrite,
+                  types=bool(type_names))
     check_mpp(mpp, model.config)  # before any work: one line for a model without a scale
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = image_targets(paths)
@@ -180,7 +185,7 @@ def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=Non
         try:
             result = segment_file(model, path, options, tile=tile, overlap=overlap, tta=tta, uncertainty=uncertainty,
                                   mpp=mpp, amp=amp, progress=on_tile, page=page)
-            write_result(result, out_dir, stem, overwrite=overwrite)
+            write_result(result, out_dir, stem, overwrite=overwrite, type_names=type_names)
             summary.done += 1
         except (ValueError, OSError) as error:
             summary.failures.append(f"{path}{'' if page is None else f' (page {page})'}: {error}")

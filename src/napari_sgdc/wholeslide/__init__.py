@@ -42,14 +42,15 @@ idempotent, so a task lost with a worker is simply run again elsewhere.
 """
 
 from ..grid import DEFAULT_MARGIN, DEFAULT_TILE
-from .export import OBJECT_COLUMNS, export_objects
+from .export import CLASS_COLUMNS, OBJECT_COLUMNS, export_objects
 from .plan import SlidePlan, plan_slide, read_working
 from .run import SlideResult, segment_slide
 from .store import (FORMAT, STATUSES, ResultStore, StoreExistsError, StorePaths, check_outputs, open_store,
                     read_store_attrs, read_store_labels, slide_stem, store_paths, store_state, store_status)
 
 __all__ = ["SlideResult", "StoreExistsError", "export_objects", "read_store_labels", "segment_slide",
-           "OBJECT_COLUMNS", "DEFAULT_TILE", "DEFAULT_MARGIN", "FORMAT", "SlidePlan", "plan_slide", "read_working",
+           "CLASS_COLUMNS", "OBJECT_COLUMNS", "DEFAULT_TILE", "DEFAULT_MARGIN", "FORMAT", "SlidePlan", "plan_slide",
+           "read_working",
            "ResultStore", "StorePaths", "check_outputs", "open_store", "read_store_attrs", "slide_stem", "store_paths",
            "store_state", "store_status", "STATUSES"]
 

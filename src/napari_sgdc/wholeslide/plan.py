@@ -30,7 +30,7 @@ MAX_UPSAMPLING = 4.0
 SECONDS_PER_WINDOW = 2.0
 """CPU seconds per 1152² window in float32 (docs/performance.md, whole slides), for the estimate only."""
 
-SIGNATURE_DEFAULTS = {"amp": False, "tta": False}
+SIGNATURE_DEFAULTS = {"amp": False, "tta": False, "type_names": [], "type_colors": []}
 """Plan fields added after stores were first written, with the value those stores were made with."""
 SIGNATURE_RENAMES = {"boundary_threshold": "split_level", "mpp": "working_mpp"}
 """Plan fields renamed after stores were first written: old name -> new name."""
@@ -55,6 +55,8 @@ class SlidePlan:
         roi: working px (y0, x0, y1, x1) whose objects are kept.
         threads: torch threads per task (0: as is); amp: bf16 autocast; tta: the 8 flips and rotations.
         weights_sha256: the hash of the model's weights (a resume with other weights is refused).
+        type_names, type_colors: the model's nucleus types (``ModelConfig.type_names`` and
+            ``type_colors``; type id t is ``type_names[t - 1]``); empty for a model without types.
     """
 
     slide_path: str
@@ -78,6 +80,8 @@ class SlidePlan:
     amp: bool = False  # bf16 autocast where the device runs it natively
     tta: bool = False  # test-time augmentation: 8 forward passes per tile
     weights_sha256: str | None = None  # the model's weights (`workers.weights_hash`); None: not recorded
+    type_names: tuple[str, ...] = ()  # nucleus types of the model (empty: no types)
+    type_colors: tuple[str, ...] = ()  # '#rrggbb' per type
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -111,6 +115,7 @@ class SlidePlan:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in stored_signature(signature).items() if k in known}
         values["roi"] = tuple(int(v) for v in values["roi"])
+        values["type_names"], values["type_colors"] = tuple(values["type_names"]), tuple(values["type_colors"])
         return cls(**values, store=str(store))
 
 
@@ -194,7 +199,9 @@ def plan_slide(config, slide: Slide, out: str | Path, *, roi=None, mpp: float | 
                      height=height, width=width, tile=tile, margin=margin, store=str(Path(out).resolve()),
                      threshold=options.threshold, split_level=options.split_level,
                      min_size=options.min_size, instances=bool(getattr(config, "is_instance", True)), roi=box,
-                     threads=threads, amp=bool(amp), tta=bool(tta), weights_sha256=weights_sha256)
+                     threads=threads, amp=bool(amp), tta=bool(tta), weights_sha256=weights_sha256,
+                     type_names=tuple(getattr(config, "type_names", ()) or ()),
+                     type_colors=tuple(getattr(config, "type_colors", ()) or ()))
 
 
 def read_working(slide: Slide, plan: SlidePlan, y0: int, x0: int, height: int, width: int) -> np.ndarray:

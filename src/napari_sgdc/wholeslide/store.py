@@ -8,7 +8,9 @@ Layout (zarr v2, OME-NGFF 0.4)::
                            the separation map for distance and HoVer models)
     S.ome.zarr/labels/nuclei   multiscale uint32 instance labels (0 = background; `SLIDE_LABEL_DTYPE`)
     S.ome.zarr/labels/tissue   uint8 tissue mask (1 = tissue, 2 = tissue and processed) at thumbnail scale
-    S.ome.zarr/tiles/i_j.npz   per-tile object records (`napari_sgdc.wholeslide.export_objects` reads them)
+    S.ome.zarr/tiles/i_j.npz   per-tile object records (`napari_sgdc.wholeslide.export_objects` reads them);
+                           with nucleus types also each object's ``class_id`` (int16, 1..T) and
+                           ``class_confidence`` (float32); the type names and colours are in the plan
 
 The root's ``napari_sgdc`` attributes hold the format, ``complete``, the lifecycle ``status``
 (`STATUSES`), the plan's signature (`SlidePlan.signature`, with the model's weights hash), the
@@ -217,7 +219,8 @@ def _check_resume(store: Path, attrs: dict, plan: SlidePlan | None) -> None:
     stored_hash, wanted_hash = stored.pop("weights_sha256", None), wanted.pop("weights_sha256", None)
     if stored != wanted:
         raise ValueError(f"{store}: cannot resume: the store was made with other settings "
-                         "(slide, model µm/px, tile, margin, thresholds, roi, amp or tta); use overwrite")
+                         "(slide, model µm/px, tile, margin, thresholds, roi, amp, tta or nucleus types); "
+                         "use overwrite")
     if stored_hash is None:
         warnings.warn(f"{store} does not record its model's weights (written before 0.2): resuming it trusts that "
                       "the model is the one that made it", stacklevel=3)
@@ -314,6 +317,23 @@ class ResultStore:
     @property
     def n_objects(self) -> int | None:
         return self.attrs.get("n_objects")
+
+    @property
+    def type_names(self) -> tuple[str, ...]:
+        """The nucleus types of the model that made the store (type id t is ``type_names[t - 1]``); empty: none."""
+        return self.plan.type_names
+
+    @property
+    def type_colors(self) -> tuple[str, ...]:
+        """``#rrggbb`` per nucleus type (`type_names`)."""
+        return self.plan.type_colors
+
+    def object_types(self) -> tuple[np.ndarray, np.ndarray]:
+        """The type table of the store's objects: (N + 1,) int16 type id and float32 confidence per object
+        id (`napari_sgdc.wholeslide.export.read_object_types`; all 0 without types)."""
+        from .export import read_object_types
+
+        return read_object_types(self.path)
 
     @property
     def levels(self) -> int:

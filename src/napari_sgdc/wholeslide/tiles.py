@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write
-from ..postprocess import postprocess
+from ..postprocess import assign_types, postprocess
 from ..slide import SlideError
 from .plan import SlidePlan, read_working
 from .store import SCRATCH, SLIDE_LABEL_DTYPE, level_shape, open_group, record_path
@@ -48,7 +48,7 @@ def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
     except SlideError as error:  # a corrupted tile stops the run, named (docs/wholeslide.md)
         raise SlideError(f"{error} [tile {i},{j}: level-0 pixels x {int(wx * plan.to_level0)}, "
                          f"y {int(wy * plan.to_level0)}]") from None
-    prob, separation = predict_maps(model, rgb, tile=None, amp=plan.amp, tta=plan.tta)
+    prob, separation, type_probability = predict_maps(model, rgb, tile=None, amp=plan.amp, tta=plan.tta, types=True)
     options = plan.options()
     mask, labels = postprocess(prob, separation, options, single_object=False, instances=plan.instances)
     if labels is None:
@@ -74,6 +74,8 @@ def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
               "too_large": np.array(too_large)}
     for name in ("centroid_y", "centroid_x", "area", "mean_probability", "mean_haematoxylin_od"):
         arrays[name] = stats.get(name, np.zeros(0))
+    if plan.type_names:  # each owned object's class (type id, 1..T) and its mean type probability
+        arrays["class_id"], arrays["class_confidence"] = _owned_types(plan, labels, type_probability, owned_local)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as stream:
@@ -81,6 +83,16 @@ def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
 
     atomic_write(record, write)
     return int(owned_local.size)
+
+
+def _owned_types(plan: SlidePlan, labels: np.ndarray, type_probability: np.ndarray | None,
+                 owned_local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int16 type id, float32 confidence) of each owned object (`napari_sgdc.postprocess.assign_types`)."""
+    if type_probability is None:
+        raise ValueError(f"the model gives no nucleus types, but the run {plan.store} records "
+                         f"{len(plan.type_names)}: use the model that started it")
+    types, confidence = assign_types(labels, type_probability)
+    return types[owned_local].astype(np.int16), confidence[owned_local].astype(np.float32)
 
 
 def owned_objects(plan: SlidePlan, labels: np.ndarray, prob: np.ndarray, rgb: np.ndarray, i: int,
