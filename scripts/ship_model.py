@@ -3,7 +3,8 @@
 Writes ``src/napari_sgdc/weights/<name>.safetensors`` (float16 storage, the run's metadata
 plus the measured metrics and provenance given here) and regenerates the reference
 outputs of the shipped sample that `tests/test_builtin_models.py` compares against
-(``tests/data/<name>_sample_mask.png`` and, for instance models, ``_labels.png``).
+(``tests/data/<name>_sample_mask.png``, for instance models ``_labels.png``, and for models with
+nucleus types ``_classes.png``, the type map).
 
     python scripts/ship_model.py --checkpoint runs/dermoscopy/model.safetensors --name dermoscopy \
         --metrics runs/dermoscopy/metrics.json --wall-time 2600
@@ -59,6 +60,11 @@ def main() -> None:
         skio.imsave(labels, result.labels.astype(np.uint16), check_contrast=False)
     elif labels.exists():
         labels.unlink()
+    classes = references / f"{args.name}_sample_classes.png"
+    if result.type_map is not None:
+        skio.imsave(classes, result.type_map, check_contrast=False)
+    elif classes.exists():
+        classes.unlink()
     print(f"wrote the reference outputs of the {args.name} sample to {references}")
 
 

@@ -55,3 +55,7 @@ def test_builtin_model_output_is_unchanged(name):
     assert (result.labels is not None) == labels_file.exists()
     if result.labels is not None:
         np.testing.assert_array_equal(result.labels, skio.imread(str(labels_file)))
+    classes_file = REFERENCE_DIR / f"{name}_sample_classes.png"
+    assert (result.type_map is not None) == classes_file.exists()
+    if result.type_map is not None:
+        np.testing.assert_array_equal(result.type_map, skio.imread(str(classes_file)))
