@@ -41,8 +41,8 @@ import torch
 from .device import bf16_supported, forward
 
 __all__ = ["ENGINES", "INT8", "INT8_ALLOWED", "Engine", "EngineFallback", "auto_choice", "available_engines",
-           "cache_dir", "cpu_key", "get_engine", "missing_reason", "quantize_model", "save_auto_choice",
-           "weights_sha256"]
+           "cache_dir", "cpu_key", "dock_engines", "engine_name", "get_engine", "missing_reason", "quantize_model",
+           "save_auto_choice", "weights_sha256"]
 
 INT8 = "onnxruntime-int8"
 ENGINES = ("auto", "torch", "onnxruntime", "openvino", "compile", INT8)
@@ -77,7 +77,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
     """sha256 of a model's state dict (names, dtypes, shapes, bytes): a fine-tuned copy differs,
     the same weights loaded from a name, a path or in memory do not."""
     digest = hashlib.sha256()
-    state = model.state_dict()
+    state = model.state_dict() if hasattr(model, "state_dict") else {}
     for name in sorted(state):
         tensor = state[name].detach().to("cpu").contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
@@ -103,6 +103,11 @@ def missing_reason(name: str) -> str | None:
 def available_engines() -> list[str]:
     """The engine names that can run here (``auto`` and ``torch`` always)."""
     return [name for name in ENGINES if missing_reason(name) is None]
+
+
+def dock_engines() -> list[str]:
+    """The Segment dock's choices: `available_engines`, int8 only once `INT8_ALLOWED` names a model."""
+    return [name for name in available_engines() if name != INT8 or INT8_ALLOWED]
 
 
 class Engine:
@@ -379,19 +384,27 @@ def get_engine(engine: str | Engine | None = "auto", model: torch.nn.Module | No
     """
     if isinstance(engine, Engine):
         return engine
-    name = "torch" if engine is None else str(engine).lower()
-    if name not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if name == "auto":
-        name = auto_choice(device, amp)
-    reason = missing_reason(name)
-    if reason is not None:
-        raise ValueError(f"engine {name!r} cannot run here: {reason}; use --engine auto or torch")
+    name = engine_name(engine, amp, device)
     if name == INT8:
         _check_int8(model)
     if name not in _ENGINES:
         _ENGINES[name] = _CLASSES[name]()
     return _ENGINES[name]
+
+
+def engine_name(engine: str | Engine | None, amp: bool = False, device: torch.device | str = "cpu") -> str:
+    """The name of the engine `engine` stands for (``auto`` resolved with `auto_choice`), checked as
+    `get_engine` checks it (the int8 allow-list is checked where the model runs); for whole-slide plans."""
+    if isinstance(engine, Engine):
+        return engine.name
+    name = "torch" if engine is None else str(engine).lower()
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    name = auto_choice(device, amp) if name == "auto" else name
+    reason = missing_reason(name)
+    if reason is not None:
+        raise ValueError(f"engine {name!r} cannot run here: {reason}; use --engine auto or torch")
+    return name
 
 
 def _check_int8(model: torch.nn.Module | None) -> None:
