@@ -239,6 +239,7 @@ class _GraphEngine(Engine):
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
+        options.log_severity_level = 3  # errors only: not the optimiser's notes on unused initializers
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda array: session.run(None, {INPUT: array})
