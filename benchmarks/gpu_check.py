@@ -180,18 +180,18 @@ def run(args) -> list[tuple[str, str]]:
     for amp in precisions:
         rate = tiled_throughput(model, device, sizes["tiled"], sizes["tile"], amp)
         rows.append((f"tiled {sizes['tiled']}² nuclei tile {sizes['tile']} {'bf16' if amp else 'fp32'}",
-                     f"{rate:.2f} Mpx/s"))
+                     f"{rate:.3g} Mpx/s"))
         log(rows[-1])
     with tempfile.TemporaryDirectory() as tmp:
         slide = synthetic_slide(Path(tmp), sizes["slide"])
         for amp in precisions:
             rate, objects = slide_throughput(model, slide, Path(tmp), amp, 1024 if use_cuda else 256)
             rows.append((f"whole slide {sizes['slide']}² nuclei {'bf16' if amp else 'fp32'}",
-                         f"{rate:.2f} Mpx/s, {objects} objects"))
+                         f"{rate:.3g} Mpx/s, {objects} objects"))
             log(rows[-1])
     for amp in precisions:
         rate, how = training_throughput(device, sizes["train_s"], sizes["batch"], amp)
-        rows.append((f"training {'bf16' if amp else 'fp32'}", f"{rate:.2f} steps/s ({how})"))
+        rows.append((f"training {'bf16' if amp else 'fp32'}", f"{rate:.3g} steps/s ({how})"))
         log(rows[-1])
     return rows
 
