@@ -19,7 +19,8 @@ SOURCE = ROOT / "src" / "napari_sgdc"
 # fine-tuning loss plot (text otherwise); distributed runs slides on a cluster; pandas writes
 # parquet object tables; bioimageio.spec and onnx write bioimage.io packages (`export`).
 OPTIONAL = {"napari": "all", "matplotlib": "plot", "distributed": "cluster", "pandas": "parquet",
-            "pyarrow": "parquet", "bioimageio": "export", "onnx": "export"}
+            "pyarrow": "parquet", "bioimageio": "export", "onnx": "export",
+            "onnxruntime": "engines", "openvino": "engines"}  # napari_sgdc.engines: ONNX Runtime, OpenVINO
 
 
 def _imported_modules() -> dict[str, Path]:

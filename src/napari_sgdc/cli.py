@@ -128,6 +128,15 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", action="store_true",
                         help="bf16 autocast: about 1.5x faster on GPUs and CPUs with native bf16 (AVX512-BF16, AMX), "
                              "probabilities within about 0.005; ignored elsewhere")
+    _add_engine_option(parser)
+
+
+def _add_engine_option(parser: argparse.ArgumentParser) -> None:
+    from .engines import ENGINES
+
+    parser.add_argument("--engine", default="auto", choices=ENGINES,
+                        help="what runs the network (default: auto = the engine measured fastest on this CPU by "
+                             "benchmarks/engines.py --save-auto, else torch; docs/performance.md)")
 
 
 def _add_predict_parser(commands) -> None:
@@ -355,7 +364,7 @@ def _run_predict(args) -> int:
                                        scheduler=args.scheduler, resume=args.resume, overwrite=args.overwrite,
                                        amp=args.amp, tta=args.tta, uncertainty=args.uncertainty, on_error=report,
                                        tissue=args.tissue, yes=args.yes, confirm=_ask if sys.stdin.isatty() else None,
-                                       cancel=cancel, resume_command=_resume_command())
+                                       cancel=cancel, resume_command=_resume_command(), engine=args.engine)
         if cancel.is_set():
             return 130
         if not files:
@@ -367,7 +376,8 @@ def _run_predict(args) -> int:
 
         summary = predict_files(model, files, args.out, options, overwrite=args.overwrite, tile=args.tile,
                                 overlap=args.overlap, tta=args.tta, mpp=args.mpp, amp=args.amp,
-                                uncertainty=args.uncertainty, progress=on_progress, on_error=report)
+                                uncertainty=args.uncertainty, progress=on_progress, on_error=report,
+                                engine=args.engine)
     print(f"wrote results for {summary.done} of {summary.total} image(s) to {args.out}", file=sys.stderr)
     return 1 if failures or summary.failures else 0
 
@@ -497,7 +507,7 @@ def _run_evaluate(args) -> int:
     with tqdm(total=len(items), desc="evaluate", unit="image", file=sys.stderr) as bar:
         scores = evaluation.evaluate(model, items, _postprocess_options(args, model.config), tile=args.tile,
                                      overlap=args.overlap, tta=args.tta, amp=args.amp, tolerance=args.tolerance,
-                                     on_error=report, progress=lambda done, total: bar.update(1))
+                                     on_error=report, progress=lambda done, total: bar.update(1), engine=args.engine)
     if not scores.rows:
         report("no image could be evaluated")
         return 1

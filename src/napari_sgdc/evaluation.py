@@ -147,7 +147,7 @@ class Evaluation:
 
 
 def evaluate(model, items: Sequence[EvaluationItem], options=None, *, tile: int | None = 512, overlap: float = 0.25,
-             tta: bool = False, amp: bool = False, tolerance: float = 2.0,
+             tta: bool = False, amp: bool = False, tolerance: float = 2.0, engine="torch",
              on_error: Callable[[str], Any] | None = None,
              progress: Callable[[int, int], Any] | None = None) -> Evaluation:
     """Segments and scores every item (a failing item is reported and skipped).
@@ -161,7 +161,7 @@ def evaluate(model, items: Sequence[EvaluationItem], options=None, *, tile: int 
         model: an `SGDCSegmenter`.
         items: what to score (`layout_items`, `folder_items`).
         options: `PostprocessOptions` (default: the model's).
-        tile, overlap, tta, amp: as in `napari_sgdc.inference.segment`.
+        tile, overlap, tta, amp, engine: as in `napari_sgdc.inference.segment` (an engine name or object).
         tolerance: boundary F1 tolerance in pixels.
         on_error: called with one line per item that cannot be scored.
         progress: called with (items done, items total) after each item.
@@ -179,7 +179,7 @@ def evaluate(model, items: Sequence[EvaluationItem], options=None, *, tile: int 
             if item.problem is not None:
                 raise ValueError(item.problem)
             result.rows.append(_score_item(model, item, options, result.pooled, result.types, tile=tile,
-                                           overlap=overlap, tta=tta, amp=amp, tolerance=tolerance))
+                                           overlap=overlap, tta=tta, amp=amp, tolerance=tolerance, engine=engine))
         except (ValueError, OSError) as error:
             message = str(error) if item.problem is not None else f"{item.name}: {error}"
             result.failures.append(message)
@@ -191,7 +191,7 @@ def evaluate(model, items: Sequence[EvaluationItem], options=None, *, tile: int 
 
 
 def _score_item(model, item: EvaluationItem, options, pooled: np.ndarray, types, *, tile, overlap, tta, amp,
-                tolerance) -> dict:
+                tolerance, engine="torch") -> dict:
     """The row of one item; adds its pixel counts to `pooled` and its type counts to `types` (a
     `TypeScores`, or None)."""
     from . import metrics
@@ -201,7 +201,8 @@ def _score_item(model, item: EvaluationItem, options, pooled: np.ndarray, types,
     image, target = item.load_image(), item.load_mask()
     target_instances = item.load_instances() if item.load_instances is not None else None
     target_types = item.load_types() if types is not None and item.load_types is not None else None
-    result = segment(model, image, options, tile=tile or None, overlap=overlap, tta=tta, stack=False, amp=amp)
+    result = segment(model, image, options, tile=tile or None, overlap=overlap, tta=tta, stack=False, amp=amp,
+                     engine=engine)
     if result.mask.shape != target.shape:
         raise ValueError(f"mask shape {target.shape} differs from image shape {result.mask.shape}")
     row = {"image": item.name, **metrics.semantic_scores(result.mask, target, tolerance)}

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from .data.transforms import check_image, to_float_rgb
-from .device import eval_mode, forward, model_device, resolve_device
+from .device import eval_mode, model_device, resolve_device
+from .engines import Engine, get_engine
 from .grid import check_image_mpp as check_mpp
 from .grid import resample_image, resample_maps, working_shape
 from .locks import model_lock
@@ -232,9 +233,10 @@ class _PlaneSegmenter:
     """
 
     def __init__(self, model, device, tile, overlap, return_gates, progress, cancel, n_planes, working_shape,
-                 tta=False, spread=False, amp=False):
+                 tta=False, spread=False, amp=False, engine: Engine | None = None):
         self.model = model
         self.amp = amp
+        self.engine = engine or get_engine("torch")  # runs the network (napari_sgdc.engines)
         self.working_shape = tuple(working_shape)  # (h, w) the network sees, the same for every plane
         self.device = device
         self.tile = tile
@@ -285,7 +287,7 @@ class _PlaneSegmenter:
         with torch.inference_mode():
             for index in self.transforms:
                 with_gates = self.return_gates and index == 0
-                out = forward(self.model, dihedral(batch, index), self.device, self.amp, return_gates=with_gates)
+                out = self.engine(self.model, dihedral(batch, index), self.device, self.amp, return_gates=with_gates)
                 parts = head_maps(out, index)  # (tile_h, tile_w) each
                 if self.spread:
                     parts["probability_sq"] = parts["probability"] ** 2
@@ -373,7 +375,8 @@ def _tile_layout(height: int, width: int, tile: int | None, overlap: float):
 
 def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = None, overlap: float = 0.25,
                  device: str | torch.device | None = None, tta: bool = False, amp: bool = False,
-                 cancel: threading.Event | None = None, types: bool = False) -> tuple[np.ndarray, ...]:
+                 cancel: threading.Event | None = None, types: bool = False,
+                 engine: str | Engine = "torch") -> tuple[np.ndarray, ...]:
     """The model's blended probability and separation maps of one 2-D image, without post-processing.
 
     The same forward pass as `segment` (tiles, Gaussian blending, working resolution, TTA),
@@ -383,7 +386,7 @@ def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = 
     Args:
         model: an `SGDCSegmenter` (run in eval mode under its `model_lock`).
         image: (H, W[, C]) uint8, uint16 or float image.
-        tile, overlap, device, tta, amp, cancel: as in `segment`; ``tile=None`` runs one pass, whose
+        tile, overlap, device, tta, amp, cancel, engine: as in `segment`; ``tile=None`` runs one pass, whose
             maps are not blended (so a pixel-wise model gives the same value whatever the crop).
         types: also return the nucleus type probabilities.
 
@@ -399,7 +402,7 @@ def predict_maps(model: SGDCSegmenter, image: np.ndarray, *, tile: int | None = 
     with model_lock(model), eval_mode(model):
         target = model_device(model) if device is None else resolve_device(device)
         runner = _PlaneSegmenter(model.to(target), target, tile, overlap, False, None, cancel, 1, working, tta=tta,
-                                 amp=amp)
+                                 amp=amp, engine=get_engine(engine, model, target, amp))
         runner.gaussian = bool(tile)  # one pass: no blending, so every pixel is exactly the model's output
         maps, _ = runner.run(array)
     if not types:
@@ -413,7 +416,8 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
             tile: int | None = 512, overlap: float = 0.25, device: str | torch.device | None = None,
             return_gates: bool = False, tta: bool = False, uncertainty: bool | str = False,
             progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None,
-            stack: bool | None = None, mpp: float | None = None, amp: bool = False) -> SegmentationResult:
+            stack: bool | None = None, mpp: float | None = None, amp: bool = False,
+            engine: str | Engine = "torch") -> SegmentationResult:
     """Segments a 2D image or a stack of 2D planes of any size.
 
     Args:
@@ -448,6 +452,9 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
             CUDA GPU, or a CPU with AVX512-BF16/AMX; `napari_sgdc.device.bf16_supported`),
             else in float32. On this project's CPU it is about 1.5× faster, with
             probabilities within about 0.005 of float32 (docs/performance.md).
+        engine: what runs the network: a name of `napari_sgdc.engines.ENGINES` (``auto`` picks by the
+            measured table) or an `napari_sgdc.engines.Engine`; all give the torch reference's maps
+            within 1e-3 (an engine that fails warns and runs torch).
 
     Returns:
         A `SegmentationResult`; instance labels when ``model.config.is_instance``. Stacks
@@ -456,7 +463,8 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
 
     Raises:
         Cancelled: when `cancel` is set during the run.
-        ValueError: for unsupported image shapes or dtypes, or a bad `overlap` or `tile`.
+        ValueError: for unsupported image shapes or dtypes, a bad `overlap` or `tile`, or an engine that
+            cannot run here.
 
     Out of memory: the run is retried with tiles halved down to 128 px, then on the CPU,
     each retry announced by an `OutOfMemoryFallback` warning (the GUI shows it).
@@ -485,11 +493,12 @@ def segment(model: SGDCSegmenter, image: np.ndarray, options: PostprocessOptions
     with model_lock(model), eval_mode(model):  # waits for a fine-tune of this model to end
         home = model_device(model)
         target_device = home if device is None else resolve_device(device)
+        engine = get_engine(engine, model, target_device, amp)
         attempts = _fallback_plan(target_device, tile or max(_round_up(side, SIZE_MULTIPLE) for side in working))
         for number, (attempt_device, attempt_tile) in enumerate(attempts):
             runner = _PlaneSegmenter(model.to(attempt_device), attempt_device, attempt_tile if number else tile,
                                      overlap, return_gates, progress, cancel, len(planes), working,
-                                     tta=tta, spread=method == "tta", amp=amp)
+                                     tta=tta, spread=method == "tta", amp=amp, engine=engine)
             try:
                 outputs = [runner.run(plane) for plane in planes]
                 break

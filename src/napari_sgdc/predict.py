@@ -116,7 +116,7 @@ def check_outputs(files: Sequence[Path], out_dir: Path, *, instances: bool, unce
 
 def segment_file(model, path: Path, options=None, *, tile: int | None = 512, overlap: float = 0.25,
                  tta: bool = False, uncertainty: bool = False, mpp: float | None = None, amp: bool = False,
-                 progress: Callable[[int, int], None] | None = None, page: int | None = None):
+                 progress: Callable[[int, int], None] | None = None, page: int | None = None, engine="torch"):
     """`napari_sgdc.inference.segment` of one image file, or of one `page` of a multi-page TIFF
     (a ValueError names its shape and dtype)."""
     from .files import read_image
@@ -125,7 +125,7 @@ def segment_file(model, path: Path, options=None, *, tile: int | None = 512, ove
     image = read_image(path, page)
     try:
         return segment(model, image, options, tile=tile or None, overlap=overlap, tta=tta, uncertainty=uncertainty,
-                       progress=progress, stack=False, mpp=mpp, amp=amp)
+                       progress=progress, stack=False, mpp=mpp, amp=amp, engine=engine)
     except ValueError as error:
         raise ValueError(f"unsupported image (shape {image.shape}, dtype {image.dtype}): {error}") from None
 
@@ -141,7 +141,7 @@ class PredictSummary:
 
 def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=None, *, overwrite: bool = False,
                   tile: int | None = 512, overlap: float = 0.25, tta: bool = False, mpp: float | None = None,
-                  amp: bool = False, uncertainty: bool = False,
+                  amp: bool = False, uncertainty: bool = False, engine="torch",
                   progress: Callable[[int, int, str], Any] | None = None,
                   on_error: ErrorSink = None) -> PredictSummary:
     """Segments image files and writes, per stem S, ``S_mask.png``, ``S_prob.tif``,
@@ -156,7 +156,7 @@ def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=Non
         out_dir: output folder (created).
         options: `PostprocessOptions` (default: the model's).
         overwrite: replace existing result files.
-        tile, overlap, tta, mpp, amp, uncertainty: as in `napari_sgdc.inference.segment`.
+        tile, overlap, tta, mpp, amp, uncertainty, engine: as in `napari_sgdc.inference.segment`.
         progress: called with (files done, files total, status text) as the run advances.
         on_error: called with one line per file that fails (the others still run).
 
@@ -184,7 +184,7 @@ def predict_files(model, paths: Sequence[Path], out_dir: str | Path, options=Non
 
         try:
             result = segment_file(model, path, options, tile=tile, overlap=overlap, tta=tta, uncertainty=uncertainty,
-                                  mpp=mpp, amp=amp, progress=on_tile, page=page)
+                                  mpp=mpp, amp=amp, progress=on_tile, page=page, engine=engine)
             write_result(result, out_dir, stem, overwrite=overwrite, type_names=type_names)
             summary.done += 1
         except (ValueError, OSError) as error:
@@ -272,7 +272,7 @@ def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, 
                    scheduler: str | None = None, resume: bool = False, overwrite: bool = False, amp: bool = False,
                    tta: bool = False, uncertainty: bool = False, on_error: ErrorSink = None, tissue: str = "auto",
                    yes: bool = False, confirm: Callable[[str], bool] | None = None, cancel=None,
-                   resume_command: str | None = None) -> int:
+                   resume_command: str | None = None, engine: str = "torch") -> int:
     """The slide branch of predict: ``S.ome.zarr``, ``S_objects.csv`` and ``S_objects.geojson``
     per slide, through `napari_sgdc.wholeslide.segment_slide` and `export_objects`.
 
@@ -282,7 +282,7 @@ def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, 
         out_dir: output folder (created).
         options: the run's `PostprocessOptions`.
         model_source: the model's built-in name or checkpoint path (each cluster worker loads it).
-        roi, mpp, tile, margin, resume, overwrite, amp, tta, uncertainty, tissue: as in `segment_slide`
+        roi, mpp, tile, margin, resume, overwrite, amp, tta, uncertainty, tissue, engine: as in `segment_slide`
             (which refuses ``uncertainty`` in one line).
         workers: run tiles on a local Dask cluster of N processes (> 1).
         scheduler: run tiles on an existing Dask cluster at this address.
@@ -304,7 +304,7 @@ def predict_slides(model, slides: Sequence[Path], out_dir: str | Path, options, 
     out_dir.mkdir(parents=True, exist_ok=True)
     client = cluster = None
     settings = dict(roi=roi, mpp=mpp, tile=tile, margin=margin, options=options, resume=resume, overwrite=overwrite,
-                    amp=amp, tta=tta, uncertainty=uncertainty, tissue=tissue, cancel=cancel)
+                    amp=amp, tta=tta, uncertainty=uncertainty, tissue=tissue, cancel=cancel, engine=engine)
     try:
         if scheduler or workers > 1:
             client, cluster = _dask_client(scheduler, workers)

@@ -31,6 +31,7 @@ from napari_sgdc._napari._session import get_session, real_viewer
 from napari_sgdc._napari._shared import ImagePicker, button_row, claim, scroll_contents, wrap_status
 from napari_sgdc._napari._types import TypeLegend
 from napari_sgdc.device import DEVICES
+from napari_sgdc.engines import dock_engines
 from napari_sgdc.grid import MPP_RANGE
 from napari_sgdc.postprocess import PostprocessOptions
 from napari_sgdc.session import BUILTIN_PREFIX, CorrectionSession, Job, display_name, error_line
@@ -235,8 +236,8 @@ class SegmentWidget(Container):
         self.objects = ObjectQueue(self._viewer, self._session, lambda: self.image_layer.value, self._set_status)
         self.extend([
             self.image_layer, self.model, self.model_note, self.target, self.shapes_layer, self.output,
-            self.device, self.tile, self.mpp, self.planes, self.gates, self.uncertainty, self.amp, self.tta,
-            button_row(self.segment_button, self.cancel_button, name="buttons"), self.threshold,
+            self.device, self.engine, self.tile, self.mpp, self.planes, self.gates, self.uncertainty, self.amp,
+            self.tta, button_row(self.segment_button, self.cancel_button, name="buttons"), self.threshold,
             self.split_level, self.min_size, self.region_size, self.next_region_button, self.status,
         ])
         self.append(self.objects.container)  # the review queue and the click tools (_object_review)
@@ -252,6 +253,9 @@ class SegmentWidget(Container):
 
     def _build_run_controls(self) -> None:
         self.device = ComboBox(name="device", label="device", choices=DEVICES, value="auto")
+        self.engine = ComboBox(name="engine", label="engine", choices=dock_engines(), value="auto",
+                               tooltip="What runs the network: auto = the engine measured fastest on this CPU "
+                                       "(benchmarks/engines.py --save-auto), else torch. All agree within 1e-3.")
         self.tile = SpinBox(name="tile", label="tile size", min=64, max=4096, step=32, value=512)
         self.planes = ComboBox(name="planes", label="stack planes", choices=["all", "current"], value="all",
                                tooltip="For stacks: segment every plane, or only the plane shown now.")
@@ -306,7 +310,7 @@ class SegmentWidget(Container):
         self.segment_button.changed.connect(self.run_segment)
         self.cancel_button.changed.connect(self.cancel)
         self.next_region_button.changed.connect(self.next_region)
-        for control in (self.device, self.tile, self.mpp, self.planes, self.gates, self.uncertainty, self.amp,
+        for control in (self.device, self.engine, self.tile, self.mpp, self.planes, self.gates, self.uncertainty, self.amp,
                         self.tta):
             control.changed.connect(self._sync_settings)
         for slider in (self.threshold, self.split_level, self.min_size):
@@ -353,7 +357,7 @@ class SegmentWidget(Container):
     # -- segmentation --------------------------------------------------------------------
     def _sync_settings(self, *_: Any) -> None:
         settings = self._session.settings
-        settings.device = self.device.value
+        settings.device, settings.engine = self.device.value, self.engine.value
         settings.tile = int(self.tile.value)
         settings.planes = self.planes.value
         settings.gates = bool(self.gates.value)

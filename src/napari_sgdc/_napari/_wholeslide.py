@@ -225,7 +225,7 @@ class SlideJob(BackgroundJob):
         self.slide = slide_of(image)
         self.options = session.options
         self.device = session.settings.device
-        self.amp, self.tta = session.settings.amp, session.settings.tta
+        self.amp, self.tta, self.engine = session.settings.amp, session.settings.tta, session.settings.engine
         self.state: ModelState | None = None
         super().__init__(f"Segmentation of '{image.name}' ({target})", f"SGDC {target} {image.name}",
                          on_done=on_done)
@@ -242,7 +242,7 @@ class SlideJob(BackgroundJob):
         return segment_slide(state.model, self.slide, self.store, roi=self.roi, tile=grid.DEFAULT_TILE,
                              margin=grid.DEFAULT_MARGIN, options=self.options,
                              progress=self.report, cancel=self.cancel, resume=self.resume, overwrite=self.overwrite,
-                             amp=self.amp, tta=self.tta)
+                             amp=self.amp, tta=self.tta, engine=self.engine)
 
     def finish(self, outcome: Outcome) -> None:
         if self.state is not None:

@@ -11,6 +11,7 @@ the separation head (``distance`` in [0, 1] or ``hover`` x, y offsets in [-1, 1]
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -19,7 +20,10 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..model import SGDCSegmenter
 
-__all__ = ["ExportedSGDC", "output_specs"]
+__all__ = ["ExportedSGDC", "export_onnx", "output_specs"]
+
+OPSET = 17
+"""The ONNX opset of every export (the package's weights and `napari_sgdc.engines`)."""
 
 
 def output_specs(cfg: ModelConfig) -> list[dict[str, Any]]:
@@ -55,3 +59,24 @@ class ExportedSGDC(SGDCSegmenter):
         if "hover" in out:
             maps.append(out["hover"].clamp(-1.0, 1.0))
         return tuple(maps)
+
+
+def export_onnx(network: torch.nn.Module, example: Tensor, path: str, input_name: str, output_names: list[str],
+                dynamic: bool = True) -> None:
+    """The one ONNX export of the network (the package's ONNX weights, and the graph the
+    `napari_sgdc.engines` ONNX Runtime and OpenVINO engines run).
+
+    Args:
+        network: a module returning a tuple of (B, C, H, W) tensors (`ExportedSGDC`, or the
+            engines' logit wrapper), in eval mode on the CPU in float32.
+        example: a (B, 3, H, W) input, H and W multiples of 32. path: the .onnx file to write.
+        input_name, output_names: the graph's tensor names (one per output, in order).
+        dynamic: batch, y and x as dynamic axes; False fixes them to `example`'s shape.
+    """
+    axes = None
+    if dynamic:
+        axes = {input_name: {0: "batch", 2: "y", 3: "x"}, **{n: {0: "batch", 2: "y", 3: "x"} for n in output_names}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about the size checks, which hold for multiples of 32
+        torch.onnx.export(network, (example,), str(path), input_names=[input_name], output_names=list(output_names),
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)

@@ -26,13 +26,12 @@ from ..config import ModelConfig
 from ..files import atomic_write
 from ..samples import read_sample
 from .describe import INPUT_ID, describe, readme
-from .network import ExportedSGDC, output_specs
+from .network import OPSET, ExportedSGDC, export_onnx, output_specs
 
 __all__ = ["export", "FORMATS", "RDF_NAME", "OPSET"]
 
 FORMATS = ("bioimageio",)
 RDF_NAME = "bioimageio.yaml"
-OPSET = 17
 EXTRA_HINT = "pip install 'napari-sgdc[export]'"
 
 
@@ -93,10 +92,8 @@ def _write_weights(network: ExportedSGDC, example: torch.Tensor, folder: Path, f
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about the size checks, which hold for multiples of 32
         torch.jit.trace(network, example, check_trace=False).save(str(folder / files["weights_torchscript"]))
-        names = [spec["id"] for spec in output_specs(network.config)]
-        axes = {INPUT_ID: {0: "batch", 2: "y", 3: "x"}, **{n: {0: "batch", 2: "y", 3: "x"} for n in names}}
-        torch.onnx.export(network, (example,), str(folder / files["weights_onnx"]), input_names=[INPUT_ID],
-                          output_names=names, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    names = [spec["id"] for spec in output_specs(network.config)]
+    export_onnx(network, example, str(folder / files["weights_onnx"]), INPUT_ID, names)
 
 
 def _sha256(path: Path) -> str:

@@ -52,6 +52,7 @@ class RunSettings:
         amp: bf16 autocast where the device runs bf16 natively.
         tta: test-time augmentation (the 8 flips and rotations averaged; about 8× the time), for
             images and slides alike.
+        engine: what runs the network (`napari_sgdc.engines.ENGINES`; ``auto``: the measured choice).
     """
 
     device: str = "auto"
@@ -62,6 +63,7 @@ class RunSettings:
     mpp: float = 0.0
     amp: bool = False
     tta: bool = False
+    engine: str = "auto"
 
     def mpp_for(self, config: Any, layer_mpp: float | None = None) -> float | None:
         """The `mpp` to pass `segment` for a model of `config` (`napari_sgdc.grid.usable_mpp`):
@@ -241,7 +243,7 @@ class CorrectionSession:
             state.model, stack if len(stack) > 1 else stack[0], options, tile=settings.tile, device=settings.device,
             return_gates=settings.gates, uncertainty=settings.uncertainty, progress=progress, cancel=cancel,
             stack=len(stack) > 1, mpp=settings.mpp_for(state.model.config, layer_mpp), amp=settings.amp,
-            tta=settings.tta)
+            tta=settings.tta, engine=settings.engine)
         return state, options, result
 
     def store_result(self, key: Any, planes: PlaneInput, state: ModelState, result: Any, *,

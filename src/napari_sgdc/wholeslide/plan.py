@@ -54,6 +54,7 @@ class SlidePlan:
         threshold, split_level, min_size, instances: post-processing.
         roi: working px (y0, x0, y1, x1) whose objects are kept.
         threads: torch threads per task (0: as is); amp: bf16 autocast; tta: the 8 flips and rotations.
+        engine: the `napari_sgdc.engines` name that runs the network (recorded; a resume may use another).
         weights_sha256: the hash of the model's weights (a resume with other weights is refused).
         type_names, type_colors: the model's nucleus types (``ModelConfig.type_names`` and
             ``type_colors``; type id t is ``type_names[t - 1]``); empty for a model without types.
@@ -82,6 +83,7 @@ class SlidePlan:
     weights_sha256: str | None = None  # the model's weights (`workers.weights_hash`); None: not recorded
     type_names: tuple[str, ...] = ()  # nucleus types of the model (empty: no types)
     type_colors: tuple[str, ...] = ()  # '#rrggbb' per type
+    engine: str = "torch"  # napari_sgdc.engines name; like threads, not part of the signature
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -105,6 +107,7 @@ class SlidePlan:
         """What must match for a resume (threads and the store's place do not matter)."""
         values = asdict(self)
         values.pop("threads")
+        values.pop("engine")
         values.pop("store")
         return values
 
@@ -170,7 +173,7 @@ def slide_mpp(slide: Slide, mpp: float | None) -> float:
 def plan_slide(config, slide: Slide, out: str | Path, *, roi=None, mpp: float | None = None,
                tile: int = DEFAULT_TILE, margin: int = DEFAULT_MARGIN, options: PostprocessOptions | None = None,
                threads: int = 0, amp: bool = False, tta: bool = False,
-               weights_sha256: str | None = None) -> SlidePlan:
+               weights_sha256: str | None = None, engine: str = "torch") -> SlidePlan:
     """The plan of segmenting `slide` with a model of `config` into the store `out`.
 
     The working grid is the slide at the model's µm/px (the slide's own when the model's is
@@ -201,7 +204,7 @@ def plan_slide(config, slide: Slide, out: str | Path, *, roi=None, mpp: float | 
                      min_size=options.min_size, instances=bool(getattr(config, "is_instance", True)), roi=box,
                      threads=threads, amp=bool(amp), tta=bool(tta), weights_sha256=weights_sha256,
                      type_names=tuple(getattr(config, "type_names", ()) or ()),
-                     type_colors=tuple(getattr(config, "type_colors", ()) or ()))
+                     type_colors=tuple(getattr(config, "type_colors", ()) or ()), engine=str(engine))
 
 
 def read_working(slide: Slide, plan: SlidePlan, y0: int, x0: int, height: int, width: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..deprecation import renamed_field
+from ..engines import engine_name
 from ..grid import DEFAULT_MARGIN, DEFAULT_TILE
 from ..postprocess import PostprocessOptions
 from ..slide import Slide, TissueMask, detect_tissue, open_slide
@@ -200,7 +201,7 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
                   options: PostprocessOptions | None = None, progress: Callable[[int, int], None] | None = None,
                   cancel: threading.Event | None = None, resume: bool = False, overwrite: bool = False,
                   client=None, threads: int = 0, amp: bool = False, tta: bool = False,
-                  uncertainty: bool | str = False,
+                  uncertainty: bool | str = False, engine: str = "torch",
                   before_start: Callable[[SlidePlan, int], None] | None = None) -> SlideResult:
     """Segments a whole slide into an OME-Zarr store (see the package docstring).
 
@@ -231,6 +232,8 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
             `napari_sgdc.inference.segment`); part of the settings a resume must match.
         tta: test-time augmentation, as in `segment`: each tile's maps are the mean over the 8
             flips and 90° rotations (8× the network time); part of the settings a resume must match.
+        engine: the `napari_sgdc.engines` name that runs the network in every tile (``auto``: chosen
+            once here, so every worker runs the same one); recorded in the plan, not part of the resume check.
         uncertainty: not available for whole slides (the store holds no uncertainty map):
             anything but False is refused with a ValueError before any work.
         before_start: ``before_start(plan, tiles to run)`` after planning, before anything is
@@ -255,7 +258,7 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
     try:
         out = Path(out)
         settings = dict(roi=roi, mpp=mpp, tile=int(tile), margin=int(margin), options=options, threads=int(threads),
-                        amp=amp, tta=tta, weights_sha256=weights_hash(model))
+                        amp=amp, tta=tta, weights_sha256=weights_hash(model), engine=engine_name(engine, amp))
         plan = plan_slide(model_config(model), slide, out, **settings)
         action = check_outputs(out, plan, resume=resume, overwrite=overwrite)
         done = read_store_attrs(out) if action == "resume" else None

@@ -48,7 +48,8 @@ def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
     except SlideError as error:  # a corrupted tile stops the run, named (docs/wholeslide.md)
         raise SlideError(f"{error} [tile {i},{j}: level-0 pixels x {int(wx * plan.to_level0)}, "
                          f"y {int(wy * plan.to_level0)}]") from None
-    prob, separation, type_probability = predict_maps(model, rgb, tile=None, amp=plan.amp, tta=plan.tta, types=True)
+    prob, separation, type_probability = predict_maps(model, rgb, tile=None, amp=plan.amp, tta=plan.tta, types=True,
+                                                      engine=plan.engine)
     options = plan.options()
     mask, labels = postprocess(prob, separation, options, single_object=False, instances=plan.instances)
     if labels is None:

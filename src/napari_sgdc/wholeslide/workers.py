@@ -53,18 +53,9 @@ def resolve_model(model):
 def weights_hash(model) -> str:
     """sha256 of a model's state dict (names, dtypes, shapes, bytes): a fine-tuned copy differs, the
     same weights loaded from a name, a path or in memory do not."""
-    import hashlib
+    from ..engines import weights_sha256
 
-    import torch
-
-    model = resolve_model(model)
-    digest = hashlib.sha256()
-    state = model.state_dict() if hasattr(model, "state_dict") else {}
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+    return weights_sha256(resolve_model(model))
 
 
 class LocalExecutor:
