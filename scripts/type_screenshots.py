@@ -3,10 +3,7 @@
     xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/type_screenshots.py --out docs/images \
         --image ../shared/data/consep/test/images/test_1_000.jpg
 
-Until the typed built-in model ships, a typed model is made here: the built-in ``nuclei`` model
-with CoNSeP's four types and a fresh (untrained, random) type head (`init_from_checkpoint`),
-saved to a temporary checkpoint and loaded as **Load checkpoint…** does. The nuclei are the
-built-in model's; the types are those of an untrained head, so they only show the display.
+The built-in ``nuclei`` model (with CoNSeP's four types) is loaded as **Load checkpoint…** does.
 Segment, then T on a nucleus with another active type (types_changed.png), then one type hidden
 (types_hidden.png). A development tool (not installed with the package); it calls the same
 methods the buttons and keys call.
@@ -15,9 +12,7 @@ methods the buttons and keys call.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,23 +32,6 @@ def _small_rgb_png(path: Path, width: int = 1120) -> None:
         im = im.convert("RGB")
         im = im.resize((width, round(im.height * width / im.width)), PILImage.LANCZOS) if im.width > width else im
         im.save(path, optimize=True)
-
-
-def typed_checkpoint(folder: Path) -> Path:
-    """The built-in nuclei model with CoNSeP's types and an untrained type head."""
-    import torch
-
-    from napari_sgdc.checkpoints import init_from_checkpoint, read_model_config, save_checkpoint
-    from napari_sgdc.data.datasets import CONSEP_TYPE_COLORS, CONSEP_TYPES
-    from napari_sgdc.model import build_model
-
-    config = dataclasses.replace(read_model_config("nuclei"), type_names=CONSEP_TYPES,
-                                 type_colors=CONSEP_TYPE_COLORS, pretrained=False)
-    torch.manual_seed(3)
-    model = build_model(config)
-    init_from_checkpoint(model, "nuclei")
-    return save_checkpoint(folder / "nuclei_typed_untrained.safetensors", model.eval(),
-                           provenance={"note": "built-in nuclei + untrained CoNSeP type head (screenshots)"})
 
 
 def main() -> None:
@@ -77,14 +55,15 @@ def main() -> None:
     viewer.window._qt_window.tabifyDockWidget(viewer.window._dock_widgets["SGDC Segment (napari-sgdc)"],
                                               viewer.window._dock_widgets["SGDC Fine-tune (napari-sgdc)"])
     viewer.window._dock_widgets["SGDC Segment (napari-sgdc)"].raise_()
-    with tempfile.TemporaryDirectory() as folder:
-        assert seg.load_checkpoint(str(typed_checkpoint(Path(folder))))
-        seg.image_layer.value = image
-        seg.gates.value = False
-        _pump(1)
-        start = time.time()
-        seg.run_segment()
-        _wait(seg._session, None)
+    from napari_sgdc.checkpoints import model_path
+
+    assert seg.load_checkpoint(str(model_path("nuclei")))
+    seg.image_layer.value = image
+    seg.gates.value = False
+    _pump(1)
+    start = time.time()
+    seg.run_segment()
+    _wait(seg._session, None)
     print("segmented in", round(time.time() - start, 1), "s:", seg.status.value, flush=True)
     mask = viewer.layers[f"{image.name} mask"]
     viewer.layers[f"{image.name} SGE boundary"].visible = False
