@@ -17,7 +17,7 @@ pytest.importorskip("bioimageio.spec")
 pytest.importorskip("onnx")
 
 from napari_sgdc import export, load_model, segment  # noqa: E402
-from napari_sgdc.checkpoints import CheckpointError, save_checkpoint  # noqa: E402
+from napari_sgdc.checkpoints import CheckpointError, read_model_config, save_checkpoint  # noqa: E402
 from napari_sgdc.cli import main  # noqa: E402
 from napari_sgdc.config import TrainConfig  # noqa: E402
 from napari_sgdc.model import build_model, tiny_config  # noqa: E402
@@ -109,8 +109,9 @@ def test_builtin_package_validates_offline_and_reproduces(nuclei_package, offlin
     assert rdf["weights"]["pytorch_state_dict"]["architecture"]["import_from"] == "napari_sgdc.modelzoo.network"
     assert any("2602.23496" in c["text"] for c in rdf["cite"])
     decoding = rdf["config"]["napari_sgdc"]["decoding"]
+    config = read_model_config("nuclei")  # the shipped model's tuned defaults travel with the package
     assert (decoding["threshold"], decoding["split_level"], decoding["min_size"], decoding["instance_map"]) == \
-        (0.6, 0.1, 30, "hover")
+        (config.threshold, config.split_level, config.min_size, "hover")
     licences = {d["name"]: d["licence"] for d in rdf["config"]["napari_sgdc"]["training_data"]}
     assert set(licences) == {"consep", "monuseg", "gbm40"} and "CC BY-NC-SA" in licences["monuseg"]
     assert b"split level 0.1" in files["README.md"] and files["cover.png"].startswith(b"\x89PNG")
