@@ -237,7 +237,8 @@ def _add_evaluate_parser(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="score a model against reference masks",
         description="Score a model: IoU, Dice, HD95 (pixels) and boundary F1, plus AJI and object F1 at IoU 0.5 "
-                    "with instance labels, printed as mean ± std; per-image values go to a CSV. Use either "
+                    "with instance labels (and, for models with nucleus types, F_d, F_c and PQ per type and mPQ, pooled), "
+                    "printed as mean ± std; per-image values go to a CSV. Use either "
                     "--images/--masks[/--instances] folders (labels matched by file stem) or --layout/--data/--split.",
     )
     evaluate.add_argument("--model", required=True, help="built-in model name or checkpoint path")
@@ -262,8 +263,8 @@ def _add_tune_parser(commands) -> None:
 
     tune = commands.add_parser(
         "tune", help="tune an instance model's post-processing defaults on validation images",
-        description="Search the mask threshold, separation level and smallest-object size with the best mean "
-                    "AJI on validation images, and write a copy of the checkpoint that carries them as its "
+        description="Search the mask threshold, separation level and smallest-object size (30 px or more) with "
+                    "the best mean AJI and PQ together, (AJI + PQ) / 2, on validation images, and write a copy of the checkpoint that carries them as its "
                     "defaults (segment, predict, the sliders and whole slides use them). The input checkpoint is "
                     "never changed. `train` does this itself at the end for instance models.",
     )

@@ -147,8 +147,8 @@ def _make_sample(image_path: Path, mask_path: Path, instance: bool, type_dir: st
             f"mask {mask_path} has shape {mask.shape} but image {image_path} has {image.shape[:2]}"
         )
     types = None
-    type_path = mask_path.parent.parent / (type_dir or "") / mask_path.name
-    if type_dir is not None and instance and type_path.parent.is_dir():  # no type folder at all: no types
+    if type_dir is not None and instance and (mask_path.parent.parent / type_dir).is_dir():  # no folder: no types
+        type_path = mask_path.parent.parent / type_dir / mask_path.name
         if not type_path.is_file():
             raise ValueError(f"type map {type_path} is missing")
         types = type_table(mask, read_image(type_path))
