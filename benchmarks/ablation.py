@@ -159,6 +159,9 @@ def main() -> None:
     parser.add_argument("--retune", action="store_true",
                         help="tune finished instance runs that predate tuning, and score them again")
     args = parser.parse_args()
+    from napari_sgdc.device import cpu_description
+
+    print(f"# CPU: {cpu_description()}", flush=True)
     torch.set_num_threads(args.threads)
     data = args.data or DATASETS[args.dataset][1]
     keys = KEYS[args.dataset]

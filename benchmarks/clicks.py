@@ -14,7 +14,6 @@ in, an `Edit` out), and the review queue is built once per repeat for the whole 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -98,17 +97,6 @@ def time_tools(maps: PlaneMaps, faint: list, pairs: list, n_clicks: int) -> dict
     return times
 
 
-def cpu_name() -> str:
-    """lscpu's model name (the platform's processor where lscpu is missing)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1000)
@@ -116,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     maps, faint, pairs = synthetic_plane(args.size)
     times = time_tools(maps, faint, pairs, args.clicks)
-    print(f"CPU: {cpu_name()}")
+    from napari_sgdc.device import cpu_description
+
+    print(f"# CPU: {cpu_description()}")
     print("| tool | calls | median s | worst s |\n|---|---:|---:|---:|")
     for name, values in times.items():
         print(f"| {name} | {len(values)} | {statistics.median(values):.3f} | {max(values):.3f} |")

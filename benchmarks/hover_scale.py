@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    from napari_sgdc.device import cpu_description
+
+    print(f"# CPU: {cpu_description()}", flush=True)
     torch.set_num_threads(args.threads)
 
     model = load_model(args.checkpoint, device="cpu")

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--out", type=Path, help="where to keep the int8 graph (default: a temporary folder)")
     args = parser.parse_args(argv)
+    from napari_sgdc.device import cpu_description
+
+    print(f"# CPU: {cpu_description()}", flush=True)
     layout, data = DEFAULTS.get(args.model, (None, None))
     layout, data = args.layout or layout, args.data or data
     if layout is None or data is None:

@@ -29,7 +29,6 @@ Prints the CPU model and SIMD flags, then one row per (input, factor, method): m
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -37,15 +36,10 @@ import numpy as np
 
 
 def cpu_line() -> str:
-    """The CPU model and its relevant SIMD flags (from /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    wanted = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if flag in flags]
-    return f"{model}; flags: {' '.join(wanted) or 'none of avx2/avx512f/avx512_bf16/amx'}"
+    """The CPU model, its SIMD flags and the ISA torch runs with (`napari_sgdc.device.cpu_description`)."""
+    from napari_sgdc.device import cpu_description
+
+    return cpu_description()
 
 
 def pattern(shape: tuple[int, int], pixel: float, channels: int, seed: int = 0) -> np.ndarray:

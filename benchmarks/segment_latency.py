@@ -105,6 +105,9 @@ def main(argv=None) -> None:
     parser.add_argument("--devices", nargs="+", default=None,
                         help="devices to time (default: cpu, plus cuda when available)")
     args = parser.parse_args(argv)
+    from napari_sgdc.device import cpu_description
+
+    print(f"# CPU: {cpu_description()}", flush=True)
     torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 

@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
+    from napari_sgdc.device import cpu_description
+
+    print(f"# CPU: {cpu_description()}", flush=True)
     torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]

@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="segment() calls in the warm-up (default: 3)")
     parser.add_argument("--json", type=Path, help="also write the measurements as JSON")
     args = parser.parse_args(argv)
+    from napari_sgdc.device import cpu_description
+
+    print(f"# CPU: {cpu_description()}", flush=True)
     if args.segments < 1 or args.finetunes < 0 or args.threads < 1 or args.warmup < 0:
         parser.error("--segments and --threads must be >= 1, --finetunes and --warmup >= 0")
 

@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--seeds", type=int, default=3, help="loop: seeds of the random choice and fine-tune")
     args = parser.parse_args(argv)
+    from napari_sgdc.device import cpu_description
+
+    print(f"# CPU: {cpu_description()}", flush=True)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -110,3 +110,35 @@ def forward(model: torch.nn.Module, batch: torch.Tensor, device: torch.device | 
     with autocast(device, amp):
         return model(batch, **kwargs)
 
+
+
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+"""The /proc/cpuinfo flags that decide how fast the network runs on a CPU."""
+
+
+def cpu_description() -> str:
+    """The CPU the way every benchmark prints it: its model, its vector flags (/proc/cpuinfo) and
+    what torch actually uses on it — ATen's vector capability, oneDNN's ISA cap where
+    ``ONEDNN_MAX_CPU_ISA`` sets one, and whether bf16 runs natively. Capping the ISA
+    (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``) runs an AVX2-only CPU's code paths on
+    an AVX-512 machine; the line then says so."""
+    import os
+    import platform
+    from pathlib import Path
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine() or "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = " ".join(flag for flag in SIMD_FLAGS if flag in flags) or "none of " + "/".join(SIMD_FLAGS)
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "?"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    runs = f"torch {capability}" + (f", oneDNN capped at {cap}" if cap else "")
+    runs += f", bf16 {'native' if bf16_supported('cpu') else 'not native'}"
+    return f"{model}; {os.cpu_count()} cpus; flags: {wanted}; runs: {runs}"

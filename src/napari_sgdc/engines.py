@@ -324,17 +324,11 @@ def quantize_model(model: torch.nn.Module, patches: list[np.ndarray], out: str |
 
 
 def cpu_key() -> str:
-    """The CPU as the `auto` table knows it: model name and its vector flags (from /proc/cpuinfo)."""
-    import platform
+    """The CPU as the `auto` table knows it: `napari_sgdc.device.cpu_description` (model, vector
+    flags, and the ISA torch runs with, so a capped ISA gets its own entry)."""
+    from napari_sgdc.device import cpu_description
 
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return f"{platform.processor() or platform.machine()}"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    wanted = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
-    return f"{model} [{' '.join(wanted)}] {os.cpu_count()} cpus"
+    return cpu_description()
 
 
 def _auto_table() -> dict:
