@@ -6,14 +6,21 @@ blocks alternate between H&E mosaic and blank background (50 % tissue). (A check
 was used before: tissue detection's 50 µm closing bridges the touching corners of
 diagonal blocks, so every blank block's tiles met the tissue mask.)
 
-    python benchmarks/wholeslide.py --sizes 8192 16384 32768 [--workers 1 2] [--no-skip] [--precision fp32 bf16] [--profile]
+    python benchmarks/wholeslide.py --sizes 8192 16384 32768 [--workers 1 2] [--no-skip] [--precision fp32 bf16]
+        [--profile] [--compare-pipeline]
 
-Each run happens in a fresh interpreter; it prints one JSON line per run: size, tissue
-Mpx, seconds, Mpx/s of tissue, baseline RSS (interpreter + model) and peak RSS, and
-/proc/loadavg before and after. ``--precision fp32 bf16`` runs each configuration in float32
-and with bf16 autocast (``amp``); ``--profile`` (single process) adds the seconds spent in each stage
-(cProfile cumulative time of the network, post-processing, polygons, reading, the label
-and pyramid phases).
+It first prints the CPU (model and SIMD flags) and torch's version and threads. Each run happens in a
+fresh interpreter; it prints one JSON line per run: size, tissue Mpx, seconds, Mpx/s of tissue,
+baseline RSS (interpreter + model) and peak RSS, and /proc/loadavg before and after.
+``--precision fp32 bf16`` runs each configuration in float32 and with bf16 autocast (``amp``).
+Single-process runs go through the tile pipeline (`napari_sgdc.wholeslide.pipeline`: reading, the
+network and decoding overlap); ``--compare-pipeline`` runs each configuration also sequentially
+(``segment_slide(pipeline=False)``) and prints the speed-up. ``--profile`` (single process) adds
+the seconds per stage that `segment_slide` records (`SlideResult.stages`: tissue detection, read,
+network, decode, of which post-processing and polygons, write, the tile phase's wall time, the
+label and pyramid phases), the sum of the four tile stages (with the pipeline it exceeds the tile
+phase's wall time: the stages overlap) and the network's share of the wall time (of the tile phase
+and of the whole run).
 """
 
 from __future__ import annotations
@@ -93,29 +100,21 @@ client = None
 if {workers} > 1:
     from distributed import Client, LocalCluster
     client = Client(LocalCluster(n_workers={workers}, threads_per_worker=1, processes=True, dashboard_address=None))
-profiler = None
-if {profile} and client is None:
-    import cProfile
-    profiler = cProfile.Profile()
-    profiler.enable()
 start = time.perf_counter()
 result = segment_slide("nuclei" if client else model, "{slide}", "{out}", tissue="{tissue}", tile={tile},
-                       margin={margin}, client=client, threads={threads} if client else 0, amp={amp})
+                       margin={margin}, client=client, threads={threads} if client else 0, amp={amp},
+                       pipeline={pipeline})
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-stages = {{}}
-if profiler is not None:
-    import pstats
-    profiler.disable()
-    wanted = {{"predict_maps": "network", "postprocess": "postprocess", "polygons": "polygons",
-              "read_working": "reading", "label_chunk_task": "label phase", "pyramid_task": "pyramid phase",
-              "detect_tissue": "tissue detection"}}
-    for (filename, line, name), row in pstats.Stats(profiler).stats.items():
-        if name in wanted and "napari_sgdc" in filename:
-            stages[wanted[name]] = round(stages.get(wanted[name], 0.0) + row[3], 1)
-print(json.dumps(dict(n_objects=result.n_objects, tiles_run=result.tiles_run, tiles_total=result.tiles_total,
-                      seconds=round(seconds, 1), baseline_gb=round(baseline, 3), peak_gb=round(peak, 3),
-                      stages_s=stages)))
+row = dict(n_objects=result.n_objects, tiles_run=result.tiles_run, tiles_total=result.tiles_total,
+           seconds=round(seconds, 1), baseline_gb=round(baseline, 3), peak_gb=round(peak, 3))
+if {profile} and client is None:
+    stages = result.stages
+    tile_sum = sum(stages.get(k, 0.0) for k in ("read", "network", "decode", "write"))
+    row.update(stages_s={{k: round(v, 2) for k, v in stages.items()}}, tile_stage_sum_s=round(tile_sum, 2),
+               network_share_of_tile_wall=round(stages["network"] / stages["tiles_wall"], 3),
+               network_share_of_wall=round(stages["network"] / seconds, 3))
+print(json.dumps(row))
 """
 
 
@@ -132,26 +131,44 @@ def main() -> None:
     parser.add_argument("--no-skip", action="store_true", help="also run with tissue detection off")
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
                         help="network precision(s) to run: float32 and/or bf16 autocast")
-    parser.add_argument("--profile", action="store_true", help="add the seconds per stage (cProfile; 1 worker)")
+    parser.add_argument("--profile", action="store_true",
+                        help="add the seconds per stage and the network's share of the wall time (1 worker)")
+    parser.add_argument("--compare-pipeline", action="store_true",
+                        help="single process: run each configuration with the tile pipeline and sequentially")
     args = parser.parse_args()
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from resample import cpu_line  # the benchmarks' one CPU description
+
+    print(f"# CPU: {cpu_line()}; torch {torch.__version__}; 2 torch threads in one process; "
+          f"load before: {loadavg()}", flush=True)
     for size in args.sizes:
         slide = build_slide(size, Path(f"/tmp/napari_sgdc_bench_{size}.ome.tif"))
         for workers in args.workers:
             for tissue, amp in [(t, a) for t in (["auto", "none"] if args.no_skip else ["auto"])
                                 for a in [name == "bf16" for name in args.precision]]:
                 threads = 2 if workers <= 1 else max(1, 2 // workers)
-                code = CHILD.format(threads=threads, out=f"/tmp/napari_sgdc_bench_{size}.ome.zarr", workers=workers,
-                                    slide=slide, tissue=tissue, tile=args.tile, margin=args.margin, amp=amp,
-                                    profile=args.profile)
-                before = loadavg()
-                line = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                      cwd=ROOT).stdout.strip().splitlines()[-1]
-                row = json.loads(line)
-                row.update(size=size, workers=workers, tissue=tissue, amp=amp, load_before=before, load_after=loadavg(),
-                           tissue_mpx=size * size / 2e6,
-                           mpx_per_s_tissue=round(size * size / 2e6 / row["seconds"], 3),
-                           mpx_per_s_processed=round(row["tiles_run"] * args.tile ** 2 / 1e6 / row["seconds"], 3))
-                print(json.dumps(row), flush=True)
+                modes = [True, False] if args.compare_pipeline and workers <= 1 else [True]
+                seconds = {}
+                for pipeline in modes:
+                    code = CHILD.format(threads=threads, out=f"/tmp/napari_sgdc_bench_{size}.ome.zarr",
+                                        workers=workers, slide=slide, tissue=tissue, tile=args.tile,
+                                        margin=args.margin, amp=amp, profile=args.profile, pipeline=pipeline)
+                    before = loadavg()
+                    line = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                          cwd=ROOT).stdout.strip().splitlines()[-1]
+                    row = json.loads(line)
+                    row.update(size=size, workers=workers, tissue=tissue, amp=amp,
+                               pipeline=pipeline if workers <= 1 else None, load_before=before,
+                               load_after=loadavg(), tissue_mpx=size * size / 2e6,
+                               mpx_per_s_tissue=round(size * size / 2e6 / row["seconds"], 3),
+                               mpx_per_s_processed=round(row["tiles_run"] * args.tile ** 2 / 1e6 / row["seconds"], 3))
+                    print(json.dumps(row), flush=True)
+                    seconds[pipeline] = row["seconds"]
+                if len(seconds) == 2:
+                    print(f"# {size}² {'bf16' if amp else 'fp32'} tissue {tissue}: pipeline {seconds[True]} s, "
+                          f"sequential {seconds[False]} s, speed-up {seconds[False] / seconds[True]:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ an object table, QuPath GeoJSON, and optional execution on a Dask cluster.
 Modules: `plan` (the working grid on the slide: `SlidePlan`, `plan_slide`, `read_working`),
 `store` (the result store: layout, `slide_stem`, `store_paths`, `open_store` / `ResultStore`,
 `store_state`, `store_status` (the lifecycle: new, running, interrupted, failed, complete), and `check_outputs`, the one exists / resume / overwrite policy), `tiles` (the
-three kinds of task), `workers` (slide and model per process, the local and Dask executors),
+three kinds of task), `pipeline` (the single-process tile pipeline: reading, the network and
+decoding overlap), `workers` (slide and model per process, the local and Dask executors),
 `run` (`segment_slide`) and `export` (`export_objects`).
 
 Geometry. Everything is computed on the *working grid* (`napari_sgdc.grid`): the slide
@@ -33,8 +34,13 @@ Where objects of different tiles overlap, the first painted wins (own tile, then
 neighbours in row-major order). Phase 3 builds the pyramid levels chunk by chunk.
 
 Resume: tiles whose record exists are not run again; phases 2 and 3 are recomputed
-(deterministic), so a resumed store equals an uninterrupted run's. Memory: one window
+(deterministic), so a resumed store equals an uninterrupted run's. Memory: a few windows
 of the model plus a few chunks, independent of the slide size.
+
+In one process (no cluster) the tiles of phase 1 go through a pipeline (`pipeline`): tile i + 2
+is read on a reader thread and tile i decoded and written on the one decoder thread while tile
+i + 1 runs through the network; bounded queues keep memory flat, and the store is the one the
+sequential path (``segment_slide(..., pipeline=False)``) writes, bit for bit.
 
 Scale-out: pass a ``dask.distributed`` ``Client``; tasks carry the plan (slide path and store
 path), each worker opens the slide and loads (or receives) the model once. Tasks are

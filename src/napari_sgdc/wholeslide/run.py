@@ -7,7 +7,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from ..slide import Slide, TissueMask, detect_tissue, open_slide
 from .plan import SlidePlan, plan_slide
 from .store import (SCRATCH, StoreExistsError, check_outputs, create_store, ensure_scratch, incoming_path, mark_complete, n_levels,
                     read_store_attrs, record_path, scratch_present, set_status, slide_stem, swap_in)
-from .tiles import label_chunk_task, pyramid_task, tile_task
+from .tiles import Stages, label_chunk_task, pyramid_task
 from .workers import DaskExecutor, LocalExecutor, model_config, weights_hash
 
 __all__ = ["SlideResult", "segment_slide", "tiles_to_run"]
@@ -41,6 +41,11 @@ class SlideResult:
             (``mpp`` before 0.2, still readable, deprecated.)
         level: slide level read; tissue_fraction: of the grid's tiles, the share run.
         seconds: wall time.
+        stages: seconds per stage of this run: ``tissue`` (detection), ``read``, ``network``, ``decode``
+            (of which ``postprocess`` and ``polygons``) and ``write`` summed over the tiles run in this
+            process (not on a cluster), ``tiles_wall`` (the wall time of the tile phase), ``labels`` and
+            ``pyramid`` (the wall time of phases 2 and 3). With the pipeline the tile stages overlap,
+            so read + network + decode + write exceeds ``tiles_wall``.
     """
 
     store: Path
@@ -54,6 +59,7 @@ class SlideResult:
     level: int
     tissue_fraction: float
     seconds: float
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 def tiles_to_run(plan: SlidePlan, tissue: TissueMask | None) -> np.ndarray:
@@ -109,16 +115,18 @@ def done_tiles(plan: SlidePlan, tiles: list) -> int:
     return done
 
 
-def _run_phases(plan: SlidePlan, executor, tiles: list, resumed: int, progress, cancel) -> tuple[int, int]:
-    """Phases 1-3 over the `tiles` to run; returns (objects, too large)."""
-    pending = [(plan, i, j) for i, j in tiles if not record_path(plan, i, j).exists()]
+def _run_phases(plan: SlidePlan, executor, tiles: list, resumed: int, progress, cancel,
+                stages: Stages) -> tuple[int, int]:
+    """Phases 1-3 over the `tiles` to run; returns (objects, too large). `stages` gets the seconds per
+    stage (`SlideResult.stages`)."""
+    pending = [(i, j) for i, j in tiles if not record_path(plan, i, j).exists()]
 
     def tile_done(done: int) -> None:
         if progress is not None:
             progress(resumed + done, len(tiles))
 
-    counts = dict(zip([(i, j) for _, i, j in pending],
-                      executor.run(tile_task, pending, tile_done, cancel, with_model=True)))
+    with stages.time("tiles_wall"):
+        counts = dict(zip(pending, executor.run_tiles(plan, pending, tile_done, cancel, stages)))
     for i, j in tiles:
         if (i, j) not in counts:
             counts[(i, j)] = _tile_count(plan, i, j)
@@ -129,11 +137,13 @@ def _run_phases(plan: SlidePlan, executor, tiles: list, resumed: int, progress, 
     ny, nx = plan.grid
     chunks = sorted({(a, b) for i, j in tiles for a in range(i - 1, i + 2) for b in range(j - 1, j + 2)
                      if 0 <= a < ny and 0 <= b < nx})
-    executor.run(label_chunk_task, [(plan, a, b, _near(offsets, a, b)) for a, b in chunks], cancel=cancel)
+    with stages.time("labels"):
+        executor.run(label_chunk_task, [(plan, a, b, _near(offsets, a, b)) for a, b in chunks], cancel=cancel)
     active = set(chunks)
-    for level in range(1, n_levels(plan)):
-        active = sorted({(a // 2, b // 2) for a, b in active})
-        executor.run(pyramid_task, [(plan, level, a, b) for a, b in active], cancel=cancel)
+    with stages.time("pyramid"):
+        for level in range(1, n_levels(plan)):
+            active = sorted({(a // 2, b // 2) for a, b in active})
+            executor.run(pyramid_task, [(plan, level, a, b) for a, b in active], cancel=cancel)
     too_large = sum(int(np.load(record_path(plan, i, j))["too_large"]) for i, j in tiles)
     return total, too_large
 
@@ -150,7 +160,8 @@ def _target(out: Path, action: str) -> Path:
     return target
 
 
-def _run_store(plan: SlidePlan, executor, tiles: list, progress, cancel, keep: bool) -> tuple[int, int, int]:
+def _run_store(plan: SlidePlan, executor, tiles: list, progress, cancel, keep: bool,
+               stages: Stages) -> tuple[int, int, int]:
     """Runs the phases with the store's lifecycle recorded: running, then complete, interrupted
     (cancel, Ctrl-C) or failed (an error, recorded). A failed or interrupted overwrite (`keep` False)
     removes its new store: the old one was never touched. Returns (objects, too large, tiles resumed)."""
@@ -161,7 +172,7 @@ def _run_store(plan: SlidePlan, executor, tiles: list, progress, cancel, keep: b
     try:
         ensure_scratch(plan)
         resumed = done_tiles(plan, tiles)
-        total, too_large = _run_phases(plan, executor, tiles, resumed, progress, cancel)
+        total, too_large = _run_phases(plan, executor, tiles, resumed, progress, cancel, stages)
     except (Cancelled, KeyboardInterrupt) as error:
         _stopped(store, keep, "interrupted", error=str(error) or "interrupted")
         raise
@@ -202,7 +213,8 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
                   cancel: threading.Event | None = None, resume: bool = False, overwrite: bool = False,
                   client=None, threads: int = 0, amp: bool = False, tta: bool = False,
                   uncertainty: bool | str = False, engine: str = "torch",
-                  before_start: Callable[[SlidePlan, int], None] | None = None) -> SlideResult:
+                  before_start: Callable[[SlidePlan, int], None] | None = None,
+                  pipeline: bool = True) -> SlideResult:
     """Segments a whole slide into an OME-Zarr store (see the package docstring).
 
     Args:
@@ -219,9 +231,10 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
         margin: context added on every side of a core (multiple of 32, <= tile); objects larger
             than the margin are dropped (counted in ``too_large``).
         options: post-processing thresholds (default: the model's, `PostprocessOptions.for_model`).
-        progress: ``progress(done, total)`` after every tile.
-        cancel: a `threading.Event`; when set, the run stops after the current tile and raises
-            `napari_sgdc.inference.Cancelled`; ``resume=True`` continues it later.
+        progress: ``progress(done, total)`` after every tile written, on the calling thread.
+        cancel: a `threading.Event`; when set, the run stops before the next tile's network (the tiles
+            already through it are written) and raises `napari_sgdc.inference.Cancelled`; ``resume=True``
+            continues it later.
         resume: continue an interrupted run into an existing store made with the same settings and
             the same model weights (a complete store: nothing to do).
         overwrite: replace an existing store (only one written by this function): the new store is
@@ -238,6 +251,9 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
             anything but False is refused with a ValueError before any work.
         before_start: ``before_start(plan, tiles to run)`` after planning, before anything is
             written; it may raise to refuse the run (the CLI's check of an absurd plan).
+        pipeline: without a `client`, overlap the tiles' stages (`napari_sgdc.wholeslide.pipeline`: tile
+            i + 2 is read and tile i decoded and written while tile i + 1 runs through the network);
+            False runs them one after the other (the same result, bit for bit; for comparisons).
 
     Returns:
         A `SlideResult`.
@@ -267,22 +283,26 @@ def segment_slide(model, slide: Slide | str | Path, out: str | Path, *, roi=None
         target = _target(out, action)
         if target != out:
             plan = plan_slide(model_config(model), slide, target, **settings)
-        tissue_mask = _tissue_mask(tissue, slide, plan.slide_mpp)
+        stages = Stages()
+        with stages.time("tissue"):
+            tissue_mask = _tissue_mask(tissue, slide, plan.slide_mpp)
         run = tiles_to_run(plan, tissue_mask)
         if before_start is not None:
             before_start(plan, int(run.sum()))
         if action != "resume":
             create_store(plan, tissue_mask, run, slide_stem(out))
         tiles = [(int(i), int(j)) for i, j in zip(*np.nonzero(run))]
-        executor = DaskExecutor(client, model) if client is not None else LocalExecutor(model)
-        total, too_large, resumed = _run_store(plan, executor, tiles, progress, cancel, keep=target == out)
+        executor = DaskExecutor(client, model) if client is not None else LocalExecutor(model, pipeline=pipeline)
+        total, too_large, resumed = _run_store(plan, executor, tiles, progress, cancel, keep=target == out,
+                                               stages=stages)
         if target != out:
             swap_in(target, out)
         ny, nx = plan.grid
         return SlideResult(store=out, n_objects=total, tiles_total=ny * nx, tiles_run=len(tiles),
                            tiles_resumed=resumed, too_large=too_large, working_mpp=plan.working_mpp,
                            shape=(plan.height, plan.width), level=plan.level,
-                           tissue_fraction=len(tiles) / max(1, ny * nx), seconds=time.perf_counter() - start)
+                           tissue_fraction=len(tiles) / max(1, ny * nx), seconds=time.perf_counter() - start,
+                           stages=dict(stages.seconds))
     finally:
         if owned_slide:
             slide.close()

@@ -1,7 +1,9 @@
 """The tasks of a whole-slide run, each idempotent and given only the plan (and the model):
 
 * `tile_task` (phase 1): one tile's window through the model and the post-processing; the
-  core's maps, the owned objects' labels (scratch) and the object record (written last).
+  core's maps, the owned objects' labels (scratch) and the object record (written last). It is
+  three stages, `read_tile`, `tile_maps` (the network) and `decode_tile` (post-processing,
+  polygons and the writes), which the single-process pipeline (`pipeline`) overlaps.
 * `label_chunk_task` (phase 2): a label chunk pasted from the owned objects of its tile
   and its 8 neighbours with slide-wide ids.
 * `pyramid_task` (phase 3): one chunk of a coarser pyramid level.
@@ -9,6 +11,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,69 +25,123 @@ from .plan import SlidePlan, read_working
 from .store import SCRATCH, SLIDE_LABEL_DTYPE, level_shape, open_group, record_path
 from .workers import resolve_model, worker_slide
 
-__all__ = ["tile_task", "owned_objects", "label_chunk_task", "pyramid_task", "drop_collinear", "polygons", "haematoxylin_od"]
+__all__ = ["Stages", "tile_task", "read_tile", "tile_maps", "decode_tile", "owned_objects", "label_chunk_task", "pyramid_task", "drop_collinear", "polygons", "haematoxylin_od"]
 
 HE_STAINS = ((0.65111, 0.70119, 0.29049), (0.2159, 0.8012, 0.5581))
 """QuPath's default H&E stain vectors (haematoxylin, eosin): the OD a unit of each stain adds to R, G, B."""
 
 
-def tile_task(plan: SlidePlan, model, i: int, j: int) -> int:
-    """Runs tile (i, j) and writes its chunk, owned labels and record; returns its object count."""
-    import torch
-    from scipy import ndimage
+class Stages:
+    """Seconds spent per stage, summed over the tiles of a run (`SlideResult.stages`). Each stage may
+    run on its own thread (the pipeline, `napari_sgdc.wholeslide.pipeline`), so adding is locked."""
 
-    from ..inference import predict_maps
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    @contextmanager
+    def time(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+
+def tile_task(plan: SlidePlan, model, i: int, j: int, stages: Stages | None = None) -> int:
+    """Runs tile (i, j) and writes its chunk, owned labels and record; returns its object count.
+
+    The three stages one after the other: `read_tile`, `tile_maps` (the network) and `decode_tile`
+    (post-processing, owned objects, polygons, then the writes); the single-process pipeline
+    (`napari_sgdc.wholeslide.pipeline`) runs the same three functions on three threads."""
+    import torch
 
     record = record_path(plan, i, j)
     if record.exists():
         return int(np.load(record)["ids"].size)
     if plan.threads:
         torch.set_num_threads(plan.threads)
+    stages = stages if stages is not None else Stages()
     model = resolve_model(model)
-    slide = worker_slide(plan)
+    with stages.time("read"):
+        rgb = read_tile(plan, i, j)
+    with stages.time("network"):
+        maps = tile_maps(plan, model, rgb)
+    return decode_tile(plan, i, j, rgb, maps, stages)
+
+
+def read_tile(plan: SlidePlan, i: int, j: int) -> np.ndarray:
+    """Tile (i, j)'s window (core + margins) on the working grid; a SlideError names the tile."""
     t, m = plan.tile, plan.margin
-    y0, x0 = i * t, j * t
-    wy, wx = y0 - m, x0 - m
+    wy, wx = i * t - m, j * t - m
     try:
-        rgb = read_working(slide, plan, wy, wx, plan.window, plan.window)
+        return read_working(worker_slide(plan), plan, wy, wx, plan.window, plan.window)
     except SlideError as error:  # a corrupted tile stops the run, named (docs/wholeslide.md)
         raise SlideError(f"{error} [tile {i},{j}: level-0 pixels x {int(wx * plan.to_level0)}, "
                          f"y {int(wy * plan.to_level0)}]") from None
-    prob, separation, type_probability = predict_maps(model, rgb, tile=None, amp=plan.amp, tta=plan.tta, types=True,
-                                                      engine=plan.engine)
-    options = plan.options()
-    mask, labels = postprocess(prob, separation, options, single_object=False, instances=plan.instances)
-    if labels is None:
-        labels = ndimage.label(mask, structure=np.ones((3, 3), bool))[0].astype(np.int32)
-    root = open_group(plan.store)
-    core_h, core_w = min(t, plan.height - y0), min(t, plan.width - x0)
-    core = (slice(m, m + core_h), slice(m, m + core_w))
-    quantised = np.stack([prob[core], separation[core]])
-    root["0"][:, y0:y0 + core_h, x0:x0 + core_w] = np.round(np.clip(quantised, 0, 1) * 255).astype(np.uint8)
 
-    n = int(labels.max())
-    owned_local, too_large, stats = owned_objects(plan, labels, prob, rgb, i, j)
-    remap = np.zeros(n + 1, np.int32)
-    remap[owned_local] = np.arange(1, owned_local.size + 1, dtype=np.int32)
-    owned = remap[labels]
-    if owned_local.size:
-        root[f"{SCRATCH}/owned"][i, j] = owned
-    boxes = ndimage.find_objects(owned)
-    bbox = np.array([[b[0].start + wy, b[1].start + wx, b[0].stop + wy, b[1].stop + wx] for b in boxes],
-                    np.int64).reshape(-1, 4)
-    points, offsets = polygons(owned, boxes, wy, wx, plan.to_level0)
-    arrays = {"ids": np.arange(1, owned_local.size + 1), "bbox": bbox, "poly_xy": points, "poly_offsets": offsets,
-              "too_large": np.array(too_large)}
-    for name in ("centroid_y", "centroid_x", "area", "mean_probability", "mean_haematoxylin_od"):
-        arrays[name] = stats.get(name, np.zeros(0))
-    if plan.type_names:  # each owned object's class (type id, 1..T) and its mean type probability
-        arrays["class_id"], arrays["class_confidence"] = _owned_types(plan, labels, type_probability, owned_local)
+
+def tile_maps(plan: SlidePlan, model, rgb: np.ndarray) -> tuple:
+    """The network on one window: (probability, separation, type probabilities or None)."""
+    from ..inference import predict_maps
+
+    return predict_maps(model, rgb, tile=None, amp=plan.amp, tta=plan.tta, types=True, engine=plan.engine)
+
+
+def decode_tile(plan: SlidePlan, i: int, j: int, rgb: np.ndarray, maps: tuple, stages: Stages | None = None) -> int:
+    """Tile (i, j) from its window and maps: post-processing, the owned objects, their measurements and
+    polygons (stage ``decode``, of which ``postprocess`` and ``polygons``), then the writes (stage
+    ``write``): the core's maps, the owned labels (scratch) and the record, last (it marks the tile
+    done). Returns the tile's object count."""
+    from scipy import ndimage
+
+    stages = stages if stages is not None else Stages()
+    prob, separation, type_probability = maps
+    t, m = plan.tile, plan.margin
+    y0, x0 = i * t, j * t
+    wy, wx = y0 - m, x0 - m
+    with stages.time("decode"):
+        with stages.time("postprocess"):
+            mask, labels = postprocess(prob, separation, plan.options(), single_object=False,
+                                       instances=plan.instances)
+            if labels is None:
+                labels = ndimage.label(mask, structure=np.ones((3, 3), bool))[0].astype(np.int32)
+        core_h, core_w = min(t, plan.height - y0), min(t, plan.width - x0)
+        core = (slice(m, m + core_h), slice(m, m + core_w))
+        quantised = np.stack([prob[core], separation[core]])
+        quantised = np.round(np.clip(quantised, 0, 1) * 255).astype(np.uint8)
+
+        n = int(labels.max())
+        owned_local, too_large, stats = owned_objects(plan, labels, prob, rgb, i, j)
+        remap = np.zeros(n + 1, np.int32)
+        remap[owned_local] = np.arange(1, owned_local.size + 1, dtype=np.int32)
+        owned = remap[labels]
+        boxes = ndimage.find_objects(owned)
+        bbox = np.array([[b[0].start + wy, b[1].start + wx, b[0].stop + wy, b[1].stop + wx] for b in boxes],
+                        np.int64).reshape(-1, 4)
+        with stages.time("polygons"):
+            points, offsets = polygons(owned, boxes, wy, wx, plan.to_level0)
+        arrays = {"ids": np.arange(1, owned_local.size + 1), "bbox": bbox, "poly_xy": points,
+                  "poly_offsets": offsets, "too_large": np.array(too_large)}
+        for name in ("centroid_y", "centroid_x", "area", "mean_probability", "mean_haematoxylin_od"):
+            arrays[name] = stats.get(name, np.zeros(0))
+        if plan.type_names:  # each owned object's class (type id, 1..T) and its mean type probability
+            arrays["class_id"], arrays["class_confidence"] = _owned_types(plan, labels, type_probability, owned_local)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as stream:
             np.savez(stream, **arrays)
 
-    atomic_write(record, write)
+    with stages.time("write"):
+        root = open_group(plan.store)
+        root["0"][:, y0:y0 + core_h, x0:x0 + core_w] = quantised
+        if owned_local.size:
+            root[f"{SCRATCH}/owned"][i, j] = owned
+        atomic_write(record_path(plan, i, j), write)
     return int(owned_local.size)
 
 

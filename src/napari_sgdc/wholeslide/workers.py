@@ -59,10 +59,24 @@ def weights_hash(model) -> str:
 
 
 class LocalExecutor:
-    """Runs tasks one after the other in this process (the default: no cluster)."""
+    """Runs tasks in this process (the default: no cluster): the tiles through the pipeline
+    (`napari_sgdc.wholeslide.pipeline`: reading, the network and decoding overlap) or, with
+    ``pipeline=False``, one after the other; the other tasks one after the other."""
 
-    def __init__(self, model):
+    def __init__(self, model, pipeline: bool = True):
         self.model = model
+        self.pipeline = pipeline
+
+    def run_tiles(self, plan: SlidePlan, tiles: list, progress=None, cancel=None, stages=None) -> list:
+        """Object counts of `tiles` ((i, j), not done yet), in order; ``progress(done)`` after each;
+        `stages` (a `tiles.Stages`) collects the seconds per stage."""
+        from .tiles import tile_task
+
+        if self.pipeline:
+            from .pipeline import run_pipeline
+
+            return run_pipeline(plan, self.model, tiles, progress, cancel, stages)
+        return self.run(tile_task, [(plan, i, j, stages) for i, j in tiles], progress, cancel, with_model=True)
 
     def run(self, function, items: list, progress=None, cancel=None, with_model=False) -> list:
         from ..inference import Cancelled
@@ -88,6 +102,13 @@ class DaskExecutor:
             self.model = str(model)  # each worker loads it once (resolve_model caches it)
         else:
             self.model = client.scatter(model, broadcast=True, hash=False)
+
+    def run_tiles(self, plan: SlidePlan, tiles: list, progress=None, cancel=None, stages=None) -> list:
+        """Object counts of `tiles`, in order, each tile a task on the cluster (`stages` is not filled:
+        the stages run on the workers)."""
+        from .tiles import tile_task
+
+        return self.run(tile_task, [(plan, i, j) for i, j in tiles], progress, cancel, with_model=True)
 
     def run(self, function, items: list, progress=None, cancel=None, with_model=False) -> list:
         from distributed import as_completed
