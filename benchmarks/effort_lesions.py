@@ -73,12 +73,15 @@ the budget.
 model's masks as ``predictions``, as the Fine-tune dock does) on each strategy's corrected masks
 (random: every seed) and score IoU/Dice on ``--others`` other PH² test images (the next ones after
 the corrected, scored as ``benchmarks/finetune.py`` scores PH²), then restore the model. Images
-whose corrections are nothing at the working resolution are left out of that fine-tune.
+whose corrections are nothing at the working resolution are left out of that fine-tune. Torch runs
+on ``--threads`` (default 1: on a shared 2-core CPU two spinning OpenMP threads make each fine-tune
+several times slower, docs/performance.md); a quick fine-tune is about 20 s of CPU, so the run's time
+is about (budgets × (strategies + random's extra seeds)) fine-tunes plus scoring ``--others`` after each.
 
     python benchmarks/effort_lesions.py --images 2 --budgets 5,20 --finetune --others 2 \\
-        --strategies queue,random,paint --seeds 0,1                      # the dry run (a few minutes)
-    python benchmarks/effort_lesions.py --images 20 --budgets 5,10,20,40 --finetune --others 20 \\
-        --plot docs/images/effort_ph2.png                                # a full run
+        --strategies queue,random,paint --seeds 0,1                      # the dry run (8 fine-tunes)
+    python benchmarks/effort_lesions.py --images 30 --others 30 --budgets 5,10,20,40 --seeds 0,1,2 \\
+        --finetune --plot docs/images/effort_ph2.png                     # a full run (28 fine-tunes)
 """
 
 from __future__ import annotations
@@ -642,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="after each budget, fine-tune (quick) on each strategy's corrections and score --others")
     parser.add_argument("--others", type=int, default=8, help="the next PH² test images, scored after fine-tuning")
     parser.add_argument("--plot", default=None, help="write the gain-effort curves to this PNG")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core CPU, 2 spinning threads make fine-tunes 10x slower)")
     args = parser.parse_args(argv)
     import torch
 
