@@ -371,3 +371,19 @@ def test_dataset_finds_the_focus_of_a_sample_once(monkeypatch):
     fresh.set_epoch(2)
     for index in (0, 1):
         assert all(torch.equal(fresh[index][key], items[index][key]) for key in items[index])
+
+
+def test_quick_preset_trains_in_bf16_where_native_and_keeps_float32_weights(monkeypatch):
+    from napari_sgdc import device as device_module
+    from napari_sgdc.config import PRESETS
+    from napari_sgdc.train.finetune import override_preset
+
+    assert PRESETS["quick"].amp and not PRESETS["standard"].amp
+    assert override_preset(PRESETS["quick"], steps=5, learning_rate=1e-4, freeze_encoder=True).amp
+    image, labels, prediction = _large_corrected_image()
+    for native in (True, False):  # without native bf16 the preset runs in float32 (autocast is a no-op)
+        monkeypatch.setattr(device_module, "bf16_supported", lambda device, native=native: native)
+        model = build_model(tiny_config(task="instance"))
+        history = finetune(model, [image], [labels], _quick(max_steps=2, amp=True), predictions=[prediction])
+        assert history.steps == 2 and all(np.isfinite(history.losses))
+        assert all(p.dtype == torch.float32 for p in model.parameters())
