@@ -18,6 +18,7 @@ images of that domain, the change on the model's *base* domain (forgetting) and 
     python benchmarks/finetune.py --mode tradeoff --scenario nuclei       # GBM40 (other lab) vs CoNSeP test
     python benchmarks/finetune.py --mode tradeoff --scenario dermoscopy   # ISIC 2018 (other clinics) vs PH2 test
     python benchmarks/finetune.py --mode tradeoff --scenario nuclei --presets quick --l2sp 0,0.1,1
+    python benchmarks/finetune.py --mode tradeoff --scenario nuclei --presets quick --amp off,on   # bf16 vs fp32
 
 Scenarios:
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -270,28 +272,28 @@ def run_tradeoff(args) -> int:
     presets = args.presets.split(",")
     lambdas = [None] if args.l2sp is None else [float(v) for v in args.l2sp.split(",")]
     use_predictions = [True, False] if args.compare_predictions else [not args.no_predictions]
+    amps = [None] if args.amp is None else [value.strip().lower() in ("on", "1", "true") for value in args.amp.split(",")]
     rows = []
-    for preset in presets:
-        for lam in lambdas:
-            for with_predictions in use_predictions:
-                model.load_state_dict(state)
-                cfg = finetune_config(model, preset)  # what the GUI gets for the preset
-                cfg = cfg if lam is None else dataclasses.replace(cfg, l2sp=lam)
-                load_before = load_average()
-                started = time.perf_counter()
-                finetune(model, images, labels, cfg, predictions=predictions if with_predictions else None)
-                seconds = time.perf_counter() - started
-                load_after = load_average()
-                drift = sum(float(((model.state_dict()[k].float() - v.float()) ** 2).sum())
-                            for k, v in state.items() if v.is_floating_point())
-                rows.append({"preset": preset, "l2sp": cfg.l2sp, "predictions": with_predictions,
-                             "steps": cfg.max_steps, "time_s": round(seconds, 1), "drift_sq": drift,
-                             "load": [load_before, load_after],
-                             "new_after": scenario["new_score"](model, new_pairs),
-                             "base_after": scenario["base_score"](model, base_pairs)})
-                print(f"  {preset} l2sp={cfg.l2sp} predictions={with_predictions}: {seconds:.1f} s, "
-                      f"Σ‖w − w_base‖² = {drift:.4g}, new {rows[-1]['new_after']}, base {rows[-1]['base_after']} "
-                      f"(load {load_before:.2f} → {load_after:.2f})", file=sys.stderr, flush=True)
+    for preset, lam, with_predictions, amp in itertools.product(presets, lambdas, use_predictions, amps):
+        model.load_state_dict(state)
+        cfg = finetune_config(model, preset)  # what the GUI gets for the preset
+        cfg = cfg if lam is None else dataclasses.replace(cfg, l2sp=lam)
+        cfg = cfg if amp is None else dataclasses.replace(cfg, amp=amp)
+        load_before = load_average()
+        started = time.perf_counter()
+        finetune(model, images, labels, cfg, predictions=predictions if with_predictions else None)
+        seconds = time.perf_counter() - started
+        load_after = load_average()
+        drift = sum(float(((model.state_dict()[k].float() - v.float()) ** 2).sum())
+                    for k, v in state.items() if v.is_floating_point())
+        rows.append({"preset": preset, "l2sp": cfg.l2sp, "predictions": with_predictions, "amp": cfg.amp,
+                     "steps": cfg.max_steps, "time_s": round(seconds, 1), "drift_sq": drift,
+                     "load": [load_before, load_after],
+                     "new_after": scenario["new_score"](model, new_pairs),
+                     "base_after": scenario["base_score"](model, base_pairs)})
+        print(f"  {preset} l2sp={cfg.l2sp} predictions={with_predictions} amp={cfg.amp}: {seconds:.1f} s, "
+              f"Σ‖w − w_base‖² = {drift:.4g}, new {rows[-1]['new_after']}, base {rows[-1]['base_after']} "
+              f"(load {load_before:.2f} → {load_after:.2f})", file=sys.stderr, flush=True)
     model.load_state_dict(state)
 
     keys_new, keys_base = " / ".join(new_before), " / ".join(base_before)
@@ -301,11 +303,12 @@ def run_tradeoff(args) -> int:
           f"{scenario['base'][1]} ({len(base_pairs)} images); CPU {args.threads} threads\n")
     print(f"Before: new domain {keys_new} = {' / '.join(f'{v:.3f}' for v in new_before.values())}; "
           f"base domain {keys_base} = {' / '.join(f'{v:.3f}' for v in base_before.values())}\n")
-    print(f"| preset | λ (l2sp) | predictions | new domain Δ {keys_new} (points) | base domain Δ {keys_base} "
-          f"(points) | time | load (1 min) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| preset | λ (l2sp) | predictions | bf16 (amp) | new domain Δ {keys_new} (points) | base domain Δ "
+          f"{keys_base} (points) | time | load (1 min) |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['preset']} | {row['l2sp']:g} | {'yes' if row['predictions'] else 'no'} | "
+              f"{'on' if row['amp'] else 'off'} | "
               f"{_delta(row['new_after'], new_before)} | {_delta(row['base_after'], base_before)} | "
               f"{row['time_s']:.1f} s | {row['load'][0]:.2f} → {row['load'][1]:.2f} |")
     if args.json:
@@ -337,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     trade.add_argument("--scenario", default="nuclei", choices=sorted(SCENARIOS))
     trade.add_argument("--presets", default="quick,standard")
     trade.add_argument("--l2sp", default=None, help="comma-separated λ values (default: each preset's own)")
+    trade.add_argument("--amp", default=None,
+                       help="comma-separated off/on: each row with bf16 autocast off and/or on (default: the preset's)")
     trade.add_argument("--compare-predictions", action="store_true", help="each row with and without predictions")
     trade.add_argument("--correction", default="annotated", choices=["annotated", "gt"],
                        help="nuclei: how the partly annotated GBM40 images are corrected")

@@ -325,3 +325,65 @@ def test_presets_keep_the_models_boundary_width(monkeypatch):
     labels[10:30, 10:30] = 1
     finetune(model, [image], [labels], "tiny")
     assert seen["boundary_width"] == 2
+
+
+# ----------------------------------------------------------------------------- speed (issue 24)
+
+
+def test_precomputed_focus_points_give_the_same_crops():
+    """`focus_points` computed once gives every crop bit for bit as the per-patch search did,
+    with edits, without, and when the window needs padding (then the padded arrays are searched)."""
+    from napari_sgdc.data.transforms import focus_points, random_scale_crop
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    labels = np.zeros((90, 120), np.int32)
+    labels[10:30, 20:40], labels[60:80, 80:110] = 1, 2
+    edited = np.ones((90, 120), np.float32)
+    edited[60:70, 90:100] = 4.0
+    for weight in (None, np.ones((90, 120), np.float32), edited):
+        focus = focus_points(labels, weight)
+        for crop, seed in [(32, s) for s in range(6)] + [(128, s) for s in range(3)]:  # 128: padded windows
+            plain = random_scale_crop(image, labels, crop, np.random.default_rng(seed), foreground_prob=0.9,
+                                      weight=weight, aspect_jitter=1.5)
+            cached = random_scale_crop(image, labels, crop, np.random.default_rng(seed), foreground_prob=0.9,
+                                       weight=weight, aspect_jitter=1.5, focus=focus)
+            assert all(np.array_equal(a, b) for a, b in zip(plain, cached))
+
+
+def test_dataset_finds_the_focus_of_a_sample_once(monkeypatch):
+    datasets = importlib.import_module("napari_sgdc.data.datasets")
+    calls = []
+    real = datasets.focus_points
+    monkeypatch.setattr(datasets, "focus_points", lambda *args: calls.append(1) or real(*args))
+    image, labels, prediction = _large_corrected_image()
+    weight = 1.0 + 3.0 * (labels != prediction).astype(np.float32)
+    dataset = SegmentationDataset([Sample("a", image, labels), Sample("b", image, labels)], crop_size=64,
+                                  task="instance", weights=[weight, None], foreground_prob=0.9)
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        items = [dataset[index] for index in (0, 1, 0, 1)]
+    assert len(calls) == 2  # once per sample, not once per patch
+    assert (items[0]["weight"] > 1).any()
+    monkeypatch.setattr(datasets, "focus_points", real)
+    fresh = SegmentationDataset([Sample("a", image, labels), Sample("b", image, labels)], crop_size=64,
+                                task="instance", weights=[weight, None], foreground_prob=0.9)
+    fresh.set_epoch(2)
+    for index in (0, 1):
+        assert all(torch.equal(fresh[index][key], items[index][key]) for key in items[index])
+
+
+def test_quick_preset_trains_in_bf16_where_native_and_keeps_float32_weights(monkeypatch):
+    from napari_sgdc import device as device_module
+    from napari_sgdc.config import PRESETS
+    from napari_sgdc.train.finetune import override_preset
+
+    assert PRESETS["quick"].amp and not PRESETS["standard"].amp
+    assert override_preset(PRESETS["quick"], steps=5, learning_rate=1e-4, freeze_encoder=True).amp
+    image, labels, prediction = _large_corrected_image()
+    for native in (True, False):  # without native bf16 the preset runs in float32 (autocast is a no-op)
+        monkeypatch.setattr(device_module, "bf16_supported", lambda device, native=native: native)
+        model = build_model(tiny_config(task="instance"))
+        history = finetune(model, [image], [labels], _quick(max_steps=2, amp=True), predictions=[prediction])
+        assert history.steps == 2 and all(np.isfinite(history.losses))
+        assert all(p.dtype == torch.float32 for p in model.parameters())

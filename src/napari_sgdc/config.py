@@ -307,10 +307,13 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # Fine-tuning presets for the GUI's correct-and-retrain loop (frozen encoder, small LR, L2-SP
     # towards the base weights: see docs/results.md, "Fine-tuning: corrected-domain gain vs forgetting").
+    # `quick` runs under bf16 autocast where the device has native bf16 (AVX512-BF16 or AMX CPUs, CUDA;
+    # a no-op elsewhere, `napari_sgdc.device.autocast`): issue 24; GBM40 / CoNSeP scores within 0.05 points of
+    # float32 (docs/results.md, "bf16 autocast in `quick`").
     "quick": TrainConfig(
         epochs=1, max_steps=30, steps_per_epoch=30, batch_size=4, crop_size=256,
         lr_encoder=0.0, lr_decoder=3e-4, warmup_steps=3, freeze_encoder=True, freeze_batchnorm=True,
-        val_every=0, l2sp=3.0,
+        val_every=0, l2sp=3.0, amp=True,
     ),
     "standard": TrainConfig(
         epochs=1, max_steps=120, steps_per_epoch=120, batch_size=4, crop_size=256,

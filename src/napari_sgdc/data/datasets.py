@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 from ..files import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image, read_mask
 from .targets import annotated_weight, boundary_target, instance_map_target
-from .transforms import augment_pair, center_crop, to_float_rgb, to_uint8_rgb
+from .transforms import augment_pair, center_crop, focus_points, to_float_rgb, to_uint8_rgb
 
 __all__ = [
     "Layout",
@@ -484,6 +484,17 @@ class SegmentationDataset(Dataset):
                                      f"its mask {sample.mask.shape}")
                 self.weights.append(weight)
 
+        self._focus: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per sample, found once (`focus_points`)
+
+    def focus(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols) of the pixels random crops of sample `index` are centred on with
+        probability ``foreground_prob`` (`focus_points`: edits, else foreground), computed
+        on its first use and kept: the search over a whole image is not repeated per patch."""
+        if index not in self._focus:
+            weight = None if self.weights is None else self.weights[index]
+            self._focus[index] = focus_points(self.samples[index].mask, weight)
+        return self._focus[index]
+
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
         """Selects the random stream of an epoch (and optionally a new base seed)."""
         self.epoch = int(epoch)
@@ -503,7 +514,7 @@ class SegmentationDataset(Dataset):
                 image, mask, self.crop_size, rng,
                 stain=self.stain_jitter, scale_range=self.scale_range,
                 foreground_prob=self.foreground_prob, weight=weight,
-                aspect_jitter=self.aspect_jitter, artifacts=self.artifacts,
+                aspect_jitter=self.aspect_jitter, artifacts=self.artifacts, focus=self.focus(index),
             )
             image_float, mask = augmented[:2]
             weight = augmented[2] if weight is not None else None

@@ -22,6 +22,7 @@ __all__ = [
     "to_uint8_rgb",
     "pad_to_size",
     "random_scale_crop",
+    "focus_points",
     "center_crop",
     "random_flip_rot90",
     "check_image",
@@ -154,6 +155,7 @@ def random_scale_crop(
     foreground_prob: float = 0.5,
     weight: np.ndarray | None = None,
     aspect_jitter: float = 1.0,
+    focus: tuple[np.ndarray, np.ndarray] | None = None,
 ):
     """Cuts a random window and resamples it to crop_size x crop_size.
 
@@ -179,6 +181,9 @@ def random_scale_crop(
             see `napari_sgdc.train.corrections`) the window is centred on those instead
             of on foreground.
         aspect_jitter: largest height/width stretch of the window (1 = square windows).
+        focus: optional ``focus_points(mask, weight)`` of these arrays, computed once by the
+            caller: the same crop, without searching the whole image for the pixels to
+            centre on at every call (used when the image needs no padding for the window).
 
     Returns:
         (image crop (crop, crop, 3), mask crop (crop, crop)) with the input dtypes, plus
@@ -189,17 +194,18 @@ def random_scale_crop(
     side = crop_size / factor
     stretch = math.sqrt(math.exp(rng.uniform(-1.0, 1.0) * math.log(aspect_jitter))) if aspect_jitter > 1 else 1.0
     win_h, win_w = max(1, int(round(side * stretch))), max(1, int(round(side / stretch)))
+    if focus is not None and (mask.shape[0] < win_h or mask.shape[1] < win_w):
+        focus = None  # padding adds mirrored pixels: search the padded arrays
     image = pad_to_size(image, win_h, win_w)
     mask = pad_to_size(mask, win_h, win_w)
-    focus = mask
     if weight is not None:
         weight = pad_to_size(weight, win_h, win_w)
-        if (weight > 1).any():
-            focus = weight > 1
     height, width = mask.shape[:2]
     use_foreground = rng.random() < foreground_prob
-    if use_foreground and focus.any():
-        rows, cols = np.nonzero(focus)
+    if use_foreground and focus is None:
+        focus = focus_points(mask, weight)
+    if use_foreground and len(focus[0]):
+        rows, cols = focus
         pick = rng.integers(len(rows))
         jitter = rng.uniform(-0.25, 0.25, size=2) * (win_h, win_w)
         top = int(round(rows[pick] + jitter[0] - win_h / 2))
@@ -217,6 +223,16 @@ def random_scale_crop(
     if weight_crop.shape != (crop_size, crop_size):
         weight_crop = resize_labels(weight_crop, (crop_size, crop_size))
     return (*_resize_pair(image_crop, mask_crop, crop_size), weight_crop)
+
+
+def focus_points(mask: np.ndarray, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the pixels a random crop may be centred on (`random_scale_crop`): those
+    weighing more than 1 when `weight` has any (user edits), else the foreground of `mask`."""
+    if weight is not None:
+        edited = np.asarray(weight) > 1
+        if edited.any():
+            return np.nonzero(edited)
+    return np.nonzero(np.asarray(mask))
 
 
 def center_crop(
@@ -430,6 +446,7 @@ def augment_pair(
     weight: np.ndarray | None = None,
     aspect_jitter: float = 1.0,
     artifacts: bool = False,
+    focus: tuple[np.ndarray, np.ndarray] | None = None,
 ):
     """The full training augmentation: scale-crop, flips/rotations, colour and stain jitter,
     and optionally dermoscopy artifacts.
@@ -447,6 +464,7 @@ def augment_pair(
             flipped/rotated with the mask (see `random_scale_crop`).
         aspect_jitter: largest stretch of the crop window (see `random_scale_crop`).
         artifacts: add hair, rulers, ink and vignetting (`dermoscopy_artifacts`).
+        focus: optional precomputed ``focus_points(mask, weight)`` (see `random_scale_crop`).
 
     Returns:
         (float32 image (crop, crop, 3) in [0, 1], mask (crop, crop) with the input dtype),
@@ -454,12 +472,12 @@ def augment_pair(
     """
     if weight is None:
         image, mask = random_scale_crop(image, mask, crop_size, rng, scale_range, foreground_prob,
-                                        aspect_jitter=aspect_jitter)
+                                        aspect_jitter=aspect_jitter, focus=focus)
         image, mask = random_flip_rot90(image, mask, rng)
     else:
         image, mask, weight = random_scale_crop(
             image, mask, crop_size, rng, scale_range, foreground_prob, np.asarray(weight, np.float32),
-            aspect_jitter=aspect_jitter,
+            aspect_jitter=aspect_jitter, focus=focus,
         )
         image, mask, weight = random_flip_rot90(image, mask, rng, weight)
     image_float = to_float_rgb(image)

@@ -253,6 +253,11 @@ class _Run:
                          step=history.steps, epoch=epoch, history=history.to_dict(), cfg=self.cfg)
 
 
+def _l2sp_penalty(run: _Run) -> torch.Tensor:
+    """``cfg.l2sp · Σ ‖w − w_start‖²`` over the trainable weights (a scalar in the autograd graph)."""
+    return run.cfg.l2sp * sum(((weight - start) ** 2).sum() for weight, start in run.anchor)
+
+
 def _train_step(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
     """One optimiser step; returns the loss and its parts."""
     cfg, device = run.cfg, run.device
@@ -262,7 +267,7 @@ def _train_step(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[float, dict[
     loss, parts = total_loss(outputs, targets, cfg.edge_weight, run.model.config.edge_supervision,
                              cfg.type_weight, run.type_weights)
     if run.anchor:
-        penalty = cfg.l2sp * sum(((weight - start) ** 2).sum() for weight, start in run.anchor)
+        penalty = _l2sp_penalty(run)
         parts["l2sp"] = float(penalty.detach())
         loss = loss + penalty
     run.optimizer.zero_grad(set_to_none=True)
@@ -344,7 +349,7 @@ def fit(
     """Trains `model` in place, holding its `napari_sgdc.locks.model_lock` throughout.
 
     AdamW over ``model.param_groups(cfg.lr_encoder, cfg.lr_decoder)``, linear warm-up for
-    ``cfg.warmup_steps`` then cosine decay to 0 (per step); optional bf16 autocast on CUDA;
+    ``cfg.warmup_steps`` then cosine decay to 0 (per step); bf16 autocast when ``cfg.amp`` and the device runs bf16 natively (`napari_sgdc.device.autocast`);
     gradient clipping at ``cfg.grad_clip``; loss `total_loss` (per-pixel weighted when the
     items carry ``weight``) plus, when ``cfg.l2sp > 0``, the L2-SP penalty
     ``cfg.l2sp · Σ ‖w − w_start‖²`` over the trainable weights, ``w_start`` being the
