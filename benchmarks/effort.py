@@ -73,6 +73,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# OpenMP threads that spin while waiting make a fine-tune 10x slower on a busy CPU (docs/performance.md);
+# must be set before torch is imported
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from _effort_user import (  # noqa: E402  (re-exported for benchmarks/effort_lesions.py and the tests)
     COSTS,
