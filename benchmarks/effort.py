@@ -18,32 +18,48 @@ the predicted objects in; every look costs `COSTS["look"]`, every fix its action
 |---|---|
 | look at an object (and accept it) | 0.5 |
 | click (a click tool, or pick-a-label / fill-bucket click) | 1.0 |
-| stroke (Shift-drag split, Ctrl-Shift-drag merge) | 1.0 + 0.01 per px of length |
+| stroke (Shift-drag split, Ctrl-Shift-drag merge, outline stroke) | 1.0 + 0.01 per px of length |
 | paint | 1.0 per painted object + 0.02 per changed px (a 10-px brush covers about 50 new px a second) |
 
 With click tools: missed → Ctrl-click add; merged → Shift-click split, else a stroke between the
 nuclei, else paint; split → one merge drag per extra piece; false → Ctrl-click delete; outline →
-paint (there is no outline tool yet). A tool result counts only if each reference nucleus it
-should give then has an object of IoU ≥ 0.5; otherwise the edit is undone and painted (both
-costs paid). Painting only: missed, merged, outline → paint the changed pixels; split → pick
-the label and fill each extra piece (2 clicks a piece); false → pick 0 and fill (2 clicks).
+outline strokes (`clicks.reshape_object`): the user redraws the longest stretch of the reference
+nucleus's contour that lies more than 1.5 px off the object's outline, from the object's edge
+and back to it (the whole closed contour when most of it is off), at most 2 strokes (a second
+only if the first helped), until the object matches the nucleus by IoU ≥ 0.7; the user paints at
+once where most of the missing pixels belong to a neighbour (the tool never takes them). Other tool results count if each reference nucleus
+they should give then has an object of IoU ≥ 0.5. A failed edit is undone and the nucleus
+painted (both costs paid). Painting only: missed, merged, outline → paint the changed pixels
+(an existing object keeps its label: only the difference is painted); split → pick the label
+and fill each extra piece (2 clicks a piece); false → pick 0 and fill (2 clicks). The rules
+live in ``benchmarks/_effort_user.py`` (re-exported here: `COSTS`, `Mistake`, `_fixed`,
+`paint`, `score`, ...).
 
 Strategies: ``queue`` (`napari_sgdc.review.rank_objects`), ``random`` (``--seeds``),
 ``reading`` (rows of 64 px, left to right), ``regions`` (objects by the uncertainty rank of
 their 64-px tile, `napari_sgdc.regions.rank_regions`, as Next region), ``paint`` (the queue's
 order, painting only). Gain: AJI of the corrected images against the reference (on partly
 annotated images, predicted objects touching no annotated nucleus are left out, as
-``benchmarks/finetune.py`` scores GBM40), at each ``--budgets`` (seconds per image).
+``benchmarks/finetune.py`` scores GBM40), at each ``--budgets`` (seconds per image). The
+images are the first ``--images`` GBM40 images (corrected as annotated), segmented by
+``--model`` (a built-in name or a checkpoint; use one that did not train on GBM40).
+
+``--finetune`` also fine-tunes the base model (``quick``, with the predictions, as the GUI
+does) on the corrections of every strategy, random seed and budget (``--finetune-budgets``
+to restrict the budgets), scores the ``--others`` GBM40 images after the corrected ones (as
+``benchmarks/finetune.py`` does) and restores the model. It prints a table of the corrected
+objects (as the Fine-tune dock counts them) and the gain over the base model.
+
+Printed: the AJI gain at every budget; the effort each strategy needs to reach random's
+gain (linear interpolation on the curves, as a ratio to random's effort: the target is
+≤ 0.5 for the queue) and clicks' effort to reach painting's gain (target ≤ ⅓); a table at
+``--table-budgets`` (default: the 2nd and the last budget) with the direct and the
+fine-tune gain. ``--plot`` draws both curves (random: mean ± std over seeds).
 
     python benchmarks/effort.py --images 2 --budgets 15,30,60,120      # the small run (about a minute)
-    python benchmarks/effort.py --images 10 --seeds 0,1,2 --plot docs/images/effort_gbm40.png
-
-``--finetune`` also fine-tunes the built-in model (``quick``, with the predictions, as the GUI
-does) on each strategy's corrections at the **last** budget and scores ``--others`` other GBM40
-images (as ``benchmarks/finetune.py`` does) against the base model's score. Fine-tuning after every budget, and the random strategy's other seeds, are left to
-a full run (docs/results.md says what it needs).
-
-    python benchmarks/effort.py --images 2 --budgets 60 --finetune --others 4 --strategies queue,random,paint
+    python benchmarks/effort.py --images 2 --budgets 15,60 --finetune --others 2 --strategies queue,random,paint --seeds 0,1
+    python benchmarks/effort.py --model /work/main/runs/nuclei_heldout/model.safetensors --images 10 \\
+        --budgets 15,30,60,120,240 --finetune --others 8 --plot docs/images/effort_gbm40.png
 """
 
 from __future__ import annotations
@@ -52,274 +68,79 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# OpenMP threads that spin while waiting make a fine-tune 10x slower on a busy CPU (docs/performance.md);
+# must be set before torch is imported
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from _effort_user import (  # noqa: E402  (re-exported for benchmarks/effort_lesions.py and the tests)
+    COSTS,
+    OUTCOMES,
+    Image,
+    Mistake,
+    _fixed,
+    find_mistakes,
+    fix_by_painting,
+    fix_with_clicks,
+    outline_stroke,
+    paint,
+    score,
+    walk,
+)
+
+__all__ = ["COSTS", "OUTCOMES", "Image", "Mistake", "_fixed", "effort_to_reach", "find_mistakes", "finetune_budgets",
+           "fix_by_painting", "fix_with_clicks", "outline_stroke", "paint", "score", "walk"]
 
 DATA = Path(os.environ.get("NAPARI_SGDC_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-COSTS = {"look": 0.5, "click": 1.0, "stroke": 1.0, "stroke_px": 0.01, "paint": 1.0, "paint_px": 0.02}
 STRATEGIES = ("queue", "random", "reading", "regions", "paint")
-OUTCOMES: dict[str, int] = {}
-"""How each click-tool fix ended (``"<kind> by <action>"``), over the whole run."""
+NAMES = {"queue": "review queue", "random": "random", "reading": "reading order", "regions": "uncertainty regions",
+         "paint": "painting only (queue order)"}
 
 
-def _count(outcome: str) -> None:
-    OUTCOMES[outcome] = OUTCOMES.get(outcome, 0) + 1
+def finetune_budgets(model, images: list[Image], snapshots: list[list[np.ndarray]], indices: list[int], others: list,
+                     base: float, preset="quick") -> dict[int, tuple[int, float, float]]:
+    """For each budget index in `indices`: fine-tune `model` (`preset`, with the predictions) on
+    the `images` corrected as ``snapshots[image][index]``, score the `others` (GBM40 pairs, as
+    benchmarks/finetune.py does) and restore the model.
 
-
-@dataclass
-class Mistake:
-    kind: str
-    refs: list[int]
-    preds: list[int]
-    anchor: int = 0
-
-
-@dataclass
-class Image:
-    """One image of the run: the prediction, its maps and the reference."""
-
-    name: str
-    prediction: np.ndarray
-    reference: np.ndarray
-    maps: object
-    uncertainty: np.ndarray
-    partial: bool
-    pixels: np.ndarray | None = None
-    mistakes: list = field(default_factory=list)
-
-
-def _overlaps(pred: np.ndarray, ref: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
-    """{(pred id, ref id): pixels} of overlapping objects, and the areas of each."""
-    both = (pred > 0) & (ref > 0)
-    pairs, counts = np.unique(np.stack([pred[both], ref[both]]), axis=1, return_counts=True)
-    table = {(int(p), int(r)): int(c) for (p, r), c in zip(pairs.T, counts)}
-    return table, np.bincount(pred.ravel()), np.bincount(ref.ravel())
-
-
-def _centroids(labels: np.ndarray) -> dict[int, np.ndarray]:
-    from scipy import ndimage
-
-    ids = np.unique(labels[labels > 0])
-    return {int(i): np.asarray(c) for i, c in zip(ids, ndimage.center_of_mass(labels > 0, labels, ids))}
-
-
-def find_mistakes(pred: np.ndarray, ref: np.ndarray, partial: bool) -> list[Mistake]:
-    """The model's mistakes (module docstring), each anchored to a predicted object."""
-    table, pred_area, ref_area = _overlaps(pred, ref)
-    pred_refs, ref_preds, best = {}, {}, {}  # refs a pred holds half of; preds a ref holds half of; best IoU
-    for (p, r), count in table.items():
-        if count >= 0.5 * ref_area[r]:
-            pred_refs.setdefault(p, []).append(r)
-        if count >= 0.5 * pred_area[p]:
-            ref_preds.setdefault(r, []).append(p)
-        iou = count / (pred_area[p] + ref_area[r] - count)
-        if iou > best.get(r, (0.0, 0))[0]:
-            best[r] = (iou, p)
-    mistakes = [Mistake("merged", refs, [p]) for p, refs in pred_refs.items() if len(refs) >= 2]
-    merged_refs = {r for m in mistakes for r in m.refs}
-    mistakes += [Mistake("split", [r], preds) for r, preds in ref_preds.items() if len(preds) >= 2]
-    split_refs = {m.refs[0] for m in mistakes if m.kind == "split"}
-    for r in np.flatnonzero(ref_area)[1:]:
-        iou, p = best.get(int(r), (0.0, 0))
-        if iou < 0.2 and r not in merged_refs:
-            mistakes.append(Mistake("missed", [int(r)], []))
-        elif 0.5 <= iou < 0.7 and r not in merged_refs | split_refs:
-            mistakes.append(Mistake("outline", [int(r)], [p]))
-    if not partial:
-        on_ref = {}
-        for (p, _), count in table.items():
-            on_ref[p] = on_ref.get(p, 0) + count
-        mistakes += [Mistake("false", [], [int(p)]) for p in np.flatnonzero(pred_area)[1:]
-                     if on_ref.get(int(p), 0) < 0.2 * pred_area[p]]
-    pred_centres, ref_centres = _centroids(pred), _centroids(ref)
-    ids = np.array(sorted(pred_centres))
-    points = np.array([pred_centres[i] for i in ids]) if len(ids) else np.zeros((0, 2))
-    for mistake in mistakes:
-        if mistake.preds:
-            mistake.anchor = mistake.preds[0]
-        elif len(ids):
-            mistake.anchor = int(ids[np.argmin(np.linalg.norm(points - ref_centres[mistake.refs[0]], axis=1))])
-    return mistakes
-
-
-def _inside(mask: np.ndarray) -> tuple[int, int]:
-    """The pixel of `mask` farthest from its edge."""
-    from scipy import ndimage
-
-    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    return tuple(int(v) for v in np.unravel_index(np.argmax(distance), mask.shape))
-
-
-def _fixed(labels: np.ndarray, ref: np.ndarray, refs: list[int]) -> bool:
-    """Whether every reference nucleus in `refs` now has an object of IoU ≥ 0.5."""
-    for r in refs:
-        target = ref == r
-        ids, counts = np.unique(labels[target], return_counts=True)
-        ok = False
-        for i, count in zip(ids, counts):
-            if i and count / ((labels == i).sum() + target.sum() - count) >= 0.5:
-                ok = True
-        if not ok:
-            return False
-    return True
-
-
-def paint(labels: np.ndarray, ref: np.ndarray, mistake: Mistake) -> float:
-    """Paints the reference nuclei of `mistake` over its predicted objects; returns the cost."""
-    region = np.isin(ref, mistake.refs) | np.isin(labels, mistake.preds) if mistake.preds else np.isin(ref, mistake.refs)
-    target = np.where(np.isin(labels, mistake.preds), 0, labels)
-    next_id = int(labels.max()) + 1
-    for offset, r in enumerate(mistake.refs):
-        target[ref == r] = next_id + offset
-    if mistake.kind in ("merged", "split") and mistake.preds:  # the largest piece keeps its id: not repainted
-        keep = mistake.preds[0]
-        biggest = max(mistake.refs, key=lambda r: int(((ref == r) & (labels == keep)).sum()))
-        target[ref == biggest] = keep
-    changed = region & (target != labels)
-    labels[changed] = target[changed]
-    return COSTS["paint"] * max(1, len(mistake.refs)) + COSTS["paint_px"] * int(changed.sum())
-
-
-def fix_with_clicks(labels: np.ndarray, image: Image, mistake: Mistake) -> float:
-    """Fixes `mistake` with the click tools (painting where they fail); returns the cost."""
-    from napari_sgdc import clicks
-
-    ref, maps = image.reference, image.maps
-    cost = 0.0
-    try:
-        if mistake.kind == "false":
-            clicks.delete_object(labels, _inside(labels == mistake.preds[0])).apply(labels)
-            _count("false by click")
-            return COSTS["click"]
-        if mistake.kind == "outline":
-            return paint(labels, ref, mistake)
-        attempts = []
-        if mistake.kind == "missed":
-            attempts = [("click", lambda: clicks.add_object(labels, maps, _inside(ref == mistake.refs[0])))]
-        elif mistake.kind == "merged":
-            obj = labels == mistake.preds[0]
-            centres = [np.asarray(_inside(ref == r), float) for r in mistake.refs[:2]]
-            middle, along = (centres[0] + centres[1]) / 2, centres[1] - centres[0]
-            across = np.array([-along[1], along[0]]) / max(np.linalg.norm(along), 1e-9)
-            half = float(np.sqrt(obj.sum()))
-            stroke = [middle - half * across, middle + half * across]
-            attempts = [("click", lambda: clicks.split_object(labels, maps, [_inside(obj)])),
-                        ("stroke", lambda: clicks.split_object(labels, maps, stroke=stroke))]
-        elif mistake.kind == "split":
-            for piece in mistake.preds[1:]:
-                a, b = _inside(labels == mistake.preds[0]), _inside(labels == piece)
-                cost += COSTS["stroke"] + COSTS["stroke_px"] * float(np.hypot(a[0] - b[0], a[1] - b[1]))
-                clicks.merge_objects(labels, a, b).apply(labels)
-            attempts = []
-        for action, make in attempts:
-            edit = make()
-            edit.apply(labels)
-            cost += COSTS["click"] if action == "click" else COSTS["stroke"] + COSTS["stroke_px"] * 2 * half
-            if _fixed(labels, ref, mistake.refs):
-                _count(f"{mistake.kind} by {action}")
-                return cost
-            edit.revert(labels)
-        if mistake.kind == "split" and _fixed(labels, ref, mistake.refs):
-            _count("split by stroke")
-            return cost
-    except clicks.ClickError:
-        cost += COSTS["click"]
-    _count(f"{mistake.kind} by paint")
-    return cost + paint(labels, ref, mistake)
-
-
-def fix_by_painting(labels: np.ndarray, image: Image, mistake: Mistake) -> float:
-    """Napari's own tools: paint, or pick a label and fill (module docstring); returns the cost."""
-    if mistake.kind == "false":
-        labels[labels == mistake.preds[0]] = 0
-        return 2 * COSTS["click"]
-    if mistake.kind == "split":
-        for piece in mistake.preds[1:]:
-            labels[labels == piece] = mistake.preds[0]
-        return 2 * COSTS["click"] * (len(mistake.preds) - 1)
-    return paint(labels, image.reference, mistake)
-
-
-def order(image: Image, strategy: str, seed: int) -> list[int]:
-    """The predicted objects in the order the user looks at them."""
-    from napari_sgdc.regions import rank_regions
-    from napari_sgdc.review import rank_objects
-
-    centres = _centroids(image.prediction)
-    ids = sorted(centres)
-    if strategy in ("queue", "paint"):
-        return [item.label for item in rank_objects(image.prediction, image.maps.separation, image.uncertainty)]
-    if strategy == "random":
-        return [int(i) for i in np.random.default_rng(seed).permutation(ids)]
-    if strategy == "reading":
-        return sorted(ids, key=lambda i: (int(centres[i][0] // 64), centres[i][1]))
-    rank = {(r.top, r.left): n for n, r in enumerate(rank_regions(image.uncertainty, 64))}
-    return sorted(ids, key=lambda i: (rank[(int(centres[i][0]) // 64 * 64, int(centres[i][1]) // 64 * 64)],
-                                      centres[i][0], centres[i][1]))
-
-
-def score(labels: np.ndarray, image: Image) -> float:
-    from napari_sgdc.metrics import aji
-
-    if image.partial:
-        touching = np.unique(labels[(image.reference > 0) & (labels > 0)])
-        labels = np.where(np.isin(labels, touching), labels, 0)
-    return float(aji(labels, image.reference.astype(np.int64)))
-
-
-def walk(image: Image, strategy: str, seed: int, budgets: list[float]) -> tuple[list[float], list[np.ndarray]]:
-    """The image corrected along `strategy` at each budget (seconds): its AJI and its labels."""
-    labels = image.prediction.astype(np.int32).copy()
-    by_anchor = {}
-    for mistake in image.mistakes:
-        by_anchor.setdefault(mistake.anchor, []).append(mistake)
-    fix = fix_by_painting if strategy == "paint" else fix_with_clicks
-    spent, scores, snapshots, pending = 0.0, [], [], list(budgets)
-    for anchor in order(image, strategy, seed):
-        step = COSTS["look"]
-        trial = labels.copy()
-        for mistake in by_anchor.get(anchor, []):
-            step += fix(trial, image, mistake)
-        while pending and spent + step > pending[0]:
-            scores.append(score(labels, image))
-            snapshots.append(labels.copy())
-            pending.pop(0)
-        if not pending:
-            break
-        spent, labels = spent + step, trial
-    while pending:  # every object looked at within the budget
-        scores.append(score(labels, image))
-        snapshots.append(labels.copy())
-        pending.pop(0)
-    return scores, snapshots
-
-
-def finetune_gain(model, images: list[Image], labels: list[np.ndarray], others: list) -> float:
-    """AJI on the `others` (GBM40 pairs, scored as benchmarks/finetune.py does) after a ``quick``
-    fine-tune on the corrected `images`; the model is restored afterwards."""
+    Returns:
+        {index: (corrected objects, AJI of the others, seconds)}; with no corrected object the
+        model is not fine-tuned and the AJI is `base`.
+    """
     import copy
 
     from finetune import partial_scores
 
     from napari_sgdc.train import finetune
-    from napari_sgdc.train.finetune import finetune_config
+    from napari_sgdc.train.corrections import edit_summary
 
-    state = copy.deepcopy(model.state_dict())
-    try:
-        finetune(model, [i.pixels for i in images], labels, finetune_config(model, "quick"),
-                 predictions=[i.prediction for i in images])
-        return partial_scores(model, others)["aji"]
-    finally:
-        model.load_state_dict(state)
+    results = {}
+    for index in indices:
+        labels = [snaps[index] for snaps in snapshots]
+        counts = [edit_summary(lab, image.prediction, instance=True).objects for lab, image in zip(labels, images)]
+        edited = [n for n, count in enumerate(counts) if count]
+        if not edited:
+            results[index] = (0, base, 0.0)
+            continue
+        started = time.perf_counter()
+        state = copy.deepcopy(model.state_dict())
+        try:
+            finetune(model, [images[n].pixels for n in edited], [labels[n] for n in edited], preset,
+                     predictions=[images[n].prediction for n in edited])
+            value = partial_scores(model, others)["aji"]
+        finally:
+            model.load_state_dict(state)
+        results[index] = (sum(counts), value, time.perf_counter() - started)
+    return results
 
 
-def load_images(count: int, others: int) -> tuple:
-    """The built-in nuclei model, the first `count` GBM40 images segmented by it (partly
-    annotated), and the next `others` GBM40 (image, annotation) pairs for the fine-tune gain."""
+def load_images(source: str, count: int, others: int) -> tuple:
+    """The base model, the first `count` GBM40 images segmented by it (partly annotated), and
+    the next `others` GBM40 (image, annotation) pairs for the fine-tune gain."""
     from finetune import load
 
     from napari_sgdc.checkpoints import load_model
@@ -327,7 +148,7 @@ def load_images(count: int, others: int) -> tuple:
     from napari_sgdc.inference import segment
     from napari_sgdc.postprocess import PostprocessOptions
 
-    model = load_model("nuclei", device="cpu")
+    model = load_model(source, device="cpu")
     options = PostprocessOptions.for_model(model.config)
     samples = load("gbm40", "train", task="instance")
     images = []
@@ -341,71 +162,177 @@ def load_images(count: int, others: int) -> tuple:
     return model, images, [(s.image, s.mask) for s in samples[count:count + others]]
 
 
+def effort_to_reach(budgets: list[float], gains, target: float) -> float | None:
+    """The effort at which the curve (0, 0), (budget, gain)... first reaches `target` (linear
+    interpolation), or None: never (or a target ≤ 0)."""
+    xs, ys = [0.0, *budgets], [0.0, *gains]
+    if target <= 0:
+        return None
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+        if y1 >= target:
+            return x0 + (target - y0) / (y1 - y0) * (x1 - x0) if y1 > y0 else x0
+    return None
+
+
+def _cell(mean: float, std: float | None, digits: int = 1, sign: bool = True) -> str:
+    text = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _stats(values: list) -> tuple[np.ndarray, np.ndarray | None]:
+    values = np.asarray(values, float)
+    return values.mean(axis=0), values.std(axis=0) if len(values) > 1 else None
+
+
+def plot(path: str, budgets: list[float], direct: dict, tuned: dict, tuned_budgets: list[float]) -> None:
+    """Two panels: direct AJI gain and fine-tuned AJI (others) gain against effort."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, panels = plt.subplots(1, 2 if tuned else 1, figsize=(11 if tuned else 6, 4), squeeze=False)
+    curves = [(panels[0, 0], budgets, direct, "AJI gain, corrected images (points)")]
+    if tuned:
+        curves.append((panels[0, 1], tuned_budgets, tuned, "AJI gain, other images after fine-tune (points)"))
+    for axes, xs, rows, title in curves:
+        for strategy, (mean, std) in rows.items():
+            line, = axes.plot([0, *xs], [0, *mean], marker="o", label=NAMES[strategy])
+            if std is not None:
+                axes.fill_between([0, *xs], [0, *(mean - std)], [0, *(mean + std)], color=line.get_color(), alpha=0.2)
+        axes.axhline(0, color="grey", linewidth=0.5)
+        axes.set_xlabel("effort per image (s, simulated)")
+        axes.set_ylabel(title)
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2, help="GBM40 images (from the first)")
+    parser.add_argument("--model", default="nuclei", help="base model: a built-in name or a checkpoint path")
+    parser.add_argument("--images", type=int, default=2, help="GBM40 images corrected (from the first)")
     parser.add_argument("--budgets", default="15,30,60,120", help="seconds of effort per image")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the random strategy")
-    parser.add_argument("--plot", default=None, help="write the gain-effort curves to this PNG")
-    parser.add_argument("--finetune", action="store_true",
-                        help="also fine-tune (quick) on each strategy's corrections at the last budget and score "
-                             "--others GBM40 images (random: its first seed only)")
-    parser.add_argument("--others", type=int, default=4, help="GBM40 images scored after fine-tuning")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"some of {', '.join(STRATEGIES)}")
+    parser.add_argument("--finetune", action="store_true",
+                        help="fine-tune (quick) on the corrections of every strategy, seed and budget and score "
+                             "--others GBM40 images")
+    parser.add_argument("--finetune-budgets", default=None, help="only these budgets get a fine-tune (default: all)")
+    parser.add_argument("--others", type=int, default=4, help="GBM40 images after the corrected ones, scored after "
+                                                              "fine-tuning")
+    parser.add_argument("--table-budgets", default=None, help="two budgets for the summary table "
+                                                              "(default: the 2nd and the last; with two budgets, both)")
+    parser.add_argument("--plot", default=None, help="write the gain-effort curves to this PNG")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     budgets = [float(v) for v in args.budgets.split(",")]
+    strategies = args.strategies.split(",")
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    tuned_budgets = budgets if args.finetune_budgets is None else [float(v) for v in args.finetune_budgets.split(",")]
+    table_budgets = (sorted({budgets[1 if len(budgets) > 2 else 0], budgets[-1]}) if args.table_budgets is None
+                     else [float(v) for v in args.table_budgets.split(",")])
+    if unknown or any(b not in budgets for b in tuned_budgets + table_budgets):
+        parser.error(f"unknown strategies {unknown}, or --finetune-budgets/--table-budgets not among --budgets")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from napari_sgdc.checkpoints import model_path
+
     started = time.perf_counter()
-    model, images, others = load_images(args.images, args.others if args.finetune else 0)
+    model, images, others = load_images(args.model, args.images, args.others if args.finetune else 0)
     kinds = {}
     for image in images:
         for mistake in image.mistakes:
             kinds[mistake.kind] = kinds.get(mistake.kind, 0) + 1
     before = np.mean([score(image.prediction, image) for image in images])
-    print(f"{len(images)} GBM40 images ({', '.join(i.name for i in images)}); mistakes {kinds}; AJI before {before:.4f}")
-    tuned_before = None
+    print(f"model {args.model} ({model_path(args.model)}); {len(images)} GBM40 images "
+          f"({', '.join(i.name for i in images)}); mistakes {kinds}; AJI before {before:.4f}", flush=True)
+    base = None
     if args.finetune:
         from finetune import partial_scores
 
-        tuned_before = partial_scores(model, others)["aji"]
-    rows, tuned = {}, {}
-    for strategy in args.strategies.split(","):
+        base = partial_scores(model, others)["aji"]
+        print(f"fine-tune: quick at {', '.join(f'{b:g}' for b in tuned_budgets)} s; AJI of the {len(others)} other "
+              f"GBM40 images by the base model {base:.4f}", flush=True)
+    indices = [budgets.index(b) for b in tuned_budgets]
+    direct, tuned, objects, tune_seconds = {}, {}, {}, []
+    for strategy in strategies:
         seeds = [int(s) for s in args.seeds.split(",")] if strategy == "random" else [0]
-        runs, tuned_runs = [], []
+        runs, tuned_runs, object_runs = [], [], []
         for seed in seeds:
             walks = [walk(image, strategy, seed, budgets) for image in images]
-            runs.append(np.mean([scores for scores, _ in walks], axis=0))
-            if args.finetune and seed == seeds[0]:
-                tuned_runs.append(finetune_gain(model, images, [snaps[-1] for _, snaps in walks], others))
-        rows[strategy] = (np.mean(runs, axis=0), np.std(runs, axis=0) if len(runs) > 1 else None)
-        if tuned_runs:
-            tuned[strategy] = tuned_runs[0]
+            runs.append(100 * (np.mean([scores for scores, _ in walks], axis=0) - before))
+            if args.finetune:
+                result = finetune_budgets(model, images, [snaps for _, snaps in walks], indices, others, base)
+                tuned_runs.append([100 * (result[i][1] - base) for i in indices])
+                object_runs.append([result[i][0] for i in indices])
+                for i in indices:
+                    print(f"  {strategy} seed {seed} at {budgets[i]:g} s: {result[i][0]} corrected objects, AJI "
+                          f"(others) {result[i][1]:.4f}, {result[i][2]:.0f} s", flush=True)
+                    if result[i][2]:
+                        tune_seconds.append(result[i][2])
+        direct[strategy] = _stats(runs)
+        if args.finetune:
+            tuned[strategy], objects[strategy] = _stats(tuned_runs), _stats(object_runs)
+
+    label = {s: NAMES[s] + (f" ({len(args.seeds.split(','))} seeds)" if s == "random" else "") for s in strategies}
     print("\n| strategy | " + " | ".join(f"AJI gain at {b:g} s" for b in budgets) + " |")
     print("|---|" + "---:|" * len(budgets))
-    for strategy, (mean, std) in rows.items():
-        cells = [f"{100 * (m - before):+.1f}" + (f" ± {100 * s:.1f}" if std is not None else "")
-                 for m, s in zip(mean, std if std is not None else mean)]
-        print(f"| {strategy} | " + " | ".join(cells) + " |")
+    for strategy, (mean, std) in direct.items():
+        print(f"| {label[strategy]} | " + " | ".join(_cell(m, None if std is None else s)
+                                                     for m, s in zip(mean, mean if std is None else std)) + " |")
     print(f"\n(AJI points over {before:.4f}; click-tool fixes, all strategies: {OUTCOMES}; "
           f"{time.perf_counter() - started:.0f} s)")
+
+    if "random" in direct:
+        others_ = [s for s in direct if s != "random"]
+        print("\neffort to reach random's gain, as a fraction of random's effort (target for the queue: ≤ 0.5):\n")
+        print("| budget | random's gain | " + " | ".join(NAMES[s] for s in others_) + " |")
+        print("|---:|---:|" + "---:|" * len(others_))
+        for b, g in zip(budgets, direct["random"][0]):
+            cells = [effort_to_reach(budgets, direct[s][0], g) for s in others_]
+            print(f"| {b:g} s | {g:+.1f} | " + " | ".join("—" if g <= 0 else "not reached" if e is None
+                                                          else f"{e / b:.2f}" for e in cells) + " |")
+    if "queue" in direct and "paint" in direct:
+        print("\nclicks (queue order) against painting (queue order): effort to the same gain (target ≤ 0.33):\n")
+        print("| painting's budget | painting's gain | clicks' effort | ratio |\n|---:|---:|---:|---:|")
+        for b, g in zip(budgets, direct["paint"][0]):
+            e = effort_to_reach(budgets, direct["queue"][0], g)
+            print(f"| {b:g} s | {g:+.1f} | " + ("— | —" if g <= 0 else "not reached | —" if e is None
+                                                else f"{e:.1f} s | {e / b:.2f}") + " |")
+
     if tuned:
-        print(f"\nquick fine-tune on the corrections at {budgets[-1]:g} s, AJI on {len(others)} other GBM40 images "
-              f"(the base model: {tuned_before:.4f}):")
-        for strategy, value in tuned.items():
-            print(f"| {strategy} | {value:.4f} | {100 * (value - tuned_before):+.1f} |")
+        print(f"\nquick fine-tune on the corrections, AJI of {len(others)} other GBM40 images (base model "
+              f"{base:.4f}; random: mean ± std over seeds):\n")
+        print("| strategy | budget | corrected objects | AJI (others) after fine-tune | gain |\n|---|---:|---:|---:|---:|")
+        for strategy in tuned:
+            (gain, gain_std), (count, count_std) = tuned[strategy], objects[strategy]
+            for k, b in enumerate(tuned_budgets):
+                sd = None if gain_std is None else gain_std[k]
+                print(f"| {label[strategy]} | {b:g} s | {_cell(count[k], None if count_std is None else count_std[k], 1, False)}"
+                      f" | {_cell(base + gain[k] / 100, None if sd is None else sd / 100, 4, False)} | {_cell(gain[k], sd)} |")
+        if tune_seconds:
+            print(f"\n({len(tune_seconds)} fine-tunes, {np.mean(tune_seconds):.0f} s each with scoring on average)")
+
+    print(f"\n| strategy | " + " | ".join(f"direct gain at {b:g} s | fine-tune gain at {b:g} s" for b in table_budgets)
+          + " |\n|---|" + "---:|---:|" * len(table_budgets))
+    for strategy, (mean, std) in direct.items():
+        cells = []
+        for b in table_budgets:
+            i = budgets.index(b)
+            cells.append(_cell(mean[i], None if std is None else std[i]))
+            if strategy in tuned and b in tuned_budgets:
+                k, (gain, gain_std) = tuned_budgets.index(b), tuned[strategy]
+                cells.append(_cell(gain[k], None if gain_std is None else gain_std[k]))
+            else:
+                cells.append("—")
+        print(f"| {label[strategy]} | " + " | ".join(cells) + " |")
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axes = plt.subplots(figsize=(6, 4))
-        for strategy, (mean, _) in rows.items():
-            axes.plot([0, *budgets], [0, *(100 * (mean - before))], marker="o", label=strategy)
-        axes.set_xlabel("effort per image (s, simulated)")
-        axes.set_ylabel("AJI gain (points)")
-        axes.legend()
-        figure.tight_layout()
-        figure.savefig(args.plot, dpi=100)
+        plot(args.plot, budgets, direct, tuned, tuned_budgets)
+        print(f"wrote {args.plot}")
     return 0
 
 
