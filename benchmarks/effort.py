@@ -48,7 +48,9 @@ images are the first ``--images`` GBM40 images (corrected as annotated), segment
 does) on the corrections of every strategy, random seed and budget (``--finetune-budgets``
 to restrict the budgets), scores the ``--others`` GBM40 images after the corrected ones (as
 ``benchmarks/finetune.py`` does) and restores the model. It prints a table of the corrected
-objects (as the Fine-tune dock counts them) and the gain over the base model.
+objects (as the Fine-tune dock counts them) and the gain over the base model. ``--control``
+adds the gain that needs no correction: the same fine-tune on the corrected images' own
+predictions, nothing edited (self-training on the new domain).
 
 Printed: the AJI gain at every budget; the effort each strategy needs to reach random's
 gain (linear interpolation on the curves, as a ratio to random's effort: the target is
@@ -92,7 +94,7 @@ from _effort_user import (  # noqa: E402  (re-exported for benchmarks/effort_les
     walk,
 )
 
-__all__ = ["COSTS", "OUTCOMES", "Image", "Mistake", "_fixed", "effort_to_reach", "find_mistakes", "finetune_budgets",
+__all__ = ["COSTS", "OUTCOMES", "Image", "Mistake", "_fixed", "effort_to_reach", "find_mistakes", "finetune_budgets", "self_training_control",
            "fix_by_painting", "fix_with_clicks", "outline_stroke", "paint", "score", "walk"]
 
 DATA = Path(os.environ.get("NAPARI_SGDC_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -136,6 +138,26 @@ def finetune_budgets(model, images: list[Image], snapshots: list[list[np.ndarray
             model.load_state_dict(state)
         results[index] = (sum(counts), value, time.perf_counter() - started)
     return results
+
+
+def self_training_control(model, images: list[Image], others: list, preset="quick") -> float:
+    """The gain that needs no correction: fine-tune `model` (`preset`) on the `images` with their
+    own predicted labels as the labels (nothing edited, so every pixel weighs the same), score the
+    `others`, restore the model.
+    What fine-tuning on corrections gains beyond this is what the corrections taught."""
+    import copy
+
+    from finetune import partial_scores
+
+    from napari_sgdc.train import finetune
+
+    state = copy.deepcopy(model.state_dict())
+    try:
+        # no `predictions=`: with nothing edited there is no edit to weigh (finetune refuses that case)
+        finetune(model, [image.pixels for image in images], [image.prediction for image in images], preset)
+        return partial_scores(model, others)["aji"]
+    finally:
+        model.load_state_dict(state)
 
 
 def load_images(source: str, count: int, others: int) -> tuple:
@@ -218,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune", action="store_true",
                         help="fine-tune (quick) on the corrections of every strategy, seed and budget and score "
                              "--others GBM40 images")
+    parser.add_argument("--control", action="store_true",
+                        help="with --finetune: also fine-tune on the images' own predictions, uncorrected (the gain "
+                             "without any correction)")
     parser.add_argument("--finetune-budgets", default=None, help="only these budgets get a fine-tune (default: all)")
     parser.add_argument("--others", type=int, default=4, help="GBM40 images after the corrected ones, scored after "
                                                               "fine-tuning")
@@ -256,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         base = partial_scores(model, others)["aji"]
         print(f"fine-tune: quick at {', '.join(f'{b:g}' for b in tuned_budgets)} s; AJI of the {len(others)} other "
               f"GBM40 images by the base model {base:.4f}", flush=True)
+        if args.control:
+            control = self_training_control(model, images, others)
+            print(f"control, no correction: quick fine-tune on the model's own labels of the {len(images)} images: "
+                  f"AJI of the others {control:.4f} ({100 * (control - base):+.1f} points)", flush=True)
     indices = [budgets.index(b) for b in tuned_budgets]
     direct, tuned, objects, tune_seconds = {}, {}, {}, []
     for strategy in strategies:

@@ -96,3 +96,6 @@ def test_finetune_at_every_budget_counts_objects_and_restores_the_model():
     objects, aji, seconds = results[1]
     assert objects == 1 and 0.0 <= aji <= 1.0 and seconds > 0
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    control = effort.self_training_control(model, [image], others, preset=preset)
+    assert 0.0 <= control <= 1.0
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # restored after the control too
