@@ -99,3 +99,18 @@ def test_finetune_at_every_budget_counts_objects_and_restores_the_model():
     control = effort.self_training_control(model, [image], others, preset=preset)
     assert 0.0 <= control <= 1.0
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # restored after the control too
+
+
+def test_annotated_only_keeps_every_order_to_the_objects_the_reference_can_judge():
+    reference = np.zeros((64, 64), np.int32)
+    reference[_disk((64, 64), (16, 16), 6)] = 1  # annotated; the nucleus at (48, 48) has no polygon
+    prediction = np.zeros((64, 64), np.int32)
+    prediction[_disk((64, 64), (16, 16), 6)] = 3
+    prediction[_disk((64, 64), (48, 48), 6)] = 4
+    image = effort.Image("toy", prediction, reference, None, None, partial=True)
+    image.mistakes = effort.find_mistakes(prediction, reference, partial=True)
+    assert effort.order(image, "reading", 0) == [3, 4]
+    image.looked_at = effort.judged_objects(image)
+    assert image.looked_at == {3}
+    for strategy in ("reading", "random"):
+        assert effort.order(image, strategy, 0) == [3]
