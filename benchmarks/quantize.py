@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -73,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--max-images", type=int, default=0, help="score the first N test images only (0: all)")
     parser.add_argument("--tile", type=int, default=512)
-    parser.add_argument("--out", type=Path, help="where to keep the int8 graph (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, help="where to keep the int8 graph (default: the engines' cache, "
+                                                 "where `--engine onnxruntime-int8` finds it)")
     args = parser.parse_args(argv)
     from napari_sgdc.device import cpu_description
 
@@ -88,14 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     key = "aji" if model.config.is_instance else "iou"
     print(f"# model {args.model}, {layout} {args.split}: {len(items)} image(s); calibration: {args.calibration} "
           f"patches of ≤ {args.patch}² from train; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or Path(tmp) / "int8.onnx"
-        started = time.perf_counter()
-        patches = calibration_patches(model, data, layout, args.calibration, args.patch)
-        path = engines.quantize_model(model, patches, out)
-        print(f"# calibrated and quantized in {time.perf_counter() - started:.1f} s: {path}")
-        fp32, fp32_s = score(model, items, "torch", args.tile)
-        int8, int8_s = score(model, items, engines.Int8Engine(path), args.tile)
+    out = args.out or engines.int8_path(model)  # where the onnxruntime-int8 engine looks for it
+    started = time.perf_counter()
+    patches = calibration_patches(model, data, layout, args.calibration, args.patch)
+    path = engines.quantize_model(model, patches, out)
+    print(f"# calibrated and quantized in {time.perf_counter() - started:.1f} s: {path}")
+    fp32, fp32_s = score(model, items, "torch", args.tile)
+    int8, int8_s = score(model, items, engines.Int8Engine(path), args.tile)
     print(f"| precision | {key.upper()} | time (s) |\n|---|---:|---:|")
     print(f"| fp32 (torch) | {fp32[key][0]:.4f} | {fp32_s:.1f} |\n| int8 (onnxruntime QDQ) | {int8[key][0]:.4f} "
           f"| {int8_s:.1f} |")
