@@ -387,3 +387,13 @@ def test_quick_preset_trains_in_bf16_where_native_and_keeps_float32_weights(monk
         history = finetune(model, [image], [labels], _quick(max_steps=2, amp=True), predictions=[prediction])
         assert history.steps == 2 and all(np.isfinite(history.losses))
         assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_a_dataset_without_loss_weights_keeps_no_focus_points():
+    """Training sets (no edit weights) search per patch, as before: caching every image's foreground
+    coordinates would cost gigabytes on a large training set."""
+    image, labels, _ = _large_corrected_image()
+    dataset = SegmentationDataset([Sample("a", image, labels)], crop_size=64, task="instance", foreground_prob=0.9)
+    dataset.set_epoch(0)
+    dataset[0]
+    assert dataset.focus(0) is None and dataset._focus == {}

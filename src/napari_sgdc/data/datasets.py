@@ -486,13 +486,17 @@ class SegmentationDataset(Dataset):
 
         self._focus: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per sample, found once (`focus_points`)
 
-    def focus(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def focus(self, index: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(rows, cols) of the pixels random crops of sample `index` are centred on with
         probability ``foreground_prob`` (`focus_points`: edits, else foreground), computed
-        on its first use and kept: the search over a whole image is not repeated per patch."""
+        on its first use and kept: the search over a whole image is not repeated per patch.
+        Only for datasets with loss weights (fine-tuning: a few images, many patches each); None
+        otherwise, where keeping every training image's foreground coordinates would cost
+        gigabytes (1,600 ISIC masks) and each image gives few patches an epoch."""
+        if self.weights is None:
+            return None
         if index not in self._focus:
-            weight = None if self.weights is None else self.weights[index]
-            self._focus[index] = focus_points(self.samples[index].mask, weight)
+            self._focus[index] = focus_points(self.samples[index].mask, self.weights[index])
         return self._focus[index]
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
